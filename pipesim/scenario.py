@@ -1,0 +1,277 @@
+"""Scenarios: validated descriptions of a cluster, a model pair, a workload and a strategy.
+
+A scenario is written in YAML; ``load_scenario`` applies ``--set dotted.key=value`` overrides to the raw
+document, validates it, and turns every problem into one ``ScenarioError`` line naming the field and value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .executor.config import ExecutorConfig
+from .models.catalog import QUANTIZATION_BITS, ModelSpec, get_model_spec
+from .units import parse_bandwidth, parse_duration, parse_rate
+
+Bandwidth = Annotated[float, BeforeValidator(parse_bandwidth), Field(gt=0, description="bytes/s or e.g. 1Gbit/s")]
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0, description="seconds or e.g. 50us")]
+FlopRate = Annotated[float, BeforeValidator(parse_rate), Field(gt=0, description="FLOP/s or e.g. 400G")]
+STRATEGY_NAMES = ("iterative", "speculative", "pipeinfer")
+
+
+class ScenarioError(ValueError):
+    """A scenario that cannot be used; the message is one line naming the field and the value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelsConfig(_Strict):
+    """Target and draft models (names from the catalog) and how they are stored."""
+
+    target: str = Field(description="target model name from the catalog, e.g. llama-2-70b")
+    target_quantization: str | None = Field(None, description="weight quantization, e.g. q3_k_m (default f16)")
+    draft: str | None = Field(None, description="draft model name from the catalog, e.g. tinyllama-1.1b")
+    draft_quantization: str | None = None
+    kv_bytes: float = Field(2.0, gt=0, description="bytes per KV-cache element (f16: 2)")
+    activation_bytes: float = Field(4.0, gt=0, description="bytes per activation element sent between stages")
+
+    @field_validator("target", "draft")
+    @classmethod
+    def _known_model(cls, name: str | None) -> str | None:
+        if name is not None:
+            get_model_spec(name)
+        return name
+
+    @field_validator("target_quantization", "draft_quantization")
+    @classmethod
+    def _known_quantization(cls, name: str | None) -> str | None:
+        if name is not None and name.lower() not in QUANTIZATION_BITS:
+            raise ValueError(f"unknown quantization (known: {', '.join(sorted(QUANTIZATION_BITS))})")
+        return name
+
+    def target_spec(self) -> ModelSpec:
+        spec = get_model_spec(self.target)
+        return spec.quantized(self.target_quantization) if self.target_quantization else spec
+
+    def draft_spec(self) -> ModelSpec | None:
+        if self.draft is None:
+            return None
+        spec = get_model_spec(self.draft)
+        return spec.quantized(self.draft_quantization) if self.draft_quantization else spec
+
+
+class NodeOverride(_Strict):
+    """Per-node changes for heterogeneous clusters."""
+
+    index: int = Field(ge=0)
+    flops: FlopRate | None = None
+    memory_bandwidth: Bandwidth | None = None
+    overhead_per_run: Duration | None = None
+
+
+class ClusterConfig(_Strict):
+    """Nodes of the cluster: a template applied to ``count`` nodes, with optional per-node overrides."""
+
+    count: int = Field(ge=1, le=4096, description="number of nodes")
+    flops: FlopRate = Field(description="effective compute throughput of one node")
+    memory_bandwidth: Bandwidth = Field(description="effective memory bandwidth of one node")
+    overhead_per_run: Duration = Field(0.0, description="fixed time a node spends per run it evaluates")
+    overrides: list[NodeOverride] = Field(default_factory=list)
+
+
+class LinkOverride(_Strict):
+    """Per-link changes: the link between two node indices (both directions)."""
+
+    between: tuple[int, int]
+    bandwidth: Bandwidth | None = None
+    latency: Duration | None = None
+
+
+class NetworkConfig(_Strict):
+    """Interconnect: every link has this latency and bandwidth unless overridden."""
+
+    bandwidth: Bandwidth = Field(description="link bandwidth, e.g. 1Gbit/s")
+    latency: Duration = Field(0.0, description="one-way message latency, e.g. 50us")
+    links: list[LinkOverride] = Field(default_factory=list)
+
+
+class PlacementConfig(_Strict):
+    """Where the target layers and the draft model live."""
+
+    layer_split: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="fraction of the target's layers on each node, in pipeline order (default: even)")
+    draft_node: int = Field(0, ge=0, description="node running the draft model (the head, node 0, for now)")
+
+
+class AcceptanceConfig(_Strict):
+    """How often drafted tokens match the target (simulator and oracle drafts)."""
+
+    model: Literal["iid", "positional", "replay"] = "iid"
+    alpha: float = Field(0.7, ge=0.0, le=1.0, description="i.i.d. acceptance probability per drafted token")
+    alphas: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=list, description="positional: acceptance by depth ahead of the committed sequence")
+    sequence: list[Annotated[int, Field(ge=0, le=1)]] = Field(
+        default_factory=list, description="replay: 1/0 per generated position (draft right/wrong)")
+    seed: int = 0
+
+
+class WorkloadConfig(_Strict):
+    """The request: prompt length and number of tokens to generate."""
+
+    prompt_tokens: int = Field(32, ge=1, le=1_000_000)
+    generate_tokens: int = Field(64, ge=1, le=10_000_000)
+    seed: int = 0
+
+
+class StrategyConfig(_Strict):
+    """Which strategy runs, and its knobs (each strategy reads the ones it has)."""
+
+    name: Literal["iterative", "speculative", "pipeinfer"] = "pipeinfer"
+    gamma: int = Field(4, ge=1, le=64, description="speculative: drafted tokens per verification")
+    micro_batch: int = Field(3, ge=1, le=64, description="pipeinfer: drafted tokens per speculative run")
+    min_confidence: float = Field(0.1, ge=0.0, le=1.0, description="draft confidence cut-off")
+    max_runs_in_flight: int | None = Field(None, ge=1, description="pipeinfer: bound on valid runs in flight")
+    n_partitions: int = Field(1000, ge=1, description="pipeinfer: KV partitions in the pool")
+    early_cancellation: bool = Field(True, description="pipeinfer: cancel invalidated runs")
+
+    def params(self) -> dict[str, Any]:
+        """Constructor parameters of the selected strategy."""
+        if self.name == "speculative":
+            return {"gamma": self.gamma, "min_confidence": self.min_confidence}
+        if self.name == "pipeinfer":
+            return {"micro_batch": self.micro_batch, "min_confidence": self.min_confidence,
+                    "max_runs_in_flight": self.max_runs_in_flight, "n_partitions": self.n_partitions,
+                    "early_cancellation": self.early_cancellation}
+        return {}
+
+
+class HeadConfig(_Strict):
+    """Costs on the head node beyond its layers: sampling/verification and scheduling per returned run."""
+
+    verify_overhead: Duration = Field(0.0, description="time to sample and verify one returned run")
+    return_mode: Literal["logits", "topk", "ids"] = Field(
+        "logits", description="what the last stage returns to the head: full logits, top-k, or greedy ids")
+    top_k: int = Field(8, ge=1)
+
+
+class Scenario(_Strict):
+    """A whole scenario: models, cluster, network, placement, acceptance, workload, strategy."""
+
+    name: str = "scenario"
+    description: str = ""
+    models: ModelsConfig
+    cluster: ClusterConfig
+    network: NetworkConfig
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    acceptance: AcceptanceConfig = Field(default_factory=AcceptanceConfig)
+    workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Scenario:
+        n = self.cluster.count
+        split = self.placement.layer_split
+        if split is not None and len(split) != n:
+            raise ValueError(f"placement.layer_split has {len(split)} entries for {n} nodes")
+        n_layers = self.models.target_spec().n_layers
+        if n > n_layers:
+            raise ValueError(f"cluster.count={n} is more stages than the target's {n_layers} layers")
+        if self.placement.draft_node != 0:
+            raise ValueError(f"placement.draft_node={self.placement.draft_node}: only the head (0) is supported")
+        for override in self.cluster.overrides:
+            if override.index >= n:
+                raise ValueError(f"cluster.overrides index {override.index} is not a node (count={n})")
+        for link in self.network.links:
+            if any(i >= n for i in link.between):
+                raise ValueError(f"network.links between {list(link.between)} names a node beyond count={n}")
+        if self.strategy.name != "iterative" and self.models.draft is None:
+            raise ValueError(f"strategy.name={self.strategy.name!r} needs models.draft")
+        if self.acceptance.model == "positional" and not self.acceptance.alphas:
+            raise ValueError("acceptance.alphas must be given for acceptance.model=positional")
+        if self.acceptance.model == "replay" and not self.acceptance.sequence:
+            raise ValueError("acceptance.sequence must be given for acceptance.model=replay")
+        return self
+
+
+# -- loading -----------------------------------------------------------------------------------------
+
+def apply_overrides(document: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` assignments to a raw scenario document (values read as YAML)."""
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep or not key.strip():
+            raise ScenarioError(f"--set expects dotted.key=value, got {assignment!r}")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = document
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ScenarioError(f"--set {key}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return document
+
+
+def _format_validation_error(error: ValidationError, document: dict[str, Any]) -> str:
+    problems = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "missing":
+            problems.append(f"{location}: missing required field")
+        elif location:
+            problems.append(f"{location}={item.get('input')!r}: {message}")
+        else:
+            problems.append(message)
+    return "; ".join(problems)
+
+
+def scenario_from_dict(document: dict[str, Any]) -> Scenario:
+    """Validate a raw document; errors become one ScenarioError line."""
+    if not isinstance(document, dict):
+        raise ScenarioError(f"a scenario must be a mapping, got {type(document).__name__}")
+    try:
+        return Scenario.model_validate(document)
+    except ValidationError as error:
+        raise ScenarioError(_format_validation_error(error, document)) from None
+
+
+def load_scenario_document(path: str | Path) -> dict[str, Any]:
+    """Read a scenario file as a raw mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScenarioError(f"scenario file not found: {path}")
+    try:
+        document = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ScenarioError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(document, dict):
+        raise ScenarioError(f"{path}: a scenario must be a YAML mapping")
+    return document
+
+
+def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:
+    """Load, override and validate a scenario file."""
+    document = apply_overrides(load_scenario_document(path), overrides or [])
+    try:
+        return scenario_from_dict(document)
+    except ScenarioError as error:
+        raise ScenarioError(f"{path}: {error}") from None

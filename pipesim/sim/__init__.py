@@ -1,0 +1,5 @@
+"""The SimPy model of pipelined (speculative) inference."""
+
+from .engine import SimulationEngine, SimulationError, simulate
+
+__all__ = ["SimulationEngine", "SimulationError", "simulate"]

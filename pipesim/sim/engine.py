@@ -1,0 +1,335 @@
+"""The SimPy engine: drives the shared scheduling core with simulated time and modelled costs.
+
+One SimPy process per pipeline stage (DistServe style) plus the head, which holds stage 0, the draft model and
+the strategy. The head works in PipeInfer's order of priority: returned predictions first, then launching runs
+(its own layers), then drafting one token at a time, so a draft never delays a verification by more than one
+draft step. Messages occupy one direction of a link (FIFO, latency + bytes/bandwidth); cancellations travel from
+the head to the last stage and backwards, stage by stage; a stage skips a cancelled run it has not started and
+aborts one in progress at the next layer boundary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import simpy
+
+from ..placement import split_layers
+from ..scenario import Scenario
+from ..scheduling import (
+    CancelRuns,
+    EmitTokens,
+    Finish,
+    InvalidateRuns,
+    LaunchRun,
+    RequestDraft,
+    Run,
+    Strategy,
+    make_strategy,
+)
+from ..scheduling.prefix import common_prefix_len
+from ..trace import Record, Trace
+from .acceptance import AcceptanceModel, OracleDraft, SyntheticTokens
+from .costs import NodeProfile, Payloads, RooflineCostModel
+from .network import Network
+
+
+class SimulationError(RuntimeError):
+    """The simulation could not finish (e.g. it exceeded its event budget)."""
+
+
+@dataclass
+class _Stage:
+    index: int
+    node: int
+    layers: tuple[int, int]
+    queue: deque = field(default_factory=deque)
+    wakeup: simpy.Event | None = None
+    cancelled: set[int] = field(default_factory=set)
+    current: int | None = None
+    process: simpy.Process | None = None
+
+    @property
+    def n_layers(self) -> int:
+        return self.layers[1] - self.layers[0]
+
+
+@dataclass
+class _DraftTask:
+    request: RequestDraft
+    tokens: list[int]
+    first_batch: int
+    context_start: int
+    step: int = 0
+
+
+class SimulationEngine:
+    """Simulate one scenario with one strategy; ``run()`` returns the trace."""
+
+    def __init__(self, scenario: Scenario, max_events: int = 50_000_000) -> None:
+        self.scenario = scenario
+        self.max_events = max_events
+        target = scenario.models.target_spec()
+        draft = scenario.models.draft_spec()
+        cluster = scenario.cluster
+        self.nodes = [NodeProfile(f"n{i}", cluster.flops, cluster.memory_bandwidth, cluster.overhead_per_run)
+                      for i in range(cluster.count)]
+        for override in cluster.overrides:
+            base = self.nodes[override.index]
+            self.nodes[override.index] = NodeProfile(
+                base.name,
+                override.flops if override.flops is not None else base.flops,
+                override.memory_bandwidth if override.memory_bandwidth is not None else base.memory_bandwidth,
+                override.overhead_per_run if override.overhead_per_run is not None else base.overhead_per_run)
+        self.node_names = [node.name for node in self.nodes]
+        self.layer_ranges = split_layers(target.n_layers, scenario.placement.layer_split, cluster.count)
+        self.target_cost = RooflineCostModel(target, scenario.models.kv_bytes)
+        self.draft_cost = RooflineCostModel(draft, scenario.models.kv_bytes) if draft else None
+        self.payloads = Payloads(target.d_model, target.vocab_size, scenario.models.activation_bytes,
+                                 scenario.head.return_mode, scenario.head.top_k)
+        overrides = {frozenset(link.between): (link.bandwidth, link.latency) for link in scenario.network.links}
+        self.network = Network(self.node_names, scenario.network.bandwidth, scenario.network.latency, overrides)
+        workload = scenario.workload
+        self.tokens = SyntheticTokens(target.vocab_size, workload.seed)
+        acc = scenario.acceptance
+        self.acceptance = AcceptanceModel(acc.model, acc.alpha, acc.alphas, acc.sequence,
+                                          prompt_len=workload.prompt_tokens, seed=acc.seed + 7919 * workload.seed)
+        self.draft = OracleDraft(self.tokens, self.acceptance)
+
+    # -- public ------------------------------------------------------------------------------------
+    def run(self, strategy: Strategy | None = None) -> Trace:
+        """Simulate until the strategy finishes; returns the trace (simulated seconds from 0)."""
+        scenario = self.scenario
+        prompt = [self.tokens.token(p) for p in range(scenario.workload.prompt_tokens)]
+        if strategy is None:
+            strategy = make_strategy(scenario.strategy.name, prompt, scenario.workload.generate_tokens,
+                                     scenario.strategy.params())
+        self.strategy = strategy
+        self.env = simpy.Environment()
+        self.records: list[Record] = []
+        self.finished = self.env.event()
+        self.head_inbox: deque[Run] = deque()
+        self.head_wakeup: simpy.Event | None = None
+        self.launch_queue: deque[Run] = deque()
+        self.head_cancelled: set[int] = set()
+        self.draft_task: _DraftTask | None = None
+        self.draft_cache: tuple[int, ...] = ()
+        self.output_tokens: list[int] = []
+        self.stages = [_Stage(i, i, r) for i, r in enumerate(self.layer_ranges)]
+        for stage in self.stages[1:]:
+            stage.process = self.env.process(self._stage_loop(stage))
+        self.env.process(self._head_loop())
+        self._execute(strategy.start())
+        self._run_bounded()
+        return Trace(engine="simulated", strategy=strategy.name, scenario=scenario.name, nodes=self.node_names,
+                     t_start=0.0, t_end=self.env.now, records=self.records, output_tokens=self.output_tokens,
+                     meta={"layer_ranges": self.layer_ranges, "prompt_tokens": len(prompt)})
+
+    def _run_bounded(self) -> None:
+        env, finished = self.env, self.finished
+        step = env.step
+        budget = self.max_events
+        while not finished.triggered:
+            if budget <= 0:
+                raise SimulationError(f"simulation exceeded {self.max_events} events without finishing")
+            try:
+                step()
+            except simpy.core.EmptySchedule:
+                raise SimulationError("simulation stalled: no events left before generation finished") from None
+            budget -= 1
+
+    # -- actions -----------------------------------------------------------------------------------
+    def _execute(self, actions) -> None:
+        now = self.env.now
+        records = self.records
+        for action in actions:
+            if isinstance(action, LaunchRun):
+                run = action.run
+                records.append(Record("launch", now, now, self.node_names[0], run.run_id, run.n_tokens,
+                                      note=run.kind))
+                self.launch_queue.append(run)
+            elif isinstance(action, RequestDraft):
+                self._start_draft(action)
+            elif isinstance(action, EmitTokens):
+                self.output_tokens.extend(action.tokens)
+                records.append(Record("tokens", now, now, self.node_names[0], -1, len(action.tokens),
+                                      checked=action.n_drafted_checked, accepted=action.n_drafted_accepted))
+            elif isinstance(action, InvalidateRuns):
+                for run_id in action.run_ids:
+                    records.append(Record("invalidate", now, now, self.node_names[0], run_id))
+            elif isinstance(action, CancelRuns):
+                self._send_cancel(action.run_ids)
+            elif isinstance(action, Finish):
+                if not self.finished.triggered:
+                    self.finished.succeed()
+
+    def _start_draft(self, request: RequestDraft) -> None:
+        assert self.draft_cost is not None, "a draft was requested but the scenario has no draft model"
+        context = request.context
+        cached = min(common_prefix_len(self.draft_cache, context), len(context) - 1)
+        tokens = self.draft.propose(len(context), request.n_tokens, request.committed_len)
+        self.draft_task = _DraftTask(request, tokens, first_batch=len(context) - cached, context_start=cached)
+
+    def _draft_processed(self, task: _DraftTask) -> tuple[int, ...]:
+        """Tokens the draft model holds in its cache after ``task.step`` steps of a draft task."""
+        context = task.request.context
+        if task.step == 0:
+            return context[:task.context_start]
+        return context + tuple(task.tokens[:task.step - 1])
+
+    # -- messaging ---------------------------------------------------------------------------------
+    def _send(self, src: int, dst: int, nbytes: float, note: str, run_id: int, deliver) -> None:
+        link = self.network.link(src, dst)
+        start, end, arrival = link.send(self.env.now, nbytes)
+        self.records.append(Record("transfer", start, end, link.name, run_id, 0, nbytes, note=note))
+        event = self.env.timeout(arrival - self.env.now)
+        event.callbacks.append(deliver)
+
+    def _forward(self, stage: _Stage, run: Run, computed: bool) -> None:
+        """Send a run on from ``stage``: activations (or just the header if skipped) or predictions to the head."""
+        last = stage.index == len(self.stages) - 1
+        if last:
+            if not computed:
+                return
+            if stage.node == 0:  # a single-stage pipeline: the head holds everything
+                self._deliver_to_head(run)
+                return
+            nbytes = self.payloads.predictions(run.n_outputs)
+            self._send(stage.node, 0, nbytes, "predictions", run.run_id, lambda _e, r=run: self._deliver_to_head(r))
+            return
+        nxt = self.stages[stage.index + 1]
+        if computed:
+            nbytes = self.payloads.activations(run.n_tokens, len(run.kv_ops))
+            note = "activations"
+        else:
+            nbytes = self.payloads.header(run.n_tokens, len(run.kv_ops))
+            note = "header"
+        self._send(stage.node, nxt.node, nbytes, note, run.run_id,
+                   lambda _e, r=run, c=computed, s=nxt: self._deliver_to_stage(s, r, c))
+
+    def _deliver_to_stage(self, stage: _Stage, run: Run, computed_upstream: bool) -> None:
+        stage.queue.append((run, computed_upstream))
+        if stage.wakeup is not None and not stage.wakeup.triggered:
+            stage.wakeup.succeed()
+
+    def _deliver_to_head(self, run: Run) -> None:
+        self.head_inbox.append(run)
+        if self.head_wakeup is not None and not self.head_wakeup.triggered:
+            self.head_wakeup.succeed()
+
+    def _send_cancel(self, run_ids: tuple[int, ...]) -> None:
+        now = self.env.now
+        for run_id in run_ids:
+            self.records.append(Record("cancel_sent", now, now, self.node_names[0], run_id))
+        self.head_cancelled.update(run_ids)
+        if len(self.stages) > 1:
+            last = self.stages[-1]
+            self._send(0, last.node, self.payloads.cancel(len(run_ids)), "cancel", -1,
+                       lambda _e, s=last: self._cancel_at(s, run_ids))
+
+    def _cancel_at(self, stage: _Stage, run_ids: tuple[int, ...]) -> None:
+        now = self.env.now
+        for run_id in run_ids:
+            self.records.append(Record("cancel_seen", now, now, self.node_names[stage.node], run_id))
+        stage.cancelled.update(run_ids)
+        if stage.current is not None and stage.current in stage.cancelled:
+            stage.current = None
+            stage.process.interrupt()
+        if stage.index > 1:
+            previous = self.stages[stage.index - 1]
+            self._send(stage.node, previous.node, self.payloads.cancel(len(run_ids)), "cancel", -1,
+                       lambda _e, s=previous: self._cancel_at(s, run_ids))
+
+    # -- processes ---------------------------------------------------------------------------------
+    def _stage_loop(self, stage: _Stage):
+        env = self.env
+        node = self.nodes[stage.node]
+        name = node.name
+        last = stage.index == len(self.stages) - 1
+        records = self.records
+        cost_of = self.target_cost.stage_cost
+        while True:
+            while not stage.queue:
+                stage.wakeup = env.event()
+                yield stage.wakeup
+            run, computed_upstream = stage.queue.popleft()
+            if not computed_upstream or run.run_id in stage.cancelled:
+                records.append(Record("skip", env.now, env.now, name, run.run_id, run.n_tokens))
+                self._forward(stage, run, computed=False)
+                continue
+            cost = cost_of(node, stage.n_layers, run.n_tokens, run.positions[0], run.n_outputs if last else 0)
+            start = env.now
+            stage.current = run.run_id
+            aborted = False
+            try:
+                yield env.timeout(cost.total)
+            except simpy.Interrupt:
+                aborted = True
+                if cost.per_layer > 0:
+                    done_layers = math.ceil((env.now - start) / cost.per_layer - 1e-9)
+                    boundary = start + min(done_layers, stage.n_layers) * cost.per_layer
+                    if boundary > env.now:
+                        yield env.timeout(boundary - env.now)
+            stage.current = None
+            note = f"stage{stage.index}:aborted" if aborted else f"stage{stage.index}"
+            records.append(Record("compute", start, env.now, name, run.run_id, run.n_tokens, note=note))
+            self._forward(stage, run, computed=not aborted)
+
+    def _head_loop(self):
+        env = self.env
+        head = self.nodes[0]
+        name = head.name
+        stage0 = self.stages[0]
+        single = len(self.stages) == 1
+        records = self.records
+        strategy = self.strategy
+        verify_overhead = self.scenario.head.verify_overhead
+        cost_of = self.target_cost.stage_cost
+        while not self.finished.triggered:
+            if self.head_inbox:
+                run = self.head_inbox.popleft()
+                if verify_overhead > 0:
+                    start = env.now
+                    yield env.timeout(verify_overhead)
+                    records.append(Record("compute", start, env.now, name, run.run_id, run.n_outputs, note="verify"))
+                predictions = self.tokens.predictions(run.positions[run.output_from:])
+                self._execute(strategy.on_logits(run.run_id, predictions))
+                task = self.draft_task
+                if task is not None and not strategy.wants_draft(task.request.request_id):
+                    self.draft_task = None
+                    self.draft_cache = self._draft_processed(task)
+                    self._execute(strategy.on_draft(task.request.request_id, []))
+            elif self.launch_queue:
+                run = self.launch_queue.popleft()
+                if run.run_id in self.head_cancelled:
+                    records.append(Record("skip", env.now, env.now, name, run.run_id, run.n_tokens))
+                    if not single:
+                        self._forward(stage0, run, computed=False)
+                    continue
+                cost = cost_of(head, stage0.n_layers, run.n_tokens, run.positions[0], run.n_outputs if single else 0)
+                start = env.now
+                yield env.timeout(cost.total)
+                records.append(Record("compute", start, env.now, name, run.run_id, run.n_tokens, note="stage0"))
+                self._forward(stage0, run, computed=True)
+            elif self.draft_task is not None:
+                task = self.draft_task
+                batch = task.first_batch if task.step == 0 else 1
+                context = task.context_start if task.step == 0 else task.context_start + task.first_batch + task.step - 1
+                start = env.now
+                yield env.timeout(self.draft_cost.model_cost(head, batch, context))
+                records.append(Record("compute", start, env.now, name, -1, batch, note="draft"))
+                task.step += 1
+                if task.step == len(task.tokens):
+                    self.draft_task = None
+                    self.draft_cache = self._draft_processed(task)
+                    self._execute(strategy.on_draft(task.request.request_id, task.tokens))
+            else:
+                self.head_wakeup = env.event()
+                yield self.head_wakeup
+
+
+def simulate(scenario: Scenario) -> Trace:
+    """Simulate a scenario with its configured strategy."""
+    return SimulationEngine(scenario).run()
