@@ -108,7 +108,8 @@ class SimulationEngine:
                                      scenario.strategy.params())
         self.strategy = strategy
         self.env = simpy.Environment()
-        self.records: list[Record] = []
+        self.records: list[tuple] = []  # plain tuples in Record's field order (fast); Records at the end
+        self._head_iterations = 0
         self.finished = self.env.event()
         self.head_inbox: deque[Run] = deque()
         self.head_wakeup: simpy.Event | None = None
@@ -123,22 +124,24 @@ class SimulationEngine:
         self.env.process(self._head_loop())
         self._execute(strategy.start())
         self._run_bounded()
+        records = list(map(Record._make, self.records))
         return Trace(engine="simulated", strategy=strategy.name, scenario=scenario.name, nodes=self.node_names,
-                     t_start=0.0, t_end=self.env.now, records=self.records, output_tokens=self.output_tokens,
+                     t_start=0.0, t_end=self.env.now, records=records, output_tokens=self.output_tokens,
                      meta={"layer_ranges": self.layer_ranges, "prompt_tokens": len(prompt)})
 
     def _run_bounded(self) -> None:
-        env, finished = self.env, self.finished
-        step = env.step
-        budget = self.max_events
-        while not finished.triggered:
-            if budget <= 0:
-                raise SimulationError(f"simulation exceeded {self.max_events} events without finishing")
-            try:
-                step()
-            except simpy.core.EmptySchedule:
-                raise SimulationError("simulation stalled: no events left before generation finished") from None
-            budget -= 1
+        try:
+            self.env.run(until=self.finished)
+        except RuntimeError as error:
+            if self.finished.triggered:
+                raise
+            raise SimulationError(f"simulation stalled before generation finished ({error})") from None
+
+    def _tick(self) -> None:
+        """Count head-loop iterations: a strategy that never finishes is stopped with an error."""
+        self._head_iterations += 1
+        if self._head_iterations > self.max_events:
+            raise SimulationError(f"simulation exceeded {self.max_events} head steps without finishing")
 
     # -- actions -----------------------------------------------------------------------------------
     def _execute(self, actions) -> None:
@@ -147,18 +150,17 @@ class SimulationEngine:
         for action in actions:
             if isinstance(action, LaunchRun):
                 run = action.run
-                records.append(Record("launch", now, now, self.node_names[0], run.run_id, run.n_tokens,
-                                      note=run.kind))
+                records.append(("launch", now, now, self.node_names[0], run.run_id, run.n_tokens, 0.0, 0, 0, run.kind))
                 self.launch_queue.append(run)
             elif isinstance(action, RequestDraft):
                 self._start_draft(action)
             elif isinstance(action, EmitTokens):
                 self.output_tokens.extend(action.tokens)
-                records.append(Record("tokens", now, now, self.node_names[0], -1, len(action.tokens),
-                                      checked=action.n_drafted_checked, accepted=action.n_drafted_accepted))
+                records.append(("tokens", now, now, self.node_names[0], -1, len(action.tokens), 0.0,
+                                action.n_drafted_checked, action.n_drafted_accepted, ""))
             elif isinstance(action, InvalidateRuns):
                 for run_id in action.run_ids:
-                    records.append(Record("invalidate", now, now, self.node_names[0], run_id))
+                    records.append(("invalidate", now, now, self.node_names[0], run_id, 0, 0.0, 0, 0, ""))
             elif isinstance(action, CancelRuns):
                 self._send_cancel(action.run_ids)
             elif isinstance(action, Finish):
@@ -183,7 +185,7 @@ class SimulationEngine:
     def _send(self, src: int, dst: int, nbytes: float, note: str, run_id: int, deliver) -> None:
         link = self.network.link(src, dst)
         start, end, arrival = link.send(self.env.now, nbytes)
-        self.records.append(Record("transfer", start, end, link.name, run_id, 0, nbytes, note=note))
+        self.records.append(("transfer", start, end, link.name, run_id, 0, nbytes, 0, 0, note))
         event = self.env.timeout(arrival - self.env.now)
         event.callbacks.append(deliver)
 
@@ -222,7 +224,7 @@ class SimulationEngine:
     def _send_cancel(self, run_ids: tuple[int, ...]) -> None:
         now = self.env.now
         for run_id in run_ids:
-            self.records.append(Record("cancel_sent", now, now, self.node_names[0], run_id))
+            self.records.append(("cancel_sent", now, now, self.node_names[0], run_id, 0, 0.0, 0, 0, ""))
         self.head_cancelled.update(run_ids)
         if len(self.stages) > 1:
             last = self.stages[-1]
@@ -232,7 +234,7 @@ class SimulationEngine:
     def _cancel_at(self, stage: _Stage, run_ids: tuple[int, ...]) -> None:
         now = self.env.now
         for run_id in run_ids:
-            self.records.append(Record("cancel_seen", now, now, self.node_names[stage.node], run_id))
+            self.records.append(("cancel_seen", now, now, self.node_names[stage.node], run_id, 0, 0.0, 0, 0, ""))
         stage.cancelled.update(run_ids)
         if stage.current is not None and stage.current in stage.cancelled:
             stage.current = None
@@ -256,7 +258,7 @@ class SimulationEngine:
                 yield stage.wakeup
             run, computed_upstream = stage.queue.popleft()
             if not computed_upstream or run.run_id in stage.cancelled:
-                records.append(Record("skip", env.now, env.now, name, run.run_id, run.n_tokens))
+                records.append(("skip", env.now, env.now, name, run.run_id, run.n_tokens, 0.0, 0, 0, ""))
                 self._forward(stage, run, computed=False)
                 continue
             cost = cost_of(node, stage.n_layers, run.n_tokens, run.positions[0], run.n_outputs if last else 0)
@@ -274,7 +276,7 @@ class SimulationEngine:
                         yield env.timeout(boundary - env.now)
             stage.current = None
             note = f"stage{stage.index}:aborted" if aborted else f"stage{stage.index}"
-            records.append(Record("compute", start, env.now, name, run.run_id, run.n_tokens, note=note))
+            records.append(("compute", start, env.now, name, run.run_id, run.n_tokens, 0.0, 0, 0, note))
             self._forward(stage, run, computed=not aborted)
 
     def _head_loop(self):
@@ -288,12 +290,13 @@ class SimulationEngine:
         verify_overhead = self.scenario.head.verify_overhead
         cost_of = self.target_cost.stage_cost
         while not self.finished.triggered:
+            self._tick()
             if self.head_inbox:
                 run = self.head_inbox.popleft()
                 if verify_overhead > 0:
                     start = env.now
                     yield env.timeout(verify_overhead)
-                    records.append(Record("compute", start, env.now, name, run.run_id, run.n_outputs, note="verify"))
+                    records.append(("compute", start, env.now, name, run.run_id, run.n_outputs, 0.0, 0, 0, "verify"))
                 predictions = self.tokens.predictions(run.positions[run.output_from:])
                 self._execute(strategy.on_logits(run.run_id, predictions))
                 task = self.draft_task
@@ -304,14 +307,14 @@ class SimulationEngine:
             elif self.launch_queue:
                 run = self.launch_queue.popleft()
                 if run.run_id in self.head_cancelled:
-                    records.append(Record("skip", env.now, env.now, name, run.run_id, run.n_tokens))
+                    records.append(("skip", env.now, env.now, name, run.run_id, run.n_tokens, 0.0, 0, 0, ""))
                     if not single:
                         self._forward(stage0, run, computed=False)
                     continue
                 cost = cost_of(head, stage0.n_layers, run.n_tokens, run.positions[0], run.n_outputs if single else 0)
                 start = env.now
                 yield env.timeout(cost.total)
-                records.append(Record("compute", start, env.now, name, run.run_id, run.n_tokens, note="stage0"))
+                records.append(("compute", start, env.now, name, run.run_id, run.n_tokens, 0.0, 0, 0, "stage0"))
                 self._forward(stage0, run, computed=True)
             elif self.draft_task is not None:
                 task = self.draft_task
@@ -319,7 +322,7 @@ class SimulationEngine:
                 context = task.context_start if task.step == 0 else task.context_start + task.first_batch + task.step - 1
                 start = env.now
                 yield env.timeout(self.draft_cost.model_cost(head, batch, context))
-                records.append(Record("compute", start, env.now, name, -1, batch, note="draft"))
+                records.append(("compute", start, env.now, name, -1, batch, 0.0, 0, 0, "draft"))
                 task.step += 1
                 if task.step == len(task.tokens):
                     self.draft_task = None

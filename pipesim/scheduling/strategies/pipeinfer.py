@@ -151,10 +151,9 @@ class PipeInferStrategy(Strategy):
                 chain_broken = True
                 break
             accepted += 1
-        committed_end = len(self.sequence) + len(new_tokens)  # positions < committed_end are committed
         actions: list[Action] = []
-        if run.speculative:
-            self._retire_partition(run, committed_end)
+        if run.speculative:  # its drafted tokens before len(sequence) + accepted are committed
+            self._retire_partition(run, len(self.sequence) + accepted)
         if chain_broken:
             actions.extend(self._invalidate_chain())
         actions.extend(self._commit(new_tokens, checked, accepted))
@@ -165,7 +164,7 @@ class PipeInferStrategy(Strategy):
         return actions
 
     def _retire_partition(self, run: Run, committed_end: int) -> None:
-        """Copy a verified run's committed tokens into the canonical sequence and free its partition."""
+        """Copy a verified run's accepted tokens (positions < ``committed_end``) to the canonical sequence; free it."""
         assert run.partition is not None
         last_committed = min(run.last_position + 1, committed_end)
         if last_committed > run.first_position:
