@@ -23,7 +23,7 @@ from pipesim.scheduling import (
     Run,
     Strategy,
 )
-from pipesim.sim.acceptance import AcceptanceModel, OracleDraft, SyntheticTokens
+from pipesim.sim.acceptance import OracleDraft, SyntheticTokens
 
 
 class KVCacheModel:

@@ -201,6 +201,8 @@ class SimulationEngine:
             nbytes = self.payloads.predictions(run.n_outputs)
             self._send(stage.node, 0, nbytes, "predictions", run.run_id, lambda _e, r=run: self._deliver_to_head(r))
             return
+        if not computed and not run.kv_ops:
+            return  # a cancelled run carrying no KV operations needs no header downstream
         nxt = self.stages[stage.index + 1]
         if computed:
             nbytes = self.payloads.activations(run.n_tokens, len(run.kv_ops))

@@ -1,0 +1,1 @@
+"""Models: catalog of shapes, a torch Llama-family decoder for pipelines, GGUF loading, tokenizer."""
