@@ -27,7 +27,7 @@ from .units import parse_bandwidth, parse_duration, parse_rate
 Bandwidth = Annotated[float, BeforeValidator(parse_bandwidth), Field(gt=0, description="bytes/s or e.g. 1Gbit/s")]
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0, description="seconds or e.g. 50us")]
 FlopRate = Annotated[float, BeforeValidator(parse_rate), Field(gt=0, description="FLOP/s or e.g. 400G")]
-STRATEGY_NAMES = ("iterative", "speculative", "pipeinfer")
+STRATEGY_NAMES = ("iterative", "speculative", "pipeinfer", "speed")
 
 
 class ScenarioError(ValueError):
@@ -139,13 +139,14 @@ class WorkloadConfig(_Strict):
 class StrategyConfig(_Strict):
     """Which strategy runs, and its knobs (each strategy reads the ones it has)."""
 
-    name: Literal["iterative", "speculative", "pipeinfer"] = "pipeinfer"
+    name: Literal["iterative", "speculative", "pipeinfer", "speed"] = "pipeinfer"
     gamma: int = Field(4, ge=1, le=64, description="speculative: drafted tokens per verification")
     micro_batch: int = Field(3, ge=1, le=64, description="pipeinfer: drafted tokens per speculative run")
     min_confidence: float = Field(0.1, ge=0.0, le=1.0, description="draft confidence cut-off")
     max_runs_in_flight: int | None = Field(None, ge=1, description="pipeinfer: bound on valid runs in flight")
     n_partitions: int = Field(1000, ge=1, description="pipeinfer: KV partitions in the pool")
-    early_cancellation: bool = Field(True, description="pipeinfer: cancel invalidated runs")
+    early_cancellation: bool = Field(True, description="pipeinfer/speed: cancel invalidated runs")
+    exit_layer: int = Field(8, ge=0, description="speed: layer whose hidden state predicts the next token")
 
     def params(self) -> dict[str, Any]:
         """Constructor parameters of the selected strategy."""
@@ -155,6 +156,9 @@ class StrategyConfig(_Strict):
             return {"micro_batch": self.micro_batch, "min_confidence": self.min_confidence,
                     "max_runs_in_flight": self.max_runs_in_flight, "n_partitions": self.n_partitions,
                     "early_cancellation": self.early_cancellation}
+        if self.name == "speed":
+            return {"exit_layer": self.exit_layer, "max_runs_in_flight": self.max_runs_in_flight,
+                    "n_partitions": self.n_partitions, "early_cancellation": self.early_cancellation}
         return {}
 
 
@@ -199,7 +203,10 @@ class Scenario(_Strict):
         for link in self.network.links:
             if any(i >= n for i in link.between):
                 raise ValueError(f"network.links between {list(link.between)} names a node beyond count={n}")
-        if self.strategy.name != "iterative" and self.models.draft is None:
+        if self.strategy.name == "speed" and self.strategy.exit_layer >= n_layers:
+            raise ValueError(f"strategy.exit_layer={self.strategy.exit_layer} is not a layer of the target "
+                             f"({n_layers} layers)")
+        if self.strategy.name in ("speculative", "pipeinfer") and self.models.draft is None:
             raise ValueError(f"strategy.name={self.strategy.name!r} needs models.draft")
         if self.acceptance.model == "positional" and not self.acceptance.alphas:
             raise ValueError("acceptance.alphas must be given for acceptance.model=positional")

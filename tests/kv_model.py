@@ -69,6 +69,7 @@ def drive(strategy: Strategy, tokens: SyntheticTokens, draft: OracleDraft, rng: 
     pipeline: deque[tuple[Run, tuple[int, ...]]] = deque()  # launched runs with the context they expect
     cancelled: set[int] = set()
     draft_request: RequestDraft | None = None
+    early_exits: deque[tuple[int, int]] = deque()  # SPEED: (run id, early prediction) not yet delivered
     launched = n_cancelled = checked = max_cells = 0
     output: list[int] = []
     finished = False
@@ -81,6 +82,10 @@ def drive(strategy: Strategy, tokens: SyntheticTokens, draft: OracleDraft, rng: 
                 context = tuple(strategy.sequence) + tuple(getattr(strategy, "_drafted", ()))
                 pipeline.append((run, context[: run.first_position]))
                 launched += 1
+                if "exit_layer" in run.meta:
+                    position = run.last_position + 1
+                    right = draft.acceptance.correct(position, 0)
+                    early_exits.append((run.run_id, tokens.token(position) if right else tokens.wrong(position)))
             elif isinstance(action, RequestDraft):
                 draft_request = action
             elif isinstance(action, CancelRuns):
@@ -97,6 +102,11 @@ def drive(strategy: Strategy, tokens: SyntheticTokens, draft: OracleDraft, rng: 
     for _ in range(max_steps):
         if finished:
             break
+        if early_exits and rng.random() < 0.6:  # an early exit arrives before its run completes
+            run_id, token = early_exits.popleft()
+            if any(r.run_id == run_id for r, _ in pipeline):
+                execute(strategy.on_early_exit(run_id, token))
+            continue
         do_draft = draft_request is not None and (not pipeline or rng.random() < 0.5)
         if do_draft:
             request, draft_request = draft_request, None
@@ -128,3 +138,87 @@ def drive(strategy: Strategy, tokens: SyntheticTokens, draft: OracleDraft, rng: 
     assert finished, "strategy did not finish"
     truth = [tokens.token(p) for p in range(strategy.prompt_len, strategy.prompt_len + len(output))]
     return DriveResult(output, truth, launched, n_cancelled, checked, max_cells)
+
+
+def drive_chain(levels, tokens: SyntheticTokens, accuracies: list[float], seed: int, rng: random.Random,
+                max_steps: int = 500_000):
+    """Run a PipeSpec chain with random message and completion orders; check every level's KV contexts.
+
+    Level i predicts the true token where a per-position uniform is below ``accuracies[i]`` (the target: 1.0),
+    otherwise the same wrong token as every other wrong level (so two wrong levels agree, as related models do).
+    """
+    import numpy as np
+
+    from pipesim.scheduling.strategies.pipespec import (
+        CancelLevelRun,
+        SendProgress,
+        SendRollback,
+        SendTokens,
+        StartRound,
+    )
+
+    uniform = np.random.default_rng(seed).random(100_000)
+    n_levels = len(levels)
+    kvs = [KVCacheModel() for _ in levels]
+    in_flight: dict[int, tuple[Run, tuple[int, ...]]] = {}
+    cancelled: set[int] = set()
+    links: dict[tuple[int, int], deque] = {}
+    output: list[int] = []
+    finished = False
+    stats = {"runs": 0, "cancelled": 0, "rollbacks": 0}
+
+    def predict(level: int, position: int) -> int:
+        right = level == n_levels - 1 or uniform[position] < accuracies[level]
+        return tokens.token(position) if right else tokens.wrong(position)
+
+    def execute(level: int, actions) -> None:
+        nonlocal finished
+        for action in actions:
+            if isinstance(action, LaunchRun):
+                run = action.run
+                in_flight[level] = (run, tuple(levels[level].out))
+                stats["runs"] += 1
+            elif isinstance(action, SendTokens | SendRollback | SendProgress | StartRound):
+                stats["rollbacks"] += isinstance(action, SendRollback)
+                links.setdefault((level, action.to_level), deque()).append(action)
+            elif isinstance(action, CancelLevelRun):
+                cancelled.add(action.run_id)
+                stats["cancelled"] += 1
+            elif isinstance(action, EmitTokens):
+                output.extend(action.tokens)
+            elif isinstance(action, Finish):
+                finished = True
+
+    for i, level in enumerate(levels):
+        execute(i, level.start())
+    for _ in range(max_steps):
+        if finished:
+            break
+        busy_links = [key for key, queue in links.items() if queue]
+        if busy_links and (not in_flight or rng.random() < 0.5):
+            src, dst = rng.choice(busy_links)
+            execute(dst, levels[dst].on_message(links[(src, dst)].popleft()))
+            continue
+        assert in_flight, "chain stalled: no run in flight and no message under way"
+        level = rng.choice(sorted(in_flight))
+        run, context = in_flight.pop(level)
+        kv = kvs[level]
+        for op in run.kv_ops:
+            kv.apply(op)
+        if run.run_id in cancelled and rng.random() < 0.7:
+            execute(level, levels[level].on_result(run.run_id, ()))
+            continue
+        if run.run_id not in cancelled:
+            expected = list(enumerate(context[: run.first_position])) + list(
+                zip(run.positions, run.tokens, strict=True))
+            for i, position in enumerate(run.positions):
+                seen = kv.visible(run.seq_ids, position) + list(zip(run.positions[:i], run.tokens[:i], strict=True))
+                assert sorted(seen) == expected[:position], (
+                    f"level {level} run {run.run_id} at {position}: {sorted(set(seen) ^ set(expected[:position]))}")
+        kv.write(run)
+        predictions = [predict(level, p + 1) for p in run.positions[run.output_from:]]
+        execute(level, levels[level].on_result(run.run_id, predictions))
+    assert finished, "chain did not finish"
+    prompt_len = levels[-1].prompt_len
+    truth = [tokens.token(p) for p in range(prompt_len, prompt_len + len(output))]
+    return output, truth, stats

@@ -24,10 +24,12 @@ def _run(name: str, alpha: float, seed: int, n_generate: int = 60, **params):
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.7, 1.0])
-@pytest.mark.parametrize("name", ["iterative", "speculative", "pipeinfer"])
+@pytest.mark.parametrize("name", ["iterative", "speculative", "pipeinfer", "speed"])
 @pytest.mark.parametrize("seed", range(6))
 def test_output_equals_target_greedy_and_kv_contexts_are_exact(name, alpha, seed):
-    strategy, result = _run(name, alpha, seed)
+    # SPEED's chain is bounded by the pipeline depth in a real engine; here, by max_runs_in_flight
+    params = {"exit_layer": 2, "max_runs_in_flight": 5} if name == "speed" else {}
+    strategy, result = _run(name, alpha, seed, **params)
     assert result.output == result.truth
     assert len(result.output) == 60
     assert result.checked_contexts >= 60
@@ -54,6 +56,14 @@ def test_pipeinfer_partitions_return_to_the_pool_and_kv_stays_bounded():
     assert strategy.pool.n_used == 0 and strategy.pool.n_free == 8
     # cells: the committed sequence plus at most the in-flight partitions' tokens
     assert result.max_cells <= PROMPT_LEN + 1000 + 8 * 3 + 3
+
+
+def test_speed_chains_early_exits_and_cancels_on_mismatch():
+    strategy, result = _run("speed", 0.6, 5, exit_layer=2, max_runs_in_flight=6)
+    assert result.output == result.truth
+    assert result.launched > 60  # speculative one-token runs beyond the non-speculative ones
+    assert result.cancelled > 0
+    assert strategy.pool.n_used == 0
 
 
 def test_pipeinfer_with_one_partition_still_finishes():

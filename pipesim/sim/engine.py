@@ -111,7 +111,7 @@ class SimulationEngine:
         self.records: list[tuple] = []  # plain tuples in Record's field order (fast); Records at the end
         self._head_iterations = 0
         self.finished = self.env.event()
-        self.head_inbox: deque[Run] = deque()
+        self.head_inbox: deque[tuple[Run, int | None]] = deque()  # (run, None) predictions, (run, token) early exit
         self.head_wakeup: simpy.Event | None = None
         self.launch_queue: deque[Run] = deque()
         self.head_cancelled: set[int] = set()
@@ -218,8 +218,8 @@ class SimulationEngine:
         if stage.wakeup is not None and not stage.wakeup.triggered:
             stage.wakeup.succeed()
 
-    def _deliver_to_head(self, run: Run) -> None:
-        self.head_inbox.append(run)
+    def _deliver_to_head(self, run: Run, early_token: int | None = None) -> None:
+        self.head_inbox.append((run, early_token))
         if self.head_wakeup is not None and not self.head_wakeup.triggered:
             self.head_wakeup.succeed()
 
@@ -246,6 +246,35 @@ class SimulationEngine:
             self._send(stage.node, previous.node, self.payloads.cancel(len(run_ids)), "cancel", -1,
                        lambda _e, s=previous: self._cancel_at(s, run_ids))
 
+    def _schedule_early_exit(self, stage: _Stage, run: Run, cost) -> float:
+        """SPEED: if the run's exit layer is on this stage, send the early prediction when that layer is done.
+
+        Returns the extra time the stage spends on the exit head (final norm + output head on one token).
+        """
+        exit_layer = run.meta.get("exit_layer")
+        if exit_layer is None or not stage.layers[0] <= exit_layer < stage.layers[1]:
+            return 0.0
+        node = self.nodes[stage.node]
+        exit_head = self.target_cost.output_head_time(node, 1)
+        offset = node.overhead_per_run + (exit_layer - stage.layers[0] + 1) * cost.per_layer + exit_head
+        position = run.last_position + 1
+        right = self.acceptance.correct(position, 0)
+        token = self.tokens.token(position) if right else self.tokens.wrong(position)
+
+        def emit(_event) -> None:
+            if stage.current != run.run_id:
+                return  # aborted before reaching the exit layer
+            self.records.append(("compute", self.env.now - exit_head, self.env.now, node.name, run.run_id, 1, 0.0, 0,
+                                 0, f"exit{exit_layer}"))
+            if stage.node == 0:
+                self._deliver_to_head(run, token)
+            else:
+                self._send(stage.node, 0, self.payloads.header(1), "early-exit", run.run_id,
+                           lambda _e: self._deliver_to_head(run, token))
+
+        self.env.timeout(offset).callbacks.append(emit)
+        return exit_head
+
     # -- processes ---------------------------------------------------------------------------------
     def _stage_loop(self, stage: _Stage):
         env = self.env
@@ -267,8 +296,9 @@ class SimulationEngine:
             start = env.now
             stage.current = run.run_id
             aborted = False
+            total = cost.total + self._schedule_early_exit(stage, run, cost)
             try:
-                yield env.timeout(cost.total)
+                yield env.timeout(total)
             except simpy.Interrupt:
                 aborted = True
                 if cost.per_layer > 0:
@@ -294,7 +324,10 @@ class SimulationEngine:
         while not self.finished.triggered:
             self._tick()
             if self.head_inbox:
-                run = self.head_inbox.popleft()
+                run, early_token = self.head_inbox.popleft()
+                if early_token is not None:
+                    self._execute(strategy.on_early_exit(run.run_id, early_token))
+                    continue
                 if verify_overhead > 0:
                     start = env.now
                     yield env.timeout(verify_overhead)
@@ -315,7 +348,9 @@ class SimulationEngine:
                     continue
                 cost = cost_of(head, stage0.n_layers, run.n_tokens, run.positions[0], run.n_outputs if single else 0)
                 start = env.now
-                yield env.timeout(cost.total)
+                stage0.current = run.run_id
+                yield env.timeout(cost.total + self._schedule_early_exit(stage0, run, cost))
+                stage0.current = None
                 records.append(("compute", start, env.now, name, run.run_id, run.n_tokens, 0.0, 0, 0, "stage0"))
                 self._forward(stage0, run, computed=True)
             elif self.draft_task is not None:

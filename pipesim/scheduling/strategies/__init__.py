@@ -9,11 +9,13 @@ from .base import Strategy
 from .iterative import IterativeStrategy
 from .pipeinfer import PipeInferStrategy
 from .speculative import SpeculativeStrategy
+from .speed import SpeedStrategy
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "iterative": IterativeStrategy,
     "speculative": SpeculativeStrategy,
     "pipeinfer": PipeInferStrategy,
+    "speed": SpeedStrategy,
 }
 
 
@@ -27,5 +29,5 @@ def make_strategy(name: str, prompt: Sequence[int], n_generate: int, params: dic
     return cls(prompt, n_generate, stop_tokens=stop_tokens, **(params or {}))
 
 
-__all__ = ["STRATEGIES", "Strategy", "IterativeStrategy", "SpeculativeStrategy", "PipeInferStrategy",
+__all__ = ["STRATEGIES", "Strategy", "IterativeStrategy", "SpeculativeStrategy", "PipeInferStrategy", "SpeedStrategy",
            "make_strategy"]

@@ -46,6 +46,10 @@ class Strategy(ABC):
         """A requested draft is ready."""
         raise NotImplementedError(f"strategy {self.name!r} does not request drafts")
 
+    def on_early_exit(self, run_id: int, token: int) -> list[Action]:
+        """An early-exit prediction of the token after run ``run_id`` (SPEED); ignored by other strategies."""
+        return []
+
     def wants_draft(self, request_id: int) -> bool:
         """Whether a draft still being computed is still wanted (engines may abandon it early if not)."""
         return not self.done

@@ -94,6 +94,16 @@ class PipeInferStrategy(Strategy):
         if not tokens:  # the draft was not confident enough: wait for the next verification
             self._draft_stalled = True
             return []
+        return [*self._launch_speculative(tokens), *self._speculate()]
+
+    def wants_draft(self, request_id: int) -> bool:
+        request = self._draft_request
+        return (not self.done and request is not None and request.request_id == request_id
+                and self._draft_epoch == self._epoch)
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _launch_speculative(self, tokens: Sequence[int]) -> list[Action]:
+        """Launch drafted tokens as a speculative run chained on the chain's last run, in a fresh partition."""
         partition = self.pool.acquire()
         if partition is None:
             return []
@@ -103,14 +113,8 @@ class PipeInferStrategy(Strategy):
         launch = self._launch(list(tokens), len(self.sequence) + len(self._drafted), seq_ids=(partition,),
                               speculative=True, parent=previous.run_id, partition=partition, kind="spec")
         self._drafted.extend(tokens)
-        return [self._push(launch), *self._speculate()]
+        return [self._push(launch)]
 
-    def wants_draft(self, request_id: int) -> bool:
-        request = self._draft_request
-        return (not self.done and request is not None and request.request_id == request_id
-                and self._draft_epoch == self._epoch)
-
-    # -- internals ---------------------------------------------------------------------------------
     def _push(self, launch):
         link = _ChainLink(launch.run)
         self._chain.append(link)
