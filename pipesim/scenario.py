@@ -27,7 +27,8 @@ from .units import parse_bandwidth, parse_duration, parse_rate
 Bandwidth = Annotated[float, BeforeValidator(parse_bandwidth), Field(gt=0, description="bytes/s or e.g. 1Gbit/s")]
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0, description="seconds or e.g. 50us")]
 FlopRate = Annotated[float, BeforeValidator(parse_rate), Field(gt=0, description="FLOP/s or e.g. 400G")]
-STRATEGY_NAMES = ("iterative", "speculative", "pipeinfer", "speed")
+STRATEGY_NAMES = ("iterative", "speculative", "pipeinfer", "speed", "pipespec", "pipespec-sync")
+CHAIN_STRATEGIES = ("pipespec", "pipespec-sync")
 
 
 class ScenarioError(ValueError):
@@ -45,6 +46,8 @@ class ModelsConfig(_Strict):
     target_quantization: str | None = Field(None, description="weight quantization, e.g. q3_k_m (default f16)")
     draft: str | None = Field(None, description="draft model name from the catalog, e.g. tinyllama-1.1b")
     draft_quantization: str | None = None
+    chain: list[str] | None = Field(
+        None, description="PipeSpec: draft models smallest first, 'name' or 'name:quantization' (default: [draft])")
     kv_bytes: float = Field(2.0, gt=0, description="bytes per KV-cache element (f16: 2)")
     activation_bytes: float = Field(4.0, gt=0, description="bytes per activation element sent between stages")
 
@@ -65,6 +68,25 @@ class ModelsConfig(_Strict):
     def target_spec(self) -> ModelSpec:
         spec = get_model_spec(self.target)
         return spec.quantized(self.target_quantization) if self.target_quantization else spec
+
+    @field_validator("chain")
+    @classmethod
+    def _known_chain(cls, names: list[str] | None) -> list[str] | None:
+        for item in names or []:
+            name, _, quantization = item.partition(":")
+            get_model_spec(name)
+            if quantization and quantization.lower() not in QUANTIZATION_BITS:
+                raise ValueError(f"unknown quantization {quantization!r} in {item!r}")
+        return names
+
+    def chain_specs(self) -> list[ModelSpec]:
+        """PipeSpec's models, smallest draft first and the target last."""
+        specs = []
+        for item in self.chain if self.chain is not None else [f"{self.draft}:{self.draft_quantization or ''}"]:
+            name, _, quantization = item.partition(":")
+            spec = get_model_spec(name)
+            specs.append(spec.quantized(quantization) if quantization else spec)
+        return [*specs, self.target_spec()]
 
     def draft_spec(self) -> ModelSpec | None:
         if self.draft is None:
@@ -114,6 +136,9 @@ class PlacementConfig(_Strict):
     layer_split: list[Annotated[float, Field(gt=0)]] | None = Field(
         None, description="fraction of the target's layers on each node, in pipeline order (default: even)")
     draft_node: int = Field(0, ge=0, description="node running the draft model (the head, node 0, for now)")
+    chain_nodes: list[list[Annotated[int, Field(ge=0)]]] | None = Field(
+        None, description="PipeSpec: node indices of each model of the chain, drafts first, target last "
+                          "(default: one node per draft, the rest for the target)")
 
 
 class AcceptanceConfig(_Strict):
@@ -125,6 +150,9 @@ class AcceptanceConfig(_Strict):
         default_factory=list, description="positional: acceptance by depth ahead of the committed sequence")
     sequence: list[Annotated[int, Field(ge=0, le=1)]] = Field(
         default_factory=list, description="replay: 1/0 per generated position (draft right/wrong)")
+    chain_alphas: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=list, description="PipeSpec: per draft model (smallest first), how often its token equals "
+                                          "the target's (non-decreasing; default: alpha^((k-i)/k))")
     seed: int = 0
 
 
@@ -139,7 +167,7 @@ class WorkloadConfig(_Strict):
 class StrategyConfig(_Strict):
     """Which strategy runs, and its knobs (each strategy reads the ones it has)."""
 
-    name: Literal["iterative", "speculative", "pipeinfer", "speed"] = "pipeinfer"
+    name: Literal["iterative", "speculative", "pipeinfer", "speed", "pipespec", "pipespec-sync"] = "pipeinfer"
     gamma: int = Field(4, ge=1, le=64, description="speculative: drafted tokens per verification")
     micro_batch: int = Field(3, ge=1, le=64, description="pipeinfer: drafted tokens per speculative run")
     min_confidence: float = Field(0.1, ge=0.0, le=1.0, description="draft confidence cut-off")
@@ -147,6 +175,8 @@ class StrategyConfig(_Strict):
     n_partitions: int = Field(1000, ge=1, description="pipeinfer: KV partitions in the pool")
     early_cancellation: bool = Field(True, description="pipeinfer/speed: cancel invalidated runs")
     exit_layer: int = Field(8, ge=0, description="speed: layer whose hidden state predicts the next token")
+    lookahead: int = Field(8, ge=1, le=256, description="pipespec: tokens a model may run ahead of the next one")
+    max_verify: int = Field(16, ge=1, le=256, description="pipespec: most candidates verified in one run")
 
     def params(self) -> dict[str, Any]:
         """Constructor parameters of the selected strategy."""
@@ -156,6 +186,9 @@ class StrategyConfig(_Strict):
             return {"micro_batch": self.micro_batch, "min_confidence": self.min_confidence,
                     "max_runs_in_flight": self.max_runs_in_flight, "n_partitions": self.n_partitions,
                     "early_cancellation": self.early_cancellation}
+        if self.name in ("pipespec", "pipespec-sync"):
+            return {"lookahead": self.lookahead, "max_verify": self.max_verify,
+                    "synchronous": self.name == "pipespec-sync"}
         if self.name == "speed":
             return {"exit_layer": self.exit_layer, "max_runs_in_flight": self.max_runs_in_flight,
                     "n_partitions": self.n_partitions, "early_cancellation": self.early_cancellation}
@@ -206,6 +239,8 @@ class Scenario(_Strict):
         if self.strategy.name == "speed" and self.strategy.exit_layer >= n_layers:
             raise ValueError(f"strategy.exit_layer={self.strategy.exit_layer} is not a layer of the target "
                              f"({n_layers} layers)")
+        if self.strategy.name in CHAIN_STRATEGIES:
+            self._check_chain()
         if self.strategy.name in ("speculative", "pipeinfer") and self.models.draft is None:
             raise ValueError(f"strategy.name={self.strategy.name!r} needs models.draft")
         if self.acceptance.model == "positional" and not self.acceptance.alphas:
@@ -213,6 +248,45 @@ class Scenario(_Strict):
         if self.acceptance.model == "replay" and not self.acceptance.sequence:
             raise ValueError("acceptance.sequence must be given for acceptance.model=replay")
         return self
+
+
+    def _check_chain(self) -> None:
+        if self.models.chain is None and self.models.draft is None:
+            raise ValueError(f"strategy.name={self.strategy.name!r} needs models.chain or models.draft")
+        n_models = len(self.models.chain_specs())
+        groups = self.chain_node_groups()
+        if len(groups) != n_models:
+            raise ValueError(f"placement.chain_nodes has {len(groups)} groups for {n_models} models")
+        used = [node for group in groups for node in group]
+        if any(not group for group in groups) or len(set(used)) != len(used):
+            raise ValueError(f"placement.chain_nodes={groups}: every model needs nodes of its own")
+        if max(used) >= self.cluster.count:
+            raise ValueError(f"placement.chain_nodes names node {max(used)} beyond cluster.count={self.cluster.count}")
+        for spec, group in zip(self.models.chain_specs(), groups, strict=True):
+            if len(group) > spec.n_layers:
+                raise ValueError(f"{len(group)} nodes for {spec.name}, which has {spec.n_layers} layers")
+        alphas = self.acceptance.chain_alphas
+        if alphas and len(alphas) != n_models - 1:
+            raise ValueError(f"acceptance.chain_alphas has {len(alphas)} values for {n_models - 1} draft models")
+        if any(b < a for a, b in zip(alphas, alphas[1:], strict=False)):
+            raise ValueError(f"acceptance.chain_alphas={alphas} must not decrease towards the target")
+
+    def chain_node_groups(self) -> list[list[int]]:
+        """Nodes of each model of a PipeSpec chain (drafts first), defaulting to one node per draft."""
+        if self.placement.chain_nodes is not None:
+            return [list(group) for group in self.placement.chain_nodes]
+        n_drafts = len(self.models.chain) if self.models.chain is not None else 1
+        if self.cluster.count <= n_drafts:
+            raise ValueError(f"cluster.count={self.cluster.count} leaves no node for the target after "
+                             f"{n_drafts} draft models")
+        return [[i] for i in range(n_drafts)] + [list(range(n_drafts, self.cluster.count))]
+
+    def chain_alphas(self) -> list[float]:
+        """Per draft model, the probability its token equals the target's."""
+        if self.acceptance.chain_alphas:
+            return list(self.acceptance.chain_alphas)
+        k = len(self.models.chain_specs()) - 1
+        return [self.acceptance.alpha ** ((k - i) / k) for i in range(k)]
 
 
 # -- loading -----------------------------------------------------------------------------------------

@@ -78,6 +78,8 @@ CATALOG: dict[str, ModelSpec] = {
         ModelSpec("llama-2-70b", 80, 8192, 64, 8, 28672, 32000),
         ModelSpec("llama-3.1-8b", 32, 4096, 32, 8, 14336, 128256),
         ModelSpec("llama-3.1-70b", 80, 8192, 64, 8, 28672, 128256),
+        ModelSpec("llama-3.2-1b", 16, 2048, 32, 8, 8192, 128256, tied_embeddings=True),
+        ModelSpec("llama-3.2-3b", 28, 3072, 24, 8, 8192, 128256, tied_embeddings=True),
         ModelSpec("tinyllama-1.1b", 22, 2048, 32, 4, 5632, 32000),
         ModelSpec("falcon-7b", 32, 4544, 71, 1, 18176, 65024, gated_mlp=False),
         ModelSpec("falcon-180b", 80, 14848, 232, 8, 59392, 65024, gated_mlp=False),

@@ -50,6 +50,10 @@ class AcceptanceModel:
         self._rng = np.random.default_rng(seed)
         self._uniform = np.empty(0)
 
+    def uniform(self, position: int) -> float:
+        """The seeded uniform draw of a position (the same for every caller and every run)."""
+        return self._u(position)
+
     def _u(self, position: int) -> float:
         if position >= len(self._uniform):
             extra = max(4096, position + 1 - len(self._uniform))

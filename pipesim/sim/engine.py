@@ -371,5 +371,9 @@ class SimulationEngine:
 
 
 def simulate(scenario: Scenario) -> Trace:
-    """Simulate a scenario with its configured strategy."""
+    """Simulate a scenario with its configured strategy (PipeSpec chains get the chain engine)."""
+    if scenario.strategy.name in ("pipespec", "pipespec-sync"):
+        from .chain_engine import ChainSimulationEngine
+
+        return ChainSimulationEngine(scenario).run()
     return SimulationEngine(scenario).run()
