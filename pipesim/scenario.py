@@ -112,6 +112,9 @@ class ClusterConfig(_Strict):
     memory_bandwidth: Bandwidth = Field(description="effective memory bandwidth of one node")
     overhead_per_run: Duration = Field(0.0, description="fixed time a node spends per run it evaluates")
     overrides: list[NodeOverride] = Field(default_factory=list)
+    profile: str | None = Field(
+        None, description="hardware profile from `pipesim calibrate` (fitted costs replace the roofline; "
+                          "a relative path is looked up from the scenario file's folder too)")
 
 
 class LinkOverride(_Strict):
@@ -353,6 +356,14 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scena
     """Load, override and validate a scenario file."""
     document = apply_overrides(load_scenario_document(path), overrides or [])
     try:
-        return scenario_from_dict(document)
+        scenario = scenario_from_dict(document)
     except ScenarioError as error:
         raise ScenarioError(f"{path}: {error}") from None
+    profile = scenario.cluster.profile
+    if profile is not None and not Path(profile).is_absolute() and not Path(profile).exists():
+        beside = Path(path).parent / profile
+        if beside.exists():
+            scenario.cluster.profile = str(beside)
+    if profile is not None and not Path(scenario.cluster.profile).exists():
+        raise ScenarioError(f"{path}: cluster.profile={profile!r}: file not found")
+    return scenario

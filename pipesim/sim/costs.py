@@ -98,3 +98,32 @@ class Payloads:
 
     def cancel(self, n_runs: int) -> float:
         return self.header_bytes + 8.0 * n_runs
+
+
+class CalibratedCostModel:
+    """Costs from a fitted hardware profile (``pipesim calibrate``), with the roofline model's interface.
+
+    ``role="target"`` uses each node's stage coefficients, ``role="draft"`` its draft coefficients.
+    """
+
+    def __init__(self, spec: ModelSpec, profile, role: str = "target") -> None:
+        if role not in ("target", "draft"):
+            raise ValueError(f"role must be 'target' or 'draft', got {role!r}")
+        self.spec = spec
+        self.profile = profile
+        self.role = role
+
+    def stage_cost(self, node: NodeProfile, n_layers: int, n_tokens: int, context: int,
+                   n_outputs: int = 0) -> StageCost:
+        total, per_layer = self.profile.node(node.name).stage_time(n_layers, n_tokens, context, n_outputs)
+        return StageCost(total, per_layer, n_layers)
+
+    def output_head_time(self, node: NodeProfile, n_outputs: int) -> float:
+        coefficients = self.profile.node(node.name)
+        return coefficients.head_fixed + coefficients.head_per_output * n_outputs
+
+    def model_cost(self, node: NodeProfile, n_tokens: int, context: int) -> float:
+        coefficients = self.profile.node(node.name)
+        if self.role == "draft":
+            return coefficients.draft_time(n_tokens, context)
+        return self.stage_cost(node, self.spec.n_layers, n_tokens, context, n_outputs=1).total

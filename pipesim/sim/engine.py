@@ -32,7 +32,7 @@ from ..scheduling import (
 from ..scheduling.prefix import common_prefix_len
 from ..trace import Record, Trace
 from .acceptance import AcceptanceModel, OracleDraft, SyntheticTokens
-from .costs import NodeProfile, Payloads, RooflineCostModel
+from .costs import CalibratedCostModel, NodeProfile, Payloads, RooflineCostModel
 from .network import Network
 
 
@@ -85,8 +85,16 @@ class SimulationEngine:
                 override.overhead_per_run if override.overhead_per_run is not None else base.overhead_per_run)
         self.node_names = [node.name for node in self.nodes]
         self.layer_ranges = split_layers(target.n_layers, scenario.placement.layer_split, cluster.count)
-        self.target_cost = RooflineCostModel(target, scenario.models.kv_bytes)
-        self.draft_cost = RooflineCostModel(draft, scenario.models.kv_bytes) if draft else None
+        self.profile = None
+        if cluster.profile is not None:
+            from ..calibration.profile import HardwareProfile
+
+            self.profile = HardwareProfile.load(cluster.profile)
+            self.target_cost = CalibratedCostModel(target, self.profile, "target")
+            self.draft_cost = CalibratedCostModel(draft, self.profile, "draft") if draft else None
+        else:
+            self.target_cost = RooflineCostModel(target, scenario.models.kv_bytes)
+            self.draft_cost = RooflineCostModel(draft, scenario.models.kv_bytes) if draft else None
         self.payloads = Payloads(target.d_model, target.vocab_size, scenario.models.activation_bytes,
                                  scenario.head.return_mode, scenario.head.top_k)
         overrides = {frozenset(link.between): (link.bandwidth, link.latency) for link in scenario.network.links}
@@ -319,7 +327,7 @@ class SimulationEngine:
         single = len(self.stages) == 1
         records = self.records
         strategy = self.strategy
-        verify_overhead = self.scenario.head.verify_overhead
+        verify_overhead = self.scenario.head.verify_overhead or (self.profile.verify_overhead if self.profile else 0.0)
         cost_of = self.target_cost.stage_cost
         while not self.finished.triggered:
             self._tick()

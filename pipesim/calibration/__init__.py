@@ -1,0 +1,1 @@
+"""Calibration: fit the simulator's cost model to executor measurements, and measure the simulator's error."""

@@ -1,0 +1,95 @@
+"""Hardware profiles: fitted cost coefficients per node and per link, which scenarios reference instead of the
+roofline defaults (``cluster.profile: FILE``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROFILE_FORMAT = "pipesim-hardware-profile/1"
+
+
+@dataclass
+class NodeCoefficients:
+    """Fitted costs of one node (seconds): see ``pipesim.calibration.fit`` for the forms."""
+
+    overhead: float = 0.0
+    layer_fixed: float = 0.0
+    layer_per_token: float = 0.0
+    layer_per_token_context: float = 0.0
+    head_fixed: float = 0.0
+    head_per_output: float = 0.0
+    draft_fixed: float | None = None
+    draft_per_token: float | None = None
+    draft_per_token_context: float | None = None
+    host: str = ""
+
+    def stage_time(self, n_layers: int, n_tokens: int, context: int, n_outputs: int) -> tuple[float, float]:
+        """(total, per-layer) time of a run on a stage of this node."""
+        per_layer = self.layer_fixed + self.layer_per_token * n_tokens + self.layer_per_token_context * n_tokens * context
+        total = self.overhead + n_layers * per_layer
+        if n_outputs:
+            total += self.head_fixed + self.head_per_output * n_outputs
+        return total, per_layer
+
+    def draft_time(self, n_tokens: int, context: int) -> float:
+        if self.draft_fixed is None:
+            raise ValueError(f"the profile has no draft coefficients for host {self.host or '?'}")
+        return (self.draft_fixed + (self.draft_per_token or 0.0) * n_tokens
+                + (self.draft_per_token_context or 0.0) * n_tokens * context)
+
+
+@dataclass
+class LinkCoefficients:
+    latency: float
+    bandwidth: float  # bytes per second
+
+
+@dataclass
+class HardwareProfile:
+    """What ``pipesim calibrate`` measured: per-node and per-link coefficients, with provenance."""
+
+    model: str
+    nodes: dict[str, NodeCoefficients]
+    links: dict[str, LinkCoefficients] = field(default_factory=dict)
+    verify_overhead: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def node(self, name: str) -> NodeCoefficients:
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise ValueError(f"the profile has no node {name!r} (it has {', '.join(self.nodes)})") from None
+
+    def link(self, src: str, dst: str) -> LinkCoefficients | None:
+        return self.links.get(f"{src}->{dst}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": PROFILE_FORMAT, "model": self.model, "verify_overhead": self.verify_overhead,
+                "nodes": {k: asdict(v) for k, v in self.nodes.items()},
+                "links": {k: asdict(v) for k, v in self.links.items()}, "meta": self.meta}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> HardwareProfile:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"hardware profile not found: {path}")
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+            raise ValueError(f"{path}: not a pipesim hardware profile (format {PROFILE_FORMAT!r} expected)")
+        try:
+            return cls(model=data["model"],
+                       nodes={k: NodeCoefficients(**v) for k, v in data["nodes"].items()},
+                       links={k: LinkCoefficients(**v) for k, v in (data.get("links") or {}).items()},
+                       verify_overhead=float(data.get("verify_overhead", 0.0)), meta=dict(data.get("meta") or {}))
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{path}: malformed hardware profile ({error})") from None

@@ -1,0 +1,103 @@
+"""Fitting the cost model: known coefficients are recovered from synthetic measurements."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipesim.calibration.fit import (
+    DraftSample,
+    LinkSample,
+    StageSample,
+    fit_draft,
+    fit_link,
+    fit_stage,
+    nonnegative_least_squares,
+)
+from pipesim.calibration.profile import HardwareProfile, LinkCoefficients, NodeCoefficients
+from pipesim.metrics import compute_metrics
+from pipesim.scenario import load_scenario
+from pipesim.sim import SimulationEngine
+
+
+def test_nnls_matches_lstsq_when_the_solution_is_positive_and_clips_otherwise():
+    rng = np.random.default_rng(0)
+    a = rng.random((30, 3))
+    x = np.array([0.5, 2.0, 1.0])
+    assert np.allclose(nonnegative_least_squares(a, a @ x), x)
+    y = a @ np.array([1.0, -3.0, 2.0])
+    solution = nonnegative_least_squares(a, y)
+    assert (solution >= 0).all() and solution[1] == 0
+
+
+def test_stage_fit_recovers_known_coefficients_under_noise():
+    truth = dict(overhead=2e-4, layer_fixed=1.5e-3, layer_per_token=3e-4, layer_per_token_context=2e-7,
+                 head_fixed=4e-3, head_per_output=1e-3)
+    rng = np.random.default_rng(1)
+    samples = []
+    for n_layers in (2, 4, 8):
+        for n_tokens in (1, 2, 4, 8, 16):
+            for context in (0, 64, 256, 1024):
+                for n_outputs in (0, n_tokens):
+                    t = truth["overhead"] + n_layers * (truth["layer_fixed"] + truth["layer_per_token"] * n_tokens
+                                                        + truth["layer_per_token_context"] * n_tokens * context)
+                    if n_outputs:
+                        t += truth["head_fixed"] + truth["head_per_output"] * n_outputs
+                    samples.append(StageSample(n_layers, n_tokens, context, n_outputs, t * rng.normal(1, 0.01)))
+    fit = fit_stage(samples)
+    for name, value in truth.items():
+        assert getattr(fit, name) == pytest.approx(value, rel=0.1), name
+    assert fit.quality.median_rel_error < 0.02
+    assert fit.predict(4, 3, 100, 3) == pytest.approx(
+        truth["overhead"] + 4 * (1.5e-3 + 9e-4 + 3 * 100 * 2e-7) + 4e-3 + 3e-3, rel=0.03)
+
+
+def test_stage_fit_with_one_layer_count_puts_the_fixed_part_in_the_layers():
+    samples = [StageSample(5, n, c, 0, 5 * (1e-3 + 1e-4 * n + 1e-8 * n * c)) for n in (1, 4, 16) for c in (0, 500)]
+    fit = fit_stage(samples)
+    assert fit.overhead == 0 and fit.layer_fixed == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_link_fit_recovers_latency_and_bandwidth():
+    latency, bandwidth = 50e-6, 125e6
+    samples = [LinkSample(s, latency + s / bandwidth) for s in (8, 1024, 65536, 1 << 20, 1 << 22)]
+    fit = fit_link(samples)
+    assert fit.latency == pytest.approx(latency, rel=1e-6) and fit.bandwidth == pytest.approx(bandwidth, rel=1e-6)
+    with pytest.raises(ValueError, match="2 different sizes"):
+        fit_link([LinkSample(8, 1e-5), LinkSample(8, 2e-5)])
+
+
+def test_draft_fit():
+    samples = [DraftSample(n, c, 2e-3 + 5e-4 * n + 1e-7 * n * c) for n in (1, 2, 8, 32) for c in (0, 200, 800)]
+    fit = fit_draft(samples)
+    assert (fit.fixed, fit.per_token, fit.per_token_context) == pytest.approx((2e-3, 5e-4, 1e-7), rel=1e-6)
+
+
+def test_profile_round_trip_and_drives_the_simulator(tmp_path):
+    nodes = {f"n{i}": NodeCoefficients(overhead=1e-4, layer_fixed=1e-3, layer_per_token=1e-4, head_fixed=2e-3,
+                                       head_per_output=5e-4, draft_fixed=3e-3, draft_per_token=1e-4,
+                                       draft_per_token_context=0.0, host=f"host{i}") for i in range(4)}
+    profile = HardwareProfile("llama-2-7b", nodes, {"n0->n1": LinkCoefficients(1e-5, 1e9)}, verify_overhead=1e-4,
+                              meta={"command": "test"})
+    path = profile.save(tmp_path / "profile.yaml")
+    loaded = HardwareProfile.load(path)
+    assert loaded.nodes["n2"].host == "host2" and loaded.links["n0->n1"].bandwidth == 1e9
+    scenario = load_scenario("pipesim/data/default.yaml", [f"cluster.profile={path}", "strategy.name=iterative",
+                                                             "workload.generate_tokens=20"])
+    engine = SimulationEngine(scenario)
+    metrics = compute_metrics(engine.run())
+    # iterative with a profile: per token = 4 stages of 8 layers + head + links + verify overhead
+    stage = 1e-4 + 8 * (1e-3 + 1e-4)
+    links = sum(engine.network.transfer_time(i, (i + 1) % 4, engine.payloads.activations(1) if i < 3
+                                             else engine.payloads.predictions(1)) for i in range(4))
+    expected = 4 * stage + 2e-3 + 5e-4 + links + 1e-4
+    assert metrics["tokens_per_s"] == pytest.approx(1 / expected, rel=1e-6)
+
+
+def test_bad_profiles(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        HardwareProfile.load(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("format: something-else\n")
+    with pytest.raises(ValueError, match="not a pipesim hardware profile"):
+        HardwareProfile.load(bad)
