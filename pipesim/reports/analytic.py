@@ -1,0 +1,111 @@
+"""Closed forms for iterative and synchronous speculative pipelines, on the simulator's own costs.
+
+Both use the engine's cost objects (``RooflineCostModel``, ``Payloads``, ``Network.transfer_time``, the same
+node profiles and layer split), so a difference from the simulation is a difference of dynamics (queueing,
+draft catch-up batches, sampling of acceptances, the truncated last verification), never of costs.
+
+- iterative: one run in flight, so the time per token is exactly the sum of stage times and unloaded link
+  times of a single-token run, summed over the growing context;
+- speculative: each iteration drafts γ tokens on the head, then sends γ+1 tokens through the pipeline once and
+  commits on average (1-α^(γ+1))/(1-α) tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..scenario import Scenario
+from ..sim.engine import SimulationEngine
+
+
+def expected_tokens_per_verification(alpha: float, gamma: int) -> float:
+    """E[tokens committed by one verification of γ drafted tokens] with i.i.d. acceptance α."""
+    if alpha >= 1.0:
+        return float(gamma + 1)
+    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+@dataclass
+class PipelineCosts:
+    """Unloaded costs of a scenario's pipeline, built exactly as the simulator builds them."""
+
+    engine: SimulationEngine
+
+    @classmethod
+    def of(cls, scenario: Scenario) -> PipelineCosts:
+        return cls(SimulationEngine(scenario))
+
+    @property
+    def scenario(self) -> Scenario:
+        return self.engine.scenario
+
+    def pass_time(self, n_tokens: int, context: int, n_outputs: int, n_kv_ops: int = 0) -> float:
+        """One run through every stage and back to the head, with no other run in the way."""
+        e = self.engine
+        n_stages = len(e.layer_ranges)
+        total = 0.0
+        for i, (start, end) in enumerate(e.layer_ranges):
+            last = i == n_stages - 1
+            total += e.target_cost.stage_cost(e.nodes[i], end - start, n_tokens, context,
+                                              n_outputs if last else 0).total
+            if not last:
+                total += e.network.transfer_time(i, i + 1, e.payloads.activations(n_tokens, n_kv_ops))
+        if n_stages > 1:
+            total += e.network.transfer_time(n_stages - 1, 0, e.payloads.predictions(n_outputs))
+        return total + self.scenario.head.verify_overhead
+
+    def draft_step(self, n_tokens: int, context: int) -> float:
+        """One draft-model step on the head."""
+        e = self.engine
+        if e.draft_cost is None:
+            return 0.0
+        return e.draft_cost.model_cost(e.nodes[0], n_tokens, context)
+
+    def ttft(self) -> float:
+        """Time to first token: the prompt's prefill pass (its last token's prediction returns)."""
+        return self.pass_time(self.scenario.workload.prompt_tokens, 0, 1)
+
+    def iterative_tokens_per_s(self) -> float | None:
+        """Decode rate of iterative decoding: (G-1) tokens over the sum of single-token pass times."""
+        workload = self.scenario.workload
+        p, g = workload.prompt_tokens, workload.generate_tokens
+        if g < 2:
+            return None
+        total = sum(self.pass_time(1, p + k - 1, 1) for k in range(1, g))
+        return (g - 1) / total
+
+    def speculative_iteration_time(self, gamma: int, context: int) -> float:
+        """γ single-token draft steps, then one verification pass of γ+1 tokens."""
+        return gamma * self.draft_step(1, context) + self.pass_time(gamma + 1, context, gamma + 1)
+
+    def speculative_tokens_per_s(self, alpha: float | None = None, gamma: int | None = None) -> float | None:
+        """Decode rate of synchronous speculation at mid-generation context (α, γ default to the scenario's)."""
+        scenario = self.scenario
+        if scenario.models.draft is None:
+            return None
+        alpha = scenario.acceptance.alpha if alpha is None else alpha
+        gamma = scenario.strategy.gamma if gamma is None else gamma
+        workload = scenario.workload
+        context = workload.prompt_tokens + workload.generate_tokens // 2
+        return expected_tokens_per_verification(alpha, gamma) / self.speculative_iteration_time(gamma, context)
+
+
+def analytic_columns(scenario: Scenario, realized_alpha: float | None = None) -> dict[str, float | None]:
+    """The closed-form columns of one point: TTFT and, for iterative/speculative, tokens/s.
+
+    ``analytic_tokens_per_s`` uses the scenario's nominal α; ``analytic_tokens_per_s_realized`` uses the
+    acceptance rate the simulation actually drew, which separates sampling noise from the model's dynamics.
+    """
+    costs = PipelineCosts.of(scenario)
+    name = scenario.strategy.name
+    columns: dict[str, float | None] = {"analytic_ttft_s": costs.ttft(), "analytic_tokens_per_s": None,
+                                        "analytic_tokens_per_s_realized": None}
+    if name == "iterative":
+        rate = costs.iterative_tokens_per_s()
+        columns["analytic_tokens_per_s"] = columns["analytic_tokens_per_s_realized"] = rate
+    elif name == "speculative" and scenario.acceptance.model == "iid":
+        columns["analytic_tokens_per_s"] = costs.speculative_tokens_per_s()
+        if realized_alpha is not None and math.isfinite(realized_alpha):
+            columns["analytic_tokens_per_s_realized"] = costs.speculative_tokens_per_s(alpha=realized_alpha)
+    return columns
