@@ -12,12 +12,22 @@ class ExecutorConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    model: str = Field("tiny-llama", description="target: 'tiny-llama' (random weights), 'smollm2', or a .gguf path")
+    model: str = Field("tiny-llama", description="target: 'tiny-llama' (random weights, 'tiny-llama@SEED' for "
+                                                 "another seed), 'smollm2' (fetched GGUF), or a .gguf path")
     draft: Literal["oracle", "model"] = Field("oracle", description="oracle draft with acceptance.alpha, or a model")
-    draft_model: str | None = Field(None, description="draft model for draft=model (same forms as model)")
+    draft_model: str | None = Field(None, description="draft model for draft=model, or the model whose real compute "
+                                                      "stands in for the oracle's cost (oracle_cost=model)")
+    oracle_cost: Literal["emulated", "model", "none"] = Field(
+        "emulated", description="oracle draft cost: sleep for the roofline of models.draft, run draft_model, or free")
     compute: Literal["real", "emulated"] = Field("real", description="real torch compute, or sleep for modelled cost")
     link_emulation: bool = Field(False, description="delay each message by latency + bytes/bandwidth of the scenario")
     prompt: str | None = Field(None, description="prompt text (real models); default: synthetic prompt tokens")
+    chat: bool = Field(False, description="wrap the prompt in the model's chat template (GGUF models)")
+    stop_at_eos: bool = Field(False, description="stop generating at the model's end-of-sequence token")
     threads_per_rank: int = Field(1, ge=1, description="torch threads per rank")
-    timeout_s: float = Field(300.0, gt=0, description="bound on the whole job; every wait is bounded by it")
-    seed: int = 0
+    kv_headroom: int = Field(512, ge=0, description="KV cells per stage beyond prompt + generated tokens")
+    poll_interval_s: float = Field(0.0005, gt=0, le=0.01, description="longest sleep of a waiting rank")
+    timeout_s: float = Field(300.0, gt=0, description="bound on each generation of a job (set-up, run, drain); "
+                                                      "every wait is bounded by it")
+    fault_rank: int | None = Field(None, ge=0, description="testing: this rank raises when its first run arrives")
+    seed: int = Field(0, description="seed of random tiny-model weights (a tiny draft model uses seed + 1)")

@@ -95,7 +95,7 @@ class Strategy(ABC):
             if token in self.stop_tokens:
                 break
         self.sequence.extend(kept)
-        actions: list[Action] = [EmitTokens(tuple(kept), checked, min(accepted, len(kept)))]
+        actions: list[Action] = [EmitTokens(tuple(kept), min(checked, len(kept)), min(accepted, len(kept)))]
         if len(self.generated) >= self.n_generate or (kept and kept[-1] in self.stop_tokens):
             self.done = True
             actions.append(Finish())

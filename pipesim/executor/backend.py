@@ -1,0 +1,25 @@
+"""What a rank computes with: the interface shared by real (torch) and emulated (sleeping) stages."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from ..scheduling import KVOp
+from .protocol import PredictionMessage, RunMessage
+
+
+class StageBackend(Protocol):
+    """One pipeline stage: its KV cache (if any) and its compute."""
+
+    def apply_kv_ops(self, ops: Sequence[KVOp]) -> None:
+        """Apply a run's KV operations, in order (before the run, even when it is skipped)."""
+
+    def forward(self, msg: RunMessage, activations: np.ndarray | None,
+                should_cancel: Callable[[], bool] | None = None) -> np.ndarray | PredictionMessage | None:
+        """Compute the run: activations for the next stage, predictions on the last, None when cancelled."""
+
+    def kv_cells(self) -> int:
+        """KV cells in use (0 without a cache)."""

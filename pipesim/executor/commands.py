@@ -1,0 +1,52 @@
+"""``pipesim run``: measure a scenario with the MPI executor (imports neither mpi4py nor torch)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .launcher import START_MARGIN_S, launch_command, rank_environment, run_job
+from .options import add_run_arguments, load_variants
+from .plan import make_plan
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``run`` command to a CLI's subparsers."""
+    run = subparsers.add_parser(
+        "run", help="measure a scenario with the MPI executor (real or emulated compute)",
+        description="Check a scenario, then run it on N local MPI ranks (mpiexec -n N python -m "
+                    "pipesim.executor ...) and print its measured metrics. Rank 0 is the head.")
+    add_run_arguments(run)
+    run.add_argument("--ranks", type=int, metavar="N", help="number of MPI ranks (default: cluster.count)")
+    run.set_defaults(func=_cmd_run)
+    return run
+
+
+def rank_arguments(args: argparse.Namespace) -> list[str]:
+    """The arguments every rank gets (the front end's own, passed on)."""
+    argv = [args.scenario]
+    if args.strategy:
+        argv += ["--strategy", args.strategy]
+    for assignment in args.set:
+        argv += ["--set", assignment]
+    for variant in args.variant:
+        argv += ["--variant", variant]
+    for flag in ("trace", "records", "save_trace", "timeout"):
+        value = getattr(args, flag)
+        if value is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
+    if args.json:
+        argv.append("--json")
+    return argv
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    variants = load_variants(args.scenario, args.set, args.strategy, args.variant, args.timeout)
+    n_ranks = args.ranks if args.ranks is not None else variants[0][1].cluster.count
+    plans = [make_plan(scenario, n_ranks) for _, scenario in variants]
+    argv = rank_arguments(args) + ["--ranks", str(n_ranks)]
+    command = launch_command(n_ranks, argv)
+    threads = max(plan.executor.threads_per_rank for plan in plans)
+    limit = sum(plan.executor.timeout_s for plan in plans) + START_MARGIN_S
+    return run_job(command, rank_environment(threads), limit)

@@ -1,0 +1,116 @@
+"""Emulation on few cores: stages that sleep for their modelled cost, and links that delay messages.
+
+Emulated compute sleeps for the simulator's modelled time of a run on the stage's node (the roofline, or the
+fitted costs of ``cluster.profile``; layer by layer, so a cancelled run is aborted at a layer boundary) and
+answers with the synthetic target's greedy tokens, so outputs stay checkable. Link emulation delivers a message
+no earlier than its modelled arrival: each direction of each link is a FIFO of latency + bytes/bandwidth, exactly
+the simulator's ``Network``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from ..scenario import Scenario
+from ..sim.acceptance import SyntheticTokens
+from ..sim.costs import CalibratedCostModel, NodeProfile, RooflineCostModel
+from ..sim.network import Network
+from .protocol import PredictionMessage, RunMessage, predictions_from_ids
+
+SLEEP_SLICE = 0.05  # longest single sleep
+
+
+def node_profiles(scenario: Scenario) -> list[NodeProfile]:
+    """Every node's profile: the cluster template with per-node overrides (as the simulator builds them)."""
+    cluster = scenario.cluster
+    nodes = [NodeProfile(f"n{i}", cluster.flops, cluster.memory_bandwidth, cluster.overhead_per_run)
+             for i in range(cluster.count)]
+    for override in cluster.overrides:
+        base = nodes[override.index]
+        nodes[override.index] = NodeProfile(
+            base.name,
+            override.flops if override.flops is not None else base.flops,
+            override.memory_bandwidth if override.memory_bandwidth is not None else base.memory_bandwidth,
+            override.overhead_per_run if override.overhead_per_run is not None else base.overhead_per_run)
+    return nodes
+
+
+def cost_models(scenario: Scenario) -> tuple:
+    """(target cost, draft cost or None, verify overhead) as the simulator models them: the roofline, or the
+    fitted coefficients of ``cluster.profile``."""
+    models = scenario.models
+    target, draft = models.target_spec(), models.draft_spec()
+    if scenario.cluster.profile is None:
+        return (RooflineCostModel(target, models.kv_bytes),
+                RooflineCostModel(draft, models.kv_bytes) if draft else None, scenario.head.verify_overhead)
+    from ..calibration.profile import HardwareProfile
+
+    profile = HardwareProfile.load(scenario.cluster.profile)
+    return (CalibratedCostModel(target, profile, "target"),
+            CalibratedCostModel(draft, profile, "draft") if draft else None,
+            scenario.head.verify_overhead or profile.verify_overhead)
+
+
+def sleep_until(deadline: float, now: Callable[[], float]) -> None:
+    """Sleep until ``now() >= deadline`` (absolute deadlines, so per-layer sleeps do not add up errors)."""
+    while (remaining := deadline - now()) > 0:
+        time.sleep(min(remaining, SLEEP_SLICE))
+
+
+class LinkEmulator:
+    """Modelled arrival of messages on the scenario's network (head-clock times)."""
+
+    def __init__(self, scenario: Scenario, node_names: list[str]) -> None:
+        overrides = {frozenset(link.between): (link.bandwidth, link.latency) for link in scenario.network.links}
+        self.network = Network(node_names, scenario.network.bandwidth, scenario.network.latency, overrides)
+
+    def arrival(self, src: int, dst: int, send_time: float, nbytes: float) -> tuple[float, float, float]:
+        """(serialisation start, serialisation end, arrival) of a message sent at ``send_time``.
+
+        Messages of one link direction must be given in the order they were sent (FIFO).
+        """
+        return self.network.link(src, dst).send(send_time, nbytes)
+
+
+class EmulatedStage:
+    """A stage (layers, and the output head on the last) whose compute is a modelled sleep."""
+
+    def __init__(self, node: NodeProfile, cost, n_layers: int, is_last: bool,
+                 tokens: SyntheticTokens, return_mode: str, top_k: int, now: Callable[[], float]) -> None:
+        self.node = node
+        self.cost = cost
+        self.n_layers = n_layers
+        self.is_last = is_last
+        self.tokens = tokens
+        self.return_mode = return_mode
+        self.top_k = top_k
+        self.now = now
+        self.d_model = cost.spec.d_model
+        self.vocab_size = cost.spec.vocab_size
+
+    def apply_kv_ops(self, ops) -> None:
+        """Emulated stages hold no KV cache."""
+
+    def kv_cells(self) -> int:
+        return 0
+
+    def forward(self, msg: RunMessage, activations: np.ndarray | None,
+                should_cancel: Callable[[], bool] | None = None) -> np.ndarray | PredictionMessage | None:
+        """Sleep layer by layer; None when cancelled at a layer boundary, else activations or predictions."""
+        n_outputs = msg.n_outputs if self.is_last else 0
+        cost = self.cost.stage_cost(self.node, self.n_layers, msg.n_tokens, msg.positions[0], n_outputs)
+        start = self.now()
+        boundary = start + self.node.overhead_per_run
+        for _ in range(self.n_layers):
+            boundary += cost.per_layer
+            sleep_until(boundary, self.now)
+            if should_cancel is not None and should_cancel():
+                return None
+        sleep_until(start + cost.total, self.now)
+        if not self.is_last:
+            return np.zeros((msg.n_tokens, self.d_model), dtype=np.float32)
+        greedy = self.tokens.predictions(msg.positions[msg.output_from:])
+        return predictions_from_ids(msg.run_id, greedy, self.return_mode, self.vocab_size, self.top_k)

@@ -1,0 +1,76 @@
+"""The program every rank runs: ``mpiexec -n N python -m pipesim.executor SCENARIO ...`` (or under ``srun``).
+
+Each rank loads and checks the scenario before anything else, and the ranks agree on the outcome: a bad scenario
+(on any rank) is one error line from rank 0 and exit status 2 on every rank. Any failure later is printed as
+``rank K: ExceptionType: message`` and ends the whole job with ``MPI_Abort``, so no rank is left waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from ..scenario import ScenarioError
+from .errors import ExecutorSetupError
+from .options import add_run_arguments, load_variants
+from .output import print_result, save_traces, write_files
+from .plan import make_plan
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipesim.executor",
+        description="One rank of the pipesim executor; start it with mpiexec -n N (or srun), one rank per node.")
+    add_run_arguments(parser)
+    parser.add_argument("--ranks", type=int, help="expected number of ranks (checked against the MPI job)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    problem = None
+    try:
+        if args.ranks is not None and args.ranks != size:
+            raise ExecutorSetupError(f"--ranks {args.ranks} but the MPI job has {size} ranks")
+        variants = load_variants(args.scenario, args.set, args.strategy, args.variant, args.timeout)
+        plans = [(label, make_plan(scenario, size)) for label, scenario in variants]
+    except (ScenarioError, ExecutorSetupError, ValueError, OSError) as error:
+        problem = str(error)
+    problems = comm.allgather(problem)  # every rank checked (files may differ between hosts): all stop, or none
+    if any(p is not None for p in problems):
+        if rank == 0:
+            failing = next(k for k, p in enumerate(problems) if p is not None)
+            where = "" if failing == 0 else f"rank {failing}: "
+            print(f"pipesim run: error: {where}{problems[failing]}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        from .runtime import RankRuntime
+
+        runtime = RankRuntime(comm, MPI.Wtime)
+        runtime.sync(max(plan.executor.timeout_s for _, plan in plans))
+        saved = []
+        for index, (label, plan) in enumerate(plans):
+            result = runtime.generate(plan)
+            if rank != 0:
+                continue
+            print_result(result.metrics, label, args.json)
+            write_files(result, index, len(plans), args.trace, args.records)
+            if args.save_trace:
+                saved.append({"variant": label, "metrics": result.metrics, "trace": result.trace.to_json()})
+        if rank == 0 and args.save_trace:
+            save_traces(args.save_trace, saved)
+        return 0
+    except BaseException as error:  # noqa: BLE001 - any failure must end the whole job
+        if os.environ.get("PIPESIM_TRACEBACK"):
+            traceback.print_exc()
+        print(f"rank {rank}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        if size > 1:
+            comm.Abort(1)
+        return 1

@@ -1,0 +1,228 @@
+"""The executor's message protocol: tags and the layout of every message (numpy only, no MPI).
+
+Every message is an int64 *frame* on one tag, optionally followed by a float32 *payload* on ``tag + 1`` from the
+same sender. A frame starts with ``[send_time_ns, payload_code, payload_count]`` (send time in the head's clock,
+0/1 = no payload / float32 payload of that many elements), then the body of its kind:
+
+- ``TAG_RUN``  (head -> 1 -> ... -> last): ``[run_id, flags, n_tokens, output_from, n_seqs, n_ops,
+  tokens[n], positions[n], seq_ids[n_seqs], ops[5 * n_ops]]``; flags ``COMPUTED`` (activations
+  ``[n_tokens, d_model]`` follow as payload) and ``STOP`` (end of a generation); an op is
+  ``(kind, seq, dst, p0, p1)`` with kinds cp/rm/keep = 0/1/2 and ``p1 = -1`` for "to the end".
+- ``TAG_PRED`` (last -> head): ``[run_id, mode, n_outputs, width, ids...]``; mode logits (payload
+  ``[n_outputs, vocab]``), topk (ids ``[n_outputs, k]`` in the body, their values as payload) or ids
+  (``[n_outputs]`` greedy ids in the body, no payload).
+- ``TAG_CANCEL`` (head -> last -> ... -> 1): ``[run_ids...]``.
+
+Data messages travel on a duplicate of the world communicator; control messages outside a generation (clock
+sync, SETUP/READY, the records gathered at the end) use their own tags and plain layouts on the world one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..scheduling import KVOp, Run
+
+TAG_RUN = 11
+TAG_PRED = 13
+TAG_CANCEL = 15
+TAG_CLOCK = 21
+TAG_SETUP = 22
+TAG_READY = 23
+TAG_RECORDS = 24
+DATA_TAGS = (TAG_RUN, TAG_PRED, TAG_CANCEL)
+PAYLOAD_OFFSET = 1  # a payload travels on tag + 1
+
+FRAME_PREFIX = 3
+NO_PAYLOAD, FLOAT32_PAYLOAD = 0, 1
+
+COMPUTED = 1
+STOP = 2
+
+RETURN_MODES = ("logits", "topk", "ids")
+_OP_KINDS = ("cp", "rm", "keep")
+
+
+class ProtocolError(RuntimeError):
+    """A message that does not follow the protocol."""
+
+
+# -- frames -----------------------------------------------------------------------------------------
+
+def frame(body: np.ndarray, send_time: float, payload: np.ndarray | None) -> np.ndarray:
+    """The int64 frame of a message: prefix (send time, payload description) then the body."""
+    prefix = [int(round(send_time * 1e9)), NO_PAYLOAD if payload is None else FLOAT32_PAYLOAD,
+              0 if payload is None else int(payload.size)]
+    return np.concatenate([np.asarray(prefix, dtype=np.int64), np.asarray(body, dtype=np.int64)])
+
+
+def unframe(data: np.ndarray) -> tuple[float, int, np.ndarray]:
+    """(send time in seconds, payload element count or -1 for none, body) of a frame."""
+    if data.size < FRAME_PREFIX:
+        raise ProtocolError(f"frame of {data.size} int64 values is shorter than its {FRAME_PREFIX}-value prefix")
+    send_ns, code, count = (int(v) for v in data[:FRAME_PREFIX])
+    if code not in (NO_PAYLOAD, FLOAT32_PAYLOAD):
+        raise ProtocolError(f"unknown payload code {code}")
+    return send_ns * 1e-9, (count if code == FLOAT32_PAYLOAD else -1), data[FRAME_PREFIX:]
+
+
+# -- runs -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunMessage:
+    """What a stage needs of a run: its tokens, positions, sequences, outputs and the KV ops before it."""
+
+    run_id: int
+    tokens: tuple[int, ...]
+    positions: tuple[int, ...]
+    seq_ids: tuple[int, ...]
+    output_from: int
+    kv_ops: tuple[KVOp, ...]
+    computed: bool = True
+    stop: bool = False
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.tokens) - self.output_from
+
+    @classmethod
+    def of_run(cls, run: Run) -> RunMessage:
+        return cls(run.run_id, tuple(run.tokens), tuple(run.positions), tuple(run.seq_ids), run.output_from,
+                   tuple(run.kv_ops))
+
+    @classmethod
+    def stop_message(cls) -> RunMessage:
+        return cls(-1, (), (), (), 0, (), computed=False, stop=True)
+
+    def skipped(self) -> RunMessage:
+        """The same run, forwarded as a header only (not computed upstream)."""
+        return RunMessage(self.run_id, self.tokens, self.positions, self.seq_ids, self.output_from, self.kv_ops,
+                          computed=False, stop=self.stop)
+
+
+def encode_run(msg: RunMessage) -> np.ndarray:
+    flags = (COMPUTED if msg.computed else 0) | (STOP if msg.stop else 0)
+    ops: list[int] = []
+    for op in msg.kv_ops:
+        ops.extend((_OP_KINDS.index(op.kind), op.seq, op.dst, op.p0, -1 if op.p1 is None else op.p1))
+    head = [msg.run_id, flags, msg.n_tokens, msg.output_from, len(msg.seq_ids), len(msg.kv_ops)]
+    return np.asarray([*head, *msg.tokens, *msg.positions, *msg.seq_ids, *ops], dtype=np.int64)
+
+
+def decode_run(body: np.ndarray) -> RunMessage:
+    values = body.tolist()
+    if len(values) < 6:
+        raise ProtocolError(f"run body of {len(values)} values is shorter than its 6-value header")
+    run_id, flags, n, output_from, n_seqs, n_ops = values[:6]
+    expected = 6 + 2 * n + n_seqs + 5 * n_ops
+    if len(values) != expected:
+        raise ProtocolError(f"run {run_id}: body has {len(values)} values, its header announces {expected}")
+    at = 6
+    tokens = tuple(values[at:at + n])
+    positions = tuple(values[at + n:at + 2 * n])
+    at += 2 * n
+    seq_ids = tuple(values[at:at + n_seqs])
+    at += n_seqs
+    ops = []
+    for i in range(n_ops):
+        kind, seq, dst, p0, p1 = values[at + 5 * i:at + 5 * i + 5]
+        ops.append(KVOp(_OP_KINDS[kind], seq, dst, p0, None if p1 < 0 else p1))
+    return RunMessage(run_id, tokens, positions, seq_ids, output_from, tuple(ops),
+                      computed=bool(flags & COMPUTED), stop=bool(flags & STOP))
+
+
+# -- predictions ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PredictionMessage:
+    """Predictions of a run's output tokens, in the scenario's return mode."""
+
+    run_id: int
+    mode: str
+    n_outputs: int
+    width: int
+    ids: np.ndarray | None  # topk: [n, k] candidate ids; ids: [n] greedy ids
+    values: np.ndarray | None  # logits: [n, vocab]; topk: [n, k]
+
+    def greedy(self) -> list[int]:
+        """The head's argmax over what came back."""
+        if self.mode == "logits":
+            return [int(i) for i in np.argmax(self.values, axis=1)]
+        if self.mode == "topk":
+            best = np.argmax(self.values, axis=1)
+            return [int(self.ids[row, col]) for row, col in enumerate(best)]
+        return [int(i) for i in self.ids]
+
+    def encode(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """(int64 body, float32 payload or None)."""
+        head = [self.run_id, RETURN_MODES.index(self.mode), self.n_outputs, self.width]
+        ids = [] if self.ids is None else np.asarray(self.ids, dtype=np.int64).reshape(-1).tolist()
+        body = np.asarray(head + ids, dtype=np.int64)
+        payload = None if self.values is None else np.ascontiguousarray(self.values, dtype=np.float32).reshape(-1)
+        return body, payload
+
+
+def decode_predictions(body: np.ndarray, payload: np.ndarray | None) -> PredictionMessage:
+    if body.size < 4:
+        raise ProtocolError(f"prediction body of {body.size} values is shorter than its 4-value header")
+    run_id, mode_code, n, width = (int(v) for v in body[:4])
+    mode = RETURN_MODES[mode_code]
+    rest = body[4:]
+    if mode == "logits":
+        if payload is None or payload.size != n * width:
+            raise ProtocolError(f"run {run_id}: logits payload does not hold {n} x {width} values")
+        return PredictionMessage(run_id, mode, n, width, None, payload.reshape(n, width))
+    if mode == "topk":
+        if payload is None or payload.size != n * width or rest.size != n * width:
+            raise ProtocolError(f"run {run_id}: top-k message does not hold {n} x {width} ids and values")
+        return PredictionMessage(run_id, mode, n, width, rest.reshape(n, width), payload.reshape(n, width))
+    if rest.size != n:
+        raise ProtocolError(f"run {run_id}: ids message holds {rest.size} ids for {n} outputs")
+    return PredictionMessage(run_id, mode, n, 1, rest.copy(), None)
+
+
+def predictions_from_ids(run_id: int, ids: Sequence[int], mode: str, vocab_size: int, top_k: int) -> PredictionMessage:
+    """A message in ``mode`` whose argmax is ``ids`` (emulated compute: synthetic logits of the same size)."""
+    n = len(ids)
+    greedy = np.asarray(ids, dtype=np.int64)
+    if mode == "logits":
+        values = np.zeros((n, vocab_size), dtype=np.float32)
+        values[np.arange(n), greedy] = 1.0
+        return PredictionMessage(run_id, mode, n, vocab_size, None, values)
+    if mode == "topk":
+        k = min(top_k, vocab_size)
+        candidates = (greedy[:, None] + np.arange(k)[None, :]) % vocab_size
+        values = np.zeros((n, k), dtype=np.float32)
+        values[:, 0] = 1.0
+        return PredictionMessage(run_id, mode, n, k, candidates, values)
+    return PredictionMessage(run_id, mode, n, 1, greedy, None)
+
+
+# -- cancellations ----------------------------------------------------------------------------------
+
+def encode_cancel(run_ids: Sequence[int]) -> np.ndarray:
+    return np.asarray(list(run_ids), dtype=np.int64)
+
+
+def decode_cancel(body: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(v) for v in body)
+
+
+def describe(tag: int, body: np.ndarray, has_payload: bool) -> tuple[str, int]:
+    """(transfer note, run id) of a message, as the simulator names its transfers."""
+    if tag == TAG_RUN:
+        run_id = int(body[0])
+        stop = bool(int(body[1]) & STOP)
+        return ("stop" if stop else "activations" if has_payload else "header"), run_id
+    if tag == TAG_PRED:
+        return "predictions", int(body[0])
+    if tag == TAG_CANCEL:
+        return "cancel", -1
+    return "control", -1

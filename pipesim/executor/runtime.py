@@ -1,0 +1,271 @@
+"""One rank of an executor job: clock sync, then each generation, then the gathered trace on the head.
+
+A generation goes: the head sends each worker a SETUP (KV cache size), each worker loads its stage and answers
+READY, the head starts its clock and runs the strategy; at the end every rank drains its messages, the workers
+send their records to the head, which shifts them into its own clock and builds the trace and metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..metrics import clean_for_json, compute_metrics
+from ..scheduling import make_strategy
+from ..sim.acceptance import AcceptanceModel, OracleDraft, SyntheticTokens
+from ..trace import Record, Trace
+from .backend import StageBackend
+from .clock import Clock, sync_clocks
+from .drafts import Drafter, EmulatedRunner, FreeRunner, ReferenceTokens
+from .emulation import EmulatedStage, LinkEmulator, cost_models, node_profiles
+from .errors import ExecutorTimeout
+from .head import Head
+from .messaging import Messenger
+from .plan import Plan
+from .protocol import TAG_READY, TAG_RECORDS, TAG_SETUP
+from .worker import Worker
+
+
+@dataclass
+class GenerationResult:
+    """The measured trace of one generation and its metrics (with ``output_tokens`` and ``output_text``)."""
+
+    trace: Trace
+    metrics: dict[str, Any]
+
+
+@dataclass
+class _HeadSetup:
+    prompt: list[int]
+    backend: StageBackend
+    drafter: Drafter | None
+    reference: list[int] | None
+    tokenizer: Any
+    stop_tokens: tuple[int, ...]
+    verify_sleep: float
+
+
+def _wait_for(comm, source: int, tag: int, deadline: float, what: str, poll: float) -> None:
+    while not comm.Iprobe(source=source, tag=tag):
+        if time.monotonic() > deadline:
+            raise ExecutorTimeout(f"timed out waiting for {what} from rank {source}")
+        time.sleep(poll)
+
+
+class RankRuntime:
+    """Everything one rank keeps across the generations of a job: its clock and loaded models."""
+
+    def __init__(self, comm, wtime) -> None:
+        self.comm = comm  # control messages: clock sync, SETUP/READY, records
+        self.data_comm = comm.Dup()  # the generation's messages, so probing them never meets a control message
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        self.clock = Clock(wtime)
+        self.offsets = [0.0] * self.size
+        self._store = None
+        self._references: dict[tuple, list[int]] = {}
+
+    def sync(self, timeout_s: float) -> None:
+        """Estimate clock offsets (the head learns all, each worker its own)."""
+        offsets = sync_clocks(self.comm, self.clock, time.monotonic() + timeout_s)
+        if self.rank == 0:
+            self.offsets = offsets
+
+    def generate(self, plan: Plan) -> GenerationResult | None:
+        """Run one generation; the head returns its result, workers None."""
+        deadline = time.monotonic() + plan.executor.timeout_s
+        return self._head(plan, deadline) if self.rank == 0 else self._worker(plan, deadline)
+
+    # -- models ----------------------------------------------------------------------------------------
+    def _models(self, plan: Plan):
+        from .torch_backend import (  # real compute only: emulated ranks never load torch
+            ModelStore,
+            set_threads,
+        )
+
+        set_threads(plan.executor.threads_per_rank)
+        if self._store is None:
+            self._store = ModelStore()
+        return self._store
+
+    def _stage_backend(self, plan: Plan, capacity: int, max_seqs: int) -> StageBackend:
+        rank, n = self.rank, plan.n_ranks
+        start, end = plan.layer_ranges[rank]
+        scenario = plan.scenario
+        if plan.real:
+            from .torch_backend import TorchStage
+
+            stage = self._models(plan).stage(plan.target, start, end, rank == 0, rank == n - 1)
+            return TorchStage(stage, capacity, max_seqs, scenario.head.return_mode, scenario.head.top_k)
+        tokens = SyntheticTokens(scenario.models.target_spec().vocab_size, scenario.workload.seed)
+        return EmulatedStage(node_profiles(scenario)[rank], cost_models(scenario)[0], end - start, rank == n - 1,
+                             tokens, scenario.head.return_mode, scenario.head.top_k, self.clock.now)
+
+    # -- head ------------------------------------------------------------------------------------------
+    def _head_setup(self, plan: Plan) -> tuple[list[int], Any, Any]:
+        """The prompt, the tokenizer and (real compute) the model store, before any worker is told to load."""
+        scenario, ex = plan.scenario, plan.executor
+        if not plan.real:
+            tokens = SyntheticTokens(scenario.models.target_spec().vocab_size, scenario.workload.seed)
+            return [tokens.token(p) for p in range(scenario.workload.prompt_tokens)], None, None
+        store = self._models(plan)
+        tokenizer = store.tokenizer(plan.target)
+        if ex.prompt is not None:
+            prompt = tokenizer.encode_chat(ex.prompt) if ex.chat else tokenizer.encode(ex.prompt)
+        else:
+            tokens = SyntheticTokens(plan.target.vocab_size, scenario.workload.seed)
+            prompt = [tokens.token(p) for p in range(scenario.workload.prompt_tokens)]
+        if not prompt:
+            raise ValueError(f"executor.prompt={ex.prompt!r} encodes to no tokens")
+        return prompt, tokenizer, store
+
+    def _head_parts(self, plan: Plan, prompt: list[int], tokenizer, store, capacity: int) -> _HeadSetup:
+        scenario, ex = plan.scenario, plan.executor
+        n_generate = scenario.workload.generate_tokens
+        acc = scenario.acceptance
+        acceptance = AcceptanceModel(acc.model, acc.alpha, acc.alphas, acc.sequence, prompt_len=len(prompt),
+                                     seed=acc.seed + 7919 * scenario.workload.seed)
+        stop_tokens: tuple[int, ...] = ()
+        if ex.stop_at_eos and tokenizer is not None and tokenizer.eos_id is not None:
+            stop_tokens = (tokenizer.eos_id,)
+        if not plan.real:
+            spec = scenario.models.target_spec()
+            synthetic = SyntheticTokens(spec.vocab_size, scenario.workload.seed)
+            reference = [synthetic.token(p) for p in range(len(prompt), len(prompt) + n_generate)]
+            oracle = OracleDraft(synthetic, acceptance)
+            verify_sleep = cost_models(scenario)[2]
+        else:
+            from .torch_backend import reference_continuation
+
+            reference = None
+            truth: list[int] = []
+            if plan.oracle:
+                full = store.full_model(plan.target)
+                # a run verified at the end may check drafted tokens past the last one generated
+                margin = max(scenario.strategy.gamma, scenario.strategy.micro_batch) + 1
+                key = (plan.target.key, tuple(prompt), n_generate + margin, stop_tokens)
+                if key not in self._references:
+                    self._references[key] = reference_continuation(full, prompt, n_generate + margin,
+                                                                   stop_tokens[0] if stop_tokens else None)
+                truth = self._references[key]
+                reference = truth[:n_generate]
+                if stop_tokens and stop_tokens[0] in reference:
+                    reference = reference[:reference.index(stop_tokens[0]) + 1]
+            oracle = OracleDraft(ReferenceTokens(prompt + truth, plan.target.vocab_size), acceptance)
+            verify_sleep = 0.0
+        backend = self._stage_backend(plan, capacity, plan.max_seqs)
+        drafter = None
+        if plan.uses_draft:
+            if ex.draft == "model":
+                from .torch_backend import ModelRunner
+
+                drafter = Drafter(ModelRunner(store.full_model(plan.draft), capacity))
+            else:
+                drafter = Drafter(self._oracle_runner(plan, store, capacity), oracle)
+        return _HeadSetup(prompt, backend, drafter, reference, tokenizer, stop_tokens, verify_sleep)
+
+    def _oracle_runner(self, plan: Plan, store, capacity: int):
+        scenario, cost = plan.scenario, plan.executor.oracle_cost
+        if cost == "none":
+            return FreeRunner()
+        if cost == "model":
+            from .torch_backend import ModelRunner
+
+            return ModelRunner(store.full_model(plan.draft), capacity)
+        return EmulatedRunner(cost_models(scenario)[1], node_profiles(scenario)[0], self.clock.now)
+
+    def _head(self, plan: Plan, deadline: float) -> GenerationResult:
+        scenario, ex = plan.scenario, plan.executor
+        comm, n = self.comm, plan.n_ranks
+        poll = ex.poll_interval_s
+        prompt, tokenizer, store = self._head_setup(plan)
+        capacity = len(prompt) + scenario.workload.generate_tokens + ex.kv_headroom
+        for peer in range(1, n):
+            comm.Send(np.asarray([capacity, plan.max_seqs], dtype=np.int64), dest=peer, tag=TAG_SETUP)
+        parts = self._head_parts(plan, prompt, tokenizer, store, capacity)
+        ready = np.zeros(1, dtype=np.int64)
+        for peer in range(1, n):
+            _wait_for(comm, peer, TAG_READY, deadline, "READY (stage loaded)", poll)
+            comm.Recv(ready, source=peer, tag=TAG_READY)
+
+        records: list[Record] = []
+        link = LinkEmulator(scenario, plan.node_names) if ex.link_emulation else None
+        messenger = Messenger(self.data_comm, self.clock, plan.node_names, records, link, poll)
+        strategy = make_strategy(scenario.strategy.name, prompt, scenario.workload.generate_tokens,
+                                 scenario.strategy.params(), stop_tokens=parts.stop_tokens)
+        head = Head(strategy, n, parts.backend, parts.drafter, messenger, self.clock, records, plan.node_names[0],
+                    deadline, verify_sleep=parts.verify_sleep, fault=ex.fault_rank == 0)
+        outcome = head.run()
+        dropped = messenger.drain(deadline)
+
+        records, kv_max, kv_final, dropped = self._gather(parts.backend, records, deadline, poll, dropped)
+        # the simulator stops at Finish: work the stages still did afterwards is not part of the trace
+        after_end = sum(1 for r in records if r.t0 > outcome.t_end)
+        records = [r for r in records if r.t0 <= outcome.t_end]
+        output, reference = outcome.output_tokens, parts.reference
+        meta = {
+            "ranks": n, "layer_ranges": plan.layer_ranges, "prompt_tokens": len(prompt), "prompt": prompt,
+            "compute": ex.compute, "link_emulation": ex.link_emulation, "model": ex.model if plan.real else None,
+            "draft": ex.draft, "oracle_cost": ex.oracle_cost if ex.draft == "oracle" else None,
+            "threads_per_rank": ex.threads_per_rank, "clock_offsets": list(self.offsets),
+            "kv_capacity": capacity, "kv_max_cells": kv_max, "kv_final_cells": kv_final,
+            "max_partitions_used": outcome.max_partitions_used, "messages_dropped_at_end": dropped,
+            "records_after_end": after_end, "reference_tokens": reference,
+            "matches_reference": None if reference is None else output == reference,
+        }
+        trace = Trace(engine="measured", strategy=strategy.name, scenario=scenario.name, nodes=plan.node_names,
+                      t_start=outcome.t_start, t_end=outcome.t_end, records=records, output_tokens=output,
+                      meta=meta)
+        metrics = compute_metrics(trace)
+        metrics["output_tokens"] = list(output)
+        metrics["output_text"] = tokenizer.decode(output) if tokenizer is not None else None
+        return GenerationResult(trace, clean_for_json(metrics))
+
+    def _gather(self, backend, records: list[Record], deadline: float, poll: float, dropped: int):
+        """All ranks' records in the head's clock (sorted by start), and each stage's KV cell counts."""
+        kv_max = [getattr(backend, "max_cells", 0)]
+        kv_final = [backend.kv_cells()]
+        gathered = list(records)
+        for peer in range(1, self.size):
+            _wait_for(self.comm, peer, TAG_RECORDS, deadline, "the trace records", poll)
+            report = self.comm.recv(source=peer, tag=TAG_RECORDS)
+            shift = self.offsets[peer]
+            gathered.extend(Record(r[0], r[1] - shift, r[2] - shift, *r[3:]) for r in report["records"])
+            kv_max.append(report["kv_max_cells"])
+            kv_final.append(report["kv_final_cells"])
+            dropped += report["dropped"]
+        gathered.sort(key=lambda r: r.t0)
+        return gathered, kv_max, kv_final, dropped
+
+    # -- worker ----------------------------------------------------------------------------------------
+    def _worker(self, plan: Plan, deadline: float) -> None:
+        comm, ex = self.comm, plan.executor
+        poll = ex.poll_interval_s
+        if plan.real:  # load the stage while the head prepares (the KV cache size comes with SETUP)
+            start, end = plan.layer_ranges[self.rank]
+            self._models(plan).stage(plan.target, start, end, False, self.rank == plan.n_ranks - 1)
+        setup = np.zeros(2, dtype=np.int64)
+        _wait_for(comm, 0, TAG_SETUP, deadline, "SETUP", poll)
+        comm.Recv(setup, source=0, tag=TAG_SETUP)
+        capacity, max_seqs = (int(v) for v in setup)
+        backend = self._stage_backend(plan, capacity, max_seqs)
+        comm.Send(np.ones(1, dtype=np.int64), dest=0, tag=TAG_READY)
+
+        records: list[Record] = []
+        link = LinkEmulator(plan.scenario, plan.node_names) if ex.link_emulation else None
+        messenger = Messenger(self.data_comm, self.clock, plan.node_names, records, link, poll)
+        worker = Worker(self.rank, plan.n_ranks, backend, messenger, self.clock, records,
+                        plan.node_names[self.rank], deadline, fault=ex.fault_rank == self.rank)
+        worker.run()
+        dropped = messenger.drain(deadline)
+        report = {"records": [tuple(r) for r in records], "kv_max_cells": getattr(backend, "max_cells", 0),
+                  "kv_final_cells": backend.kv_cells(), "dropped": dropped}
+        request = comm.isend(report, dest=0, tag=TAG_RECORDS)
+        while not request.Test():
+            if time.monotonic() > deadline:
+                raise ExecutorTimeout("timed out sending the trace records to the head")
+            time.sleep(poll)
+        return None

@@ -1,0 +1,120 @@
+"""A worker rank: one target stage between the head and the next stage.
+
+Runs arrive in order from the previous rank (a header, plus activations when computed upstream). Before each run
+the stage applies the run's KV operations, even when it then skips the run. A run cancelled before it starts (or
+not computed upstream) is skipped and only its header goes on (when it carries KV operations), so later stages
+still apply them; a run cancelled while computing is aborted at the next layer boundary. Cancellations arrive
+from the next rank (the head, for the last stage), are applied at once and passed on to the previous rank, down
+to rank 1.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from ..trace import Record
+from .backend import StageBackend
+from .clock import Clock
+from .errors import InjectedFault
+from .messaging import Messenger
+from .protocol import (
+    TAG_CANCEL,
+    TAG_PRED,
+    TAG_RUN,
+    PredictionMessage,
+    ProtocolError,
+    RunMessage,
+    decode_cancel,
+    decode_run,
+    encode_cancel,
+    encode_run,
+)
+
+
+class Worker:
+    """The loop of rank ``rank`` >= 1 for one generation; ``run()`` returns at the generation's STOP."""
+
+    def __init__(self, rank: int, n_ranks: int, backend: StageBackend, messenger: Messenger, clock: Clock,
+                 records: list[Record], node_name: str, deadline: float, fault: bool = False) -> None:
+        self.rank = rank
+        self.last = rank == n_ranks - 1
+        self.backend = backend
+        self.messenger = messenger
+        self.clock = clock
+        self.records = records
+        self.name = node_name
+        self.deadline = deadline
+        self.fault = fault
+        self.queue: deque[tuple[RunMessage, np.ndarray | None]] = deque()
+        self.cancelled: set[int] = set()
+        self.current: int | None = None
+
+    def run(self) -> None:
+        while True:
+            self._pump()
+            if not self.queue:
+                self.messenger.wait(self.deadline, f"rank {self.rank}: a run or a cancellation")
+                continue
+            msg, activations = self.queue.popleft()
+            if msg.stop:
+                if not self.last:
+                    self.messenger.send(self.rank + 1, TAG_RUN, encode_run(msg))
+                return
+            self._process(msg, activations)
+
+    # -- messages --------------------------------------------------------------------------------------
+    def _pump(self) -> None:
+        self.messenger.poll()
+        while (envelope := self.messenger.take()) is not None:
+            if envelope.tag == TAG_RUN:
+                self.queue.append((decode_run(envelope.body), envelope.payload))
+            elif envelope.tag == TAG_CANCEL:
+                self._on_cancel(decode_cancel(envelope.body))
+            else:
+                raise ProtocolError(f"rank {self.rank}: unexpected tag {envelope.tag} from rank {envelope.source}")
+
+    def _on_cancel(self, run_ids: tuple[int, ...]) -> None:
+        now = self.clock.now()
+        for run_id in run_ids:
+            self.records.append(Record("cancel_seen", now, now, self.name, run_id))
+        self.cancelled.update(run_ids)
+        if self.rank > 1:
+            self.messenger.send(self.rank - 1, TAG_CANCEL, encode_cancel(run_ids))
+
+    def _should_cancel(self) -> bool:
+        self._pump()
+        return self.current in self.cancelled
+
+    # -- runs ------------------------------------------------------------------------------------------
+    def _process(self, msg: RunMessage, activations: np.ndarray | None) -> None:
+        self.backend.apply_kv_ops(msg.kv_ops)
+        if self.fault:
+            raise InjectedFault(f"injected fault at run {msg.run_id} (executor.fault_rank={self.rank})")
+        if not msg.computed or msg.run_id in self.cancelled:
+            now = self.clock.now()
+            self.records.append(Record("skip", now, now, self.name, msg.run_id, msg.n_tokens))
+            self._forward_header(msg)
+            return
+        start = self.clock.now()
+        self.current = msg.run_id
+        out = self.backend.forward(msg, activations, self._should_cancel)
+        self.current = None
+        aborted = out is None
+        note = f"stage{self.rank}:aborted" if aborted else f"stage{self.rank}"
+        self.records.append(Record("compute", start, self.clock.now(), self.name, msg.run_id, msg.n_tokens, note=note))
+        if aborted:
+            self._forward_header(msg)
+        elif self.last:
+            assert isinstance(out, PredictionMessage)
+            body, payload = out.encode()
+            self.messenger.send(0, TAG_PRED, body, payload)
+        else:
+            self.messenger.send(self.rank + 1, TAG_RUN, encode_run(msg), out)
+
+    def _forward_header(self, msg: RunMessage) -> None:
+        """A run not computed here goes on as a header only, and only if it carries KV operations (as in the
+        simulator: later stages have nothing else to do with it)."""
+        if not self.last and msg.kv_ops:
+            self.messenger.send(self.rank + 1, TAG_RUN, encode_run(msg.skipped()))
