@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", action="store_true", help="print one JSON object with the metrics")
     sim.set_defaults(func=_cmd_simulate)
 
-    for module in ("pipesim.models.commands", "pipesim.executor.commands", "pipesim.reports.commands"):
+    for module in ("pipesim.models.commands", "pipesim.executor.commands", "pipesim.reports.commands",
+                   "pipesim.calibration.calibrate", "pipesim.calibration.validate"):
         try:
             register = __import__(module, fromlist=["register"]).register
         except ImportError:

@@ -131,6 +131,9 @@ class NetworkConfig(_Strict):
     bandwidth: Bandwidth = Field(description="link bandwidth, e.g. 1Gbit/s")
     latency: Duration = Field(0.0, description="one-way message latency, e.g. 50us")
     links: list[LinkOverride] = Field(default_factory=list)
+    profile_links: Literal["add", "ignore"] = Field(
+        "add", description="with cluster.profile: add the profile's measured transport costs (MPI, polling) to "
+                           "every link, or ignore them")
 
 
 class PlacementConfig(_Strict):

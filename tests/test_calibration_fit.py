@@ -83,6 +83,7 @@ def test_profile_round_trip_and_drives_the_simulator(tmp_path):
     loaded = HardwareProfile.load(path)
     assert loaded.nodes["n2"].host == "host2" and loaded.links["n0->n1"].bandwidth == 1e9
     scenario = load_scenario("pipesim/data/default.yaml", [f"cluster.profile={path}", "strategy.name=iterative",
+                                                             "network.profile_links=ignore",
                                                              "workload.generate_tokens=20"])
     engine = SimulationEngine(scenario)
     metrics = compute_metrics(engine.run())

@@ -98,7 +98,16 @@ class SimulationEngine:
         self.payloads = Payloads(target.d_model, target.vocab_size, scenario.models.activation_bytes,
                                  scenario.head.return_mode, scenario.head.top_k)
         overrides = {frozenset(link.between): (link.bandwidth, link.latency) for link in scenario.network.links}
-        self.network = Network(self.node_names, scenario.network.bandwidth, scenario.network.latency, overrides)
+        transport = None
+        if self.profile is not None and scenario.network.profile_links == "add":
+            index = {name: i for i, name in enumerate(self.node_names)}
+            transport = {}
+            for key, link in self.profile.links.items():
+                src, _, dst = key.partition("->")
+                if src in index and dst in index:
+                    transport[(index[src], index[dst])] = (link.latency, link.bandwidth)
+        self.network = Network(self.node_names, scenario.network.bandwidth, scenario.network.latency, overrides,
+                               transport)
         workload = scenario.workload
         self.tokens = SyntheticTokens(target.vocab_size, workload.seed)
         acc = scenario.acceptance

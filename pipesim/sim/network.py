@@ -26,11 +26,19 @@ class Network:
     """Point-to-point links between nodes, created on first use with per-pair overrides."""
 
     def __init__(self, node_names: list[str], bandwidth: float, latency: float,
-                 overrides: dict[frozenset[int], tuple[float | None, float | None]] | None = None) -> None:
+                 overrides: dict[frozenset[int], tuple[float | None, float | None]] | None = None,
+                 transport: dict[tuple[int, int], tuple[float, float]] | None = None) -> None:
+        """``transport``: per directed pair, (latency, bandwidth) of the messaging layer itself, added in series
+        to the link (latencies add, and so do the per-byte times); pairs not listed get the median of those."""
         self.node_names = node_names
         self.bandwidth = bandwidth
         self.latency = latency
         self.overrides = overrides or {}
+        self.transport = transport or {}
+        if self.transport:
+            latencies = sorted(t[0] for t in self.transport.values())
+            per_byte = sorted(1.0 / t[1] for t in self.transport.values())
+            self._default_transport = (latencies[len(latencies) // 2], per_byte[len(per_byte) // 2])
         self._links: dict[tuple[int, int], LinkDirection] = {}
 
     def link(self, src: int, dst: int) -> LinkDirection:
@@ -38,9 +46,14 @@ class Network:
         link = self._links.get(key)
         if link is None:
             bandwidth, latency = self.overrides.get(frozenset(key), (None, None))
-            link = LinkDirection(f"{self.node_names[src]}->{self.node_names[dst]}",
-                                 bandwidth if bandwidth is not None else self.bandwidth,
-                                 latency if latency is not None else self.latency)
+            bandwidth = bandwidth if bandwidth is not None else self.bandwidth
+            latency = latency if latency is not None else self.latency
+            if self.transport:
+                extra = self.transport.get(key) or self.transport.get((dst, src))
+                extra_latency, extra_per_byte = (extra[0], 1.0 / extra[1]) if extra else self._default_transport
+                latency += extra_latency
+                bandwidth = 1.0 / (1.0 / bandwidth + extra_per_byte)
+            link = LinkDirection(f"{self.node_names[src]}->{self.node_names[dst]}", bandwidth, latency)
             self._links[key] = link
         return link
 

@@ -1,0 +1,173 @@
+"""``pipesim calibrate``: run the probe on the executor's ranks, fit the cost model, write a hardware profile.
+
+The fitted forms (see ``fit.py``): per node, stage time = o + L·(a + b·n + d·n·c) [+ h0 + h1·m on the last
+stage], chosen because each term is a physical cost (per-run overhead, weights read per layer, per-token matrix
+work, attention over the cache, the output head) and the form stays linear in its coefficients; per link,
+latency + bytes/bandwidth; the draft, a + b·n + d·n·c per forward; the head, the median time to sample one run's
+predictions. A short measured iterative generation then shows what the microbenchmarks miss (messaging,
+scheduling, Python): that residual per token is spread over the nodes as per-run overhead.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..scenario import ScenarioError, load_scenario
+from .fit import DraftSample, LinkSample, StageSample, fit_draft, fit_link, fit_stage
+from .profile import HardwareProfile, LinkCoefficients, NodeCoefficients
+
+
+def probe_command(mpiexec: str, ranks: int, scenario: str, raw: Path, sets: Sequence[str], repeats: int,
+                  hostfile: str | None = None, extra: Sequence[str] = ()) -> list[str]:
+    command = [mpiexec, "-n", str(ranks)]
+    if hostfile:
+        command += ["-f", hostfile]
+    command += [sys.executable, "-m", "pipesim.calibration.probe", scenario, "--out", str(raw),
+                "--repeats", str(repeats), *extra]
+    for assignment in sets:
+        command += ["--set", assignment]
+    return command
+
+
+def fit_profile(raw: dict[str, Any], command: str = "") -> tuple[HardwareProfile, dict[str, Any]]:
+    """Fit a hardware profile from the probe's raw samples; also returns fit-quality figures."""
+    nodes: dict[str, NodeCoefficients] = {}
+    links: dict[str, LinkCoefficients] = {}
+    quality: dict[str, Any] = {"stage": {}, "links": {}}
+    verify_overhead = 0.0
+    for report in raw["ranks"]:
+        stage = fit_stage([StageSample(**s) for s in report["stage"]])
+        coefficients = NodeCoefficients(stage.overhead, stage.layer_fixed, stage.layer_per_token,
+                                        stage.layer_per_token_context, stage.head_fixed, stage.head_per_output,
+                                        host=report["host"])
+        quality["stage"][report["node"]] = vars(stage.quality)
+        if report.get("draft"):
+            draft = fit_draft([DraftSample(**s) for s in report["draft"]])
+            coefficients.draft_fixed = draft.fixed
+            coefficients.draft_per_token = draft.per_token
+            coefficients.draft_per_token_context = draft.per_token_context
+            quality["draft"] = vars(draft.quality)
+        elif report["rank"] == 0:
+            coefficients.draft_fixed = coefficients.draft_per_token = coefficients.draft_per_token_context = 0.0
+        if report.get("sampling"):
+            verify_overhead = statistics.median(s["seconds"] for s in report["sampling"][:2])
+        nodes[report["node"]] = coefficients
+        for name, samples in report["links"].items():
+            link = fit_link([LinkSample(**s) for s in samples])
+            links[name] = LinkCoefficients(link.latency, link.bandwidth)
+            quality["links"][name] = vars(link.quality)
+    meta = {"command": command, "scenario": raw["scenario"], "sets": raw["sets"], "n_ranks": raw["n_ranks"],
+            "compute": "real" if raw["real"] else "emulated", "threads_per_rank": raw["threads_per_rank"],
+            "hosts": {r["node"]: r["host"] for r in raw["ranks"]},
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "form": "stage = o + L*(a + b*n + d*n*c) [+ h0 + h1*m]; link = latency + bytes/bandwidth; "
+                    "draft = a + b*n + d*n*c"}
+    model = raw.get("model") or "emulated"
+    return HardwareProfile(model, nodes, links, verify_overhead, meta), quality
+
+
+def add_residual_overhead(profile: HardwareProfile, raw: dict[str, Any], path: Path) -> dict[str, float]:
+    """Compare the measured iterative generation with the simulator on the provisional profile; spread the
+    residual time per token over the nodes as per-run overhead. Returns the before/after figures."""
+    from ..metrics import compute_metrics
+    from ..sim import simulate
+
+    measured = raw.get("iterative")
+    if not measured:
+        return {}
+    tokens = measured["metrics"]["generated_tokens"]
+    sets = [*raw["sets"], "strategy.name=iterative", f"workload.generate_tokens={tokens}",
+            "executor.link_emulation=false", "network.bandwidth=1000TB/s", "network.latency=0",
+            f"cluster.profile={path}"]
+    predicted = compute_metrics(simulate(load_scenario(raw["scenario"], sets)))["tokens_per_s"]
+    actual = measured["metrics"]["tokens_per_s"]
+    residual = 1.0 / actual - 1.0 / predicted
+    if residual > 0:
+        for node in profile.nodes.values():
+            node.overhead += residual / len(profile.nodes)
+    profile.save(path)
+    after = compute_metrics(simulate(load_scenario(raw["scenario"], sets)))["tokens_per_s"]
+    return {"measured_tokens_per_s": actual, "predicted_before": predicted, "predicted_after": after,
+            "residual_per_token_s": residual}
+
+
+def calibrate(scenario: str, ranks: int, out: Path, sets: Sequence[str] = (), repeats: int = 5,
+              hostfile: str | None = None, raw_in: Path | None = None, timeout: float = 1800,
+              probe_args: Sequence[str] = ()) -> tuple[HardwareProfile, dict[str, Any]]:
+    """Probe (unless ``raw_in`` holds samples from a cluster launcher), fit, and save the profile to ``out``."""
+    load_scenario(scenario, list(sets))  # one clear error line before anything starts
+    from ..executor.launcher import find_mpiexec
+
+    command = ""
+    if raw_in is None:
+        raw_path = out.with_suffix(".raw.json")
+        cmd = probe_command(find_mpiexec(), ranks, scenario, raw_path, sets, repeats, hostfile, probe_args)
+        command = shlex.join(cmd)
+        try:
+            result = subprocess.run(cmd, timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise ScenarioError(f"calibration probe did not finish in {timeout:.0f} s") from None
+        if result.returncode != 0:
+            raise ScenarioError(f"calibration probe failed (exit {result.returncode})")
+    else:
+        raw_path = raw_in
+    raw = json.loads(Path(raw_path).read_text())
+    profile, quality = fit_profile(raw, command)
+    profile.meta["cli"] = "pipesim calibrate " + shlex.join(
+        [scenario, "--ranks", str(ranks), "--out", str(out), *[f"--set={s}" for s in sets]])
+    profile.save(out)
+    residual = add_residual_overhead(profile, raw, out)
+    profile.meta["iterative_check"] = residual
+    profile.meta["fit_quality"] = quality
+    profile.save(out)
+    return profile, quality
+
+
+def _cmd_calibrate(args) -> int:
+    out = Path(args.out)
+    profile, quality = calibrate(args.scenario, args.ranks, out, args.set, args.repeats, args.hostfile,
+                                 Path(args.from_raw) if args.from_raw else None, args.timeout,
+                                 ["--iterative-tokens", str(args.iterative_tokens)])
+    print(f"hardware profile written to {out} ({len(profile.nodes)} nodes, {len(profile.links)} links)")
+    for name, q in quality["stage"].items():
+        node = profile.nodes[name]
+        print(f"  {name} ({node.host}): per layer {node.layer_fixed * 1e3:.3f} ms + {node.layer_per_token * 1e3:.3f} "
+              f"ms/token + {node.layer_per_token_context * 1e6:.3f} us/token/position; head "
+              f"{node.head_fixed * 1e3:.2f} + {node.head_per_output * 1e3:.2f} ms/output; overhead "
+              f"{node.overhead * 1e3:.2f} ms/run; fit median error {q['median_rel_error']:.1%}")
+    for name, link in profile.links.items():
+        print(f"  {name}: latency {link.latency * 1e6:.1f} us, bandwidth {link.bandwidth * 8 / 1e9:.2f} Gbit/s")
+    check = profile.meta.get("iterative_check") or {}
+    if check:
+        print(f"  iterative check: measured {check['measured_tokens_per_s']:.2f} tok/s, simulated "
+              f"{check['predicted_before']:.2f} from microbenchmarks, {check['predicted_after']:.2f} after the "
+              f"per-run overhead of {check['residual_per_token_s'] * 1e3:.2f} ms/token")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "calibrate", help="measure the executor's ranks and fit a hardware profile for the simulator",
+        description="Microbenchmark every rank (stage compute over tokens x context, ping-pong over message sizes, "
+                    "sampling, draft steps), fit the simulator's cost model and write a hardware profile. On a "
+                    "cluster: --hostfile for mpiexec, or run `srun python -m pipesim.calibration.probe SCENARIO "
+                    "--out raw.json` yourself and fit it with --from-raw raw.json.")
+    parser.add_argument("scenario", help="scenario YAML (its executor section picks the model and compute mode)")
+    parser.add_argument("--ranks", type=int, default=2, help="number of ranks = cluster.count (default 2)")
+    parser.add_argument("--out", required=True, metavar="PROFILE.yaml", help="where to write the profile")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a scenario field")
+    parser.add_argument("--repeats", type=int, default=5, help="repetitions per grid point (medians)")
+    parser.add_argument("--hostfile", help="host file passed to mpiexec (-f) on a cluster")
+    parser.add_argument("--from-raw", metavar="RAW.json", help="fit samples a launcher already collected")
+    parser.add_argument("--iterative-tokens", type=int, default=32,
+                        help="tokens of the measured iterative generation used for the per-run overhead")
+    parser.add_argument("--timeout", type=float, default=1800, help="bound on the probe job, seconds")
+    parser.set_defaults(func=_cmd_calibrate)

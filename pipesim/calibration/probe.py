@@ -1,0 +1,284 @@
+"""Microbenchmarks on the executor's own ranks (run under mpiexec or srun, one rank per node).
+
+Every rank times its own pipeline stage over a grid of (tokens in the run, context length), built exactly as the
+executor builds it (real torch layers, or emulated sleeps); the last rank also times its stage with the output
+head; the head times greedy sampling of returned predictions and the draft's steps; every pair of neighbouring
+ranks (the ring the pipeline uses) plays message ping-pong over several sizes with the executor's polling.
+Finally a short iterative generation is measured, so the front end can attribute what the microbenchmarks
+miss (messaging, scheduling) to a per-run overhead. Rank 0 writes all raw samples as JSON.
+
+    mpiexec -n N python -m pipesim.calibration.probe SCENARIO --out raw.json [--set ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_TOKENS = (1, 2, 4, 8, 16)
+DEFAULT_CONTEXTS = (0, 64, 192, 448)
+LINK_SIZES = (64, 4096, 65536, 524288, 2097152)
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# -- stages ------------------------------------------------------------------------------------------
+
+def _real_stage_samples(plan, rank: int, tokens: Sequence[int], contexts: Sequence[int],
+                        repeats: int) -> list[dict]:
+    import torch
+
+    from ..executor.torch_backend import ModelStore, set_threads
+
+    set_threads(plan.executor.threads_per_rank)
+    store = ModelStore()
+    start, end = plan.layer_ranges[rank]
+    last = rank == plan.n_ranks - 1
+    variants = [(store.stage(plan.target, start, end, rank == 0, False), 0)]
+    if last:
+        variants.append((store.stage(plan.target, start, end, rank == 0, True), 1))
+    samples = []
+    capacity = max(contexts) + max(tokens) + 8
+    generator = torch.Generator().manual_seed(1234 + rank)
+    for stage, with_head in variants:
+        kv = stage.make_kv_cache(capacity, 1)
+        d_model = stage.config.d_model
+        vocab = stage.config.vocab_size
+        filled = 0
+        for context in sorted(contexts):
+            while filled < context:  # grow the cached context (untimed), in chunks
+                chunk = min(64, context - filled)
+                _forward(stage, kv, filled, chunk, d_model, vocab, generator)
+                filled += chunk
+            for n in tokens:
+                def run(n=n, context=context):
+                    _forward(stage, kv, context, n, d_model, vocab, generator)
+                    kv.seq_rm(0, context)
+                run()  # warm-up
+                seconds = _median_time(run, repeats)
+                samples.append({"n_layers": end - start, "n_tokens": n, "context": context,
+                                "n_outputs": n if with_head else 0, "seconds": seconds})
+    return samples
+
+
+def _forward(stage, kv, position: int, n: int, d_model: int, vocab: int, generator) -> None:
+    import torch
+
+    if stage.has_embedding:
+        inputs = torch.randint(0, vocab, (n,), generator=generator)
+    else:
+        inputs = torch.randn((n, d_model), generator=generator)
+    positions = torch.arange(position, position + n, dtype=torch.int64)
+    stage(inputs, positions, torch.ones((n, 1), dtype=torch.bool), kv)
+
+
+def _emulated_stage_samples(plan, rank: int, clock_now, tokens: Sequence[int], contexts: Sequence[int],
+                            repeats: int) -> list[dict]:
+    from ..executor.emulation import EmulatedStage, cost_models, node_profiles
+    from ..executor.protocol import RunMessage
+    from ..sim.acceptance import SyntheticTokens
+
+    scenario = plan.scenario
+    start, end = plan.layer_ranges[rank]
+    last = rank == plan.n_ranks - 1
+    synthetic = SyntheticTokens(scenario.models.target_spec().vocab_size, scenario.workload.seed)
+    stage = EmulatedStage(node_profiles(scenario)[rank], cost_models(scenario)[0], end - start, last, synthetic,
+                          scenario.head.return_mode, scenario.head.top_k, clock_now)
+    samples = []
+    for context in contexts:
+        for n in tokens:
+            message = RunMessage(1, tuple([1] * n), tuple(range(context, context + n)), (0,), 0, ())
+            seconds = _median_time(lambda m=message: stage.forward(m, None), repeats)
+            samples.append({"n_layers": end - start, "n_tokens": n, "context": context,
+                            "n_outputs": n if last else 0, "seconds": seconds})
+    return samples
+
+
+# -- head ----------------------------------------------------------------------------------------------
+
+def _sampling_samples(vocab: int, repeats: int) -> list[dict]:
+    """Greedy sampling of returned logits (what the head does with every returned run)."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for m in (1, 2, 4, 8):
+        logits = rng.standard_normal((m, vocab)).astype(np.float32)
+        seconds = _median_time(lambda x=logits: [int(v) for v in x.argmax(axis=1)], repeats * 4)
+        samples.append({"n_outputs": m, "seconds": seconds})
+    return samples
+
+
+def _draft_samples(plan, clock_now, repeats: int) -> list[dict]:
+    """Draft steps as the executor's head runs them (emulated sleeps, a real draft model, or free)."""
+    scenario, ex = plan.scenario, plan.executor
+    if scenario.models.draft is None and ex.draft_model is None:
+        return []
+    capacity = 1024
+    if ex.draft == "model" or ex.oracle_cost == "model":
+        if plan.draft is None:
+            return []
+        from ..executor.torch_backend import ModelRunner, ModelStore
+
+        runner = ModelRunner(ModelStore().full_model(plan.draft), capacity)
+        vocab = plan.draft.vocab_size
+    elif ex.oracle_cost == "emulated":
+        from ..executor.drafts import EmulatedRunner
+        from ..executor.emulation import cost_models, node_profiles
+
+        draft_cost = cost_models(scenario)[1]
+        if draft_cost is None:
+            return []
+        runner = EmulatedRunner(draft_cost, node_profiles(scenario)[0], clock_now)
+        vocab = scenario.models.draft_spec().vocab_size
+    else:
+        return []
+    samples = []
+    rng = np.random.default_rng(1)
+    for context in (1, 64, 256):
+        for n in (1, 4, 16):
+            base = [int(t) for t in rng.integers(0, vocab, context)]
+            runner.rewind(base + [0])
+            runner.feed(base[len(runner.cached):] or base[-1:])
+
+            def step(n=n, base=base):
+                runner.rewind(base + [0])
+                runner.feed([int(t) for t in rng.integers(0, vocab, n)])
+
+            seconds = _median_time(step, repeats)
+            samples.append({"n_tokens": n, "context": context, "seconds": seconds})
+    return samples
+
+
+# -- links ---------------------------------------------------------------------------------------------
+
+def _ping_pong(comm, rank: int, a: int, b: int, poll: float, repeats: int) -> list[dict]:
+    """One-way times between ranks a and b (half the round trip), receivers polling as the executor does."""
+    samples = []
+    for size in LINK_SIZES:
+        buffer = np.zeros(size, dtype=np.uint8)
+        times = []
+        for _ in range(repeats):
+            comm.Barrier()
+            if rank == a:
+                start = time.perf_counter()
+                comm.Send(buffer, dest=b, tag=77)
+                _poll_recv(comm, buffer, b, poll)
+                times.append((time.perf_counter() - start) / 2)
+            elif rank == b:
+                _poll_recv(comm, buffer, a, poll)
+                comm.Send(buffer, dest=a, tag=77)
+        if rank == a:
+            samples.append({"nbytes": size, "seconds": statistics.median(times)})
+    return samples
+
+
+def _poll_recv(comm, buffer, source: int, poll: float) -> None:
+    deadline = time.monotonic() + 60
+    while not comm.Iprobe(source=source, tag=77):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"ping-pong: nothing from rank {source} in 60 s")
+        time.sleep(poll)
+    comm.Recv(buffer, source=source, tag=77)
+
+
+# -- main ----------------------------------------------------------------------------------------------
+
+def run_probe(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipesim.calibration.probe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("scenario")
+    parser.add_argument("--out", required=True, help="raw samples JSON (written by rank 0)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tokens", default=",".join(map(str, DEFAULT_TOKENS)))
+    parser.add_argument("--contexts", default=",".join(map(str, DEFAULT_CONTEXTS)))
+    parser.add_argument("--iterative-tokens", type=int, default=32,
+                        help="tokens of the measured iterative generation (0: skip it)")
+    args = parser.parse_args(argv)
+    from mpi4py import MPI
+
+    from ..executor.plan import make_plan
+    from ..scenario import ScenarioError, load_scenario
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    problem = None
+    try:
+        scenario = load_scenario(args.scenario, [*args.set, "strategy.name=iterative"])
+        plan = make_plan(scenario, size)
+        tokens = [int(t) for t in args.tokens.split(",")]
+        contexts = [int(c) for c in args.contexts.split(",")]
+    except (ScenarioError, ValueError, OSError) as error:
+        problem = str(error)
+    problems = comm.allgather(problem)
+    if any(problems):
+        if rank == 0:
+            print(f"pipesim calibrate: error: {next(p for p in problems if p)}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        clock_now = MPI.Wtime
+        if plan.real:
+            stage = _real_stage_samples(plan, rank, tokens, contexts, args.repeats)
+        else:
+            stage = _emulated_stage_samples(plan, rank, clock_now, tokens, contexts, args.repeats)
+        head: dict[str, Any] = {}
+        if rank == 0:
+            vocab = plan.target.vocab_size if plan.real else scenario.models.target_spec().vocab_size
+            head = {"sampling": _sampling_samples(vocab, args.repeats),
+                    "draft": _draft_samples(plan, clock_now, args.repeats)}
+        links: dict[str, list[dict]] = {}
+        poll = plan.executor.poll_interval_s
+        for a in range(size):
+            b = (a + 1) % size
+            if a == b:
+                continue
+            samples = _ping_pong(comm, rank, a, b, poll, max(args.repeats, 5))
+            if rank == a:
+                links[f"{plan.node_names[a]}->{plan.node_names[b]}"] = samples
+        report = {"rank": rank, "node": plan.node_names[rank], "host": MPI.Get_processor_name(),
+                  "stage": stage, "links": links, **head}
+        reports = comm.gather(report, root=0)
+        measured = None
+        if args.iterative_tokens > 0:
+            from ..executor.runtime import RankRuntime
+
+            iterative = load_scenario(args.scenario, [*args.set, "strategy.name=iterative",
+                                                      "executor.link_emulation=false",
+                                                      f"workload.generate_tokens={args.iterative_tokens}"])
+            runtime = RankRuntime(comm, MPI.Wtime)
+            runtime.sync(plan.executor.timeout_s)
+            result = runtime.generate(make_plan(iterative, size))
+            if rank == 0:
+                measured = {"metrics": result.metrics, "trace": result.trace.to_json()}
+        if rank == 0:
+            raw = {"format": "pipesim-calibration-raw/1", "scenario": str(args.scenario), "sets": args.set,
+                   "n_ranks": size, "real": plan.real, "model": plan.executor.model if plan.real else None,
+                   "threads_per_rank": plan.executor.threads_per_rank, "repeats": args.repeats,
+                   "ranks": reports, "iterative": measured}
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(raw))
+        return 0
+    except BaseException as error:  # noqa: BLE001 - a failing rank must end the job
+        print(f"rank {rank}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        traceback.print_exc(file=sys.stderr)
+        comm.Abort(1)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(run_probe())
