@@ -67,7 +67,7 @@ def _real_stage_samples(plan, rank: int, tokens: Sequence[int], contexts: Sequen
                 _forward(stage, kv, filled, chunk, d_model, vocab, generator)
                 filled += chunk
             for n in tokens:
-                def run(n=n, context=context):
+                def run(n=n, context=context, stage=stage, kv=kv, d_model=d_model, vocab=vocab):
                     _forward(stage, kv, context, n, d_model, vocab, generator)
                     kv.seq_rm(0, context)
                 run()  # warm-up

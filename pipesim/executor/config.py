@@ -14,7 +14,9 @@ class ExecutorConfig(BaseModel):
 
     model: str = Field("tiny-llama", description="target: 'tiny-llama' (random weights, 'tiny-llama@SEED' for "
                                                  "another seed), 'smollm2' (fetched GGUF), or a .gguf path")
-    draft: Literal["oracle", "model"] = Field("oracle", description="oracle draft with acceptance.alpha, or a model")
+    draft: Literal["oracle", "model"] = Field(
+        "oracle", description="oracle draft with acceptance.alpha (pipespec: each level right with its "
+                              "chain_alphas accuracy), or a model (pipespec: executor.chain_models)")
     draft_model: str | None = Field(None, description="draft model for draft=model, or the model whose real compute "
                                                       "stands in for the oracle's cost (oracle_cost=model)")
     oracle_cost: Literal["emulated", "model", "none"] = Field(
@@ -31,3 +33,13 @@ class ExecutorConfig(BaseModel):
                                                       "every wait is bounded by it")
     fault_rank: int | None = Field(None, ge=0, description="testing: this rank raises when its first run arrives")
     seed: int = Field(0, description="seed of random tiny-model weights (a tiny draft model uses seed + 1)")
+    early_exit: Literal["real", "oracle"] | None = Field(
+        None, description="speed: the early prediction from the model's own final norm + head applied after the "
+                          "exit layer (real), or the reference token with probability acceptance.alpha (oracle); "
+                          "default: real for GGUF models, oracle for tiny models and emulated compute")
+    exit_adapter: str | None = Field(
+        None, description="speed, early_exit=real: a trained ExitAdapter file, or 'shipped' for the one that "
+                          "ships for the exit layer (pipesim/data/exit_adapters); default: the plain early exit")
+    chain_models: list[str] | None = Field(
+        None, description="pipespec, real compute: weights of the draft models of models.chain, smallest first "
+                          "(e.g. [tiny-llama@1, tiny-llama@2]); executor.model is the target")

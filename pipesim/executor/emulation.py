@@ -79,8 +79,10 @@ class EmulatedStage:
     """A stage (layers, and the output head on the last) whose compute is a modelled sleep."""
 
     def __init__(self, node: NodeProfile, cost, n_layers: int, is_last: bool,
-                 tokens: SyntheticTokens, return_mode: str, top_k: int, now: Callable[[], float]) -> None:
+                 tokens: SyntheticTokens, return_mode: str, top_k: int, now: Callable[[], float],
+                 layer_start: int = 0) -> None:
         self.node = node
+        self.layer_start = layer_start
         self.cost = cost
         self.n_layers = n_layers
         self.is_last = is_last
@@ -98,18 +100,31 @@ class EmulatedStage:
         return 0
 
     def forward(self, msg: RunMessage, activations: np.ndarray | None,
-                should_cancel: Callable[[], bool] | None = None) -> np.ndarray | PredictionMessage | None:
-        """Sleep layer by layer; None when cancelled at a layer boundary, else activations or predictions."""
+                should_cancel: Callable[[], bool] | None = None,
+                on_exit: Callable[[int, float], None] | None = None) -> np.ndarray | PredictionMessage | None:
+        """Sleep layer by layer; None when cancelled at a layer boundary, else activations or predictions.
+
+        SPEED: after the run's exit layer (if here) it sleeps for the exit head on one token (as the simulator
+        charges it) and calls ``on_exit(-1, seconds)``: the head's oracle decides the token."""
         n_outputs = msg.n_outputs if self.is_last else 0
         cost = self.cost.stage_cost(self.node, self.n_layers, msg.n_tokens, msg.positions[0], n_outputs)
         start = self.now()
         boundary = start + self.node.overhead_per_run
-        for _ in range(self.n_layers):
+        exit_at = -1
+        if on_exit is not None and msg.exit_layer is not None:
+            exit_at = msg.exit_layer - self.layer_start
+        extra = 0.0
+        for j in range(self.n_layers):
             boundary += cost.per_layer
             sleep_until(boundary, self.now)
+            if j == exit_at:
+                extra = self.cost.output_head_time(self.node, 1)
+                boundary += extra
+                sleep_until(boundary, self.now)
+                on_exit(-1, extra)
             if should_cancel is not None and should_cancel():
                 return None
-        sleep_until(start + cost.total, self.now)
+        sleep_until(start + cost.total + extra, self.now)
         if not self.is_last:
             return np.zeros((msg.n_tokens, self.d_model), dtype=np.float32)
         greedy = self.tokens.predictions(msg.positions[msg.output_from:])

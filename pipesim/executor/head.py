@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..scheduling import (
@@ -31,11 +32,14 @@ from .errors import ExecutorTimeout, InjectedFault
 from .messaging import Messenger
 from .protocol import (
     TAG_CANCEL,
+    TAG_EARLY,
     TAG_PRED,
     TAG_RUN,
+    EarlyExitMessage,
     PredictionMessage,
     ProtocolError,
     RunMessage,
+    decode_early_exit,
     decode_predictions,
     encode_cancel,
     encode_run,
@@ -57,7 +61,8 @@ class Head:
 
     def __init__(self, strategy: Strategy, n_ranks: int, backend: StageBackend, drafter: Drafter | None,
                  messenger: Messenger, clock: Clock, records: list[Record], node_name: str, deadline: float,
-                 verify_sleep: float = 0.0, fault: bool = False) -> None:
+                 verify_sleep: float = 0.0, fault: bool = False,
+                 early_oracle: Callable[[int], int] | None = None) -> None:
         self.strategy = strategy
         self.n_ranks = n_ranks
         self.backend = backend
@@ -69,7 +74,8 @@ class Head:
         self.deadline = deadline
         self.verify_sleep = verify_sleep
         self.fault = fault
-        self.inbox: deque[PredictionMessage] = deque()
+        self.early_oracle = early_oracle  # SPEED: the oracle's early prediction for a position
+        self.inbox: deque[PredictionMessage | EarlyExitMessage] = deque()
         self.launch_queue: deque[Run] = deque()
         self.cancelled: set[int] = set()
         self.awaiting: set[int] = set()  # runs sent down the pipeline whose predictions are still wanted
@@ -87,7 +93,11 @@ class Head:
                 raise ExecutorTimeout(f"generation did not finish in time ({len(self.output)} tokens so far)")
             self._pump()
             if self.inbox:
-                self._on_predictions(self.inbox.popleft())
+                message = self.inbox.popleft()
+                if isinstance(message, EarlyExitMessage):
+                    self._on_early_exit(message)
+                else:
+                    self._on_predictions(message)
             elif self.launch_queue:
                 self._launch(self.launch_queue.popleft())
             elif self.draft_task is not None:
@@ -141,9 +151,21 @@ class Head:
     def _pump(self) -> None:
         self.messenger.poll()
         while (envelope := self.messenger.take()) is not None:
-            if envelope.tag != TAG_PRED:
+            if envelope.tag == TAG_PRED:
+                self.inbox.append(decode_predictions(envelope.body, envelope.payload))
+            elif envelope.tag == TAG_EARLY:
+                self.inbox.append(decode_early_exit(envelope.body))
+            else:
                 raise ProtocolError(f"head: unexpected tag {envelope.tag} from rank {envelope.source}")
-            self.inbox.append(decode_predictions(envelope.body, envelope.payload))
+
+    def _on_early_exit(self, message: EarlyExitMessage) -> None:
+        """SPEED: an early prediction (from a stage's real exit head, or -1: the oracle decides here)."""
+        token = message.token
+        if token < 0:
+            if self.early_oracle is None:
+                raise RuntimeError("an early exit asks the head's oracle, but none is configured")
+            token = self.early_oracle(message.position)
+        self._execute(self.strategy.on_early_exit(message.run_id, token))
 
     def _on_predictions(self, message: PredictionMessage) -> None:
         start = self.clock.now()
@@ -171,7 +193,7 @@ class Head:
                 self.messenger.send(1, TAG_RUN, encode_run(msg.skipped()))
             return
         start = self.clock.now()
-        out = self.backend.forward(msg, None, self._keep_alive)
+        out = self.backend.forward(msg, None, self._keep_alive, self._exit_to_inbox(msg))
         self.records.append(Record("compute", start, self.clock.now(), self.name, run.run_id, run.n_tokens,
                                    note="stage0"))
         if self.n_ranks == 1:
@@ -179,6 +201,19 @@ class Head:
         else:
             self.messenger.send(1, TAG_RUN, encode_run(msg), out)
             self.awaiting.add(run.run_id)
+
+    def _exit_to_inbox(self, msg: RunMessage):
+        """SPEED with the exit layer on the head's own stage: the early prediction goes to its own inbox."""
+        if msg.exit_layer is None:
+            return None
+
+        def on_exit(token: int, seconds: float) -> None:
+            now = self.clock.now()
+            self.records.append(Record("compute", now - seconds, now, self.name, msg.run_id, 1,
+                                       note=f"exit{msg.exit_layer}"))
+            self.inbox.append(EarlyExitMessage(msg.run_id, msg.positions[-1] + 1, token))
+
+        return on_exit
 
     def _keep_alive(self) -> bool:
         """Between the head's own layers: let MPI progress; the head never cancels its own current run."""

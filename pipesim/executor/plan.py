@@ -8,13 +8,27 @@ job. It imports neither torch nor mpi4py.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..placement import split_layers
 from ..scenario import Scenario
 from .errors import ExecutorSetupError
 from .modelref import ModelRef, resolve_model
 
-EXECUTOR_STRATEGIES = ("iterative", "speculative", "pipeinfer")
+EXECUTOR_STRATEGIES = ("iterative", "speculative", "pipeinfer", "speed", "pipespec", "pipespec-sync")
+CHAIN_STRATEGIES = ("pipespec", "pipespec-sync")
+
+
+@dataclass(frozen=True)
+class LevelPlan:
+    """One model of a PipeSpec chain: its ranks (the first is the level head) and their layers of its model."""
+
+    index: int
+    ranks: list[int]
+    layer_ranges: list[tuple[int, int]]
+    n_layers: int
+    model: ModelRef | None  # real compute: the weights; None: emulated (cost of the chain spec)
+    is_target: bool
 
 
 @dataclass(frozen=True)
@@ -28,6 +42,8 @@ class Plan:
     target: ModelRef | None  # real compute: the target model
     draft: ModelRef | None  # the draft model (draft=model) or the oracle's cost stand-in (oracle_cost=model)
     max_seqs: int  # KV sequences per cache: the canonical one plus the partitions of pipeinfer
+    early_exit: str | None = None  # speed: "real" or "oracle"
+    levels: list[LevelPlan] | None = None  # pipespec: the chain, drafts first
 
     @property
     def executor(self):
@@ -39,17 +55,33 @@ class Plan:
 
     @property
     def uses_draft(self) -> bool:
-        return self.scenario.strategy.name != "iterative"
+        return self.scenario.strategy.name in ("speculative", "pipeinfer")
 
     @property
     def oracle(self) -> bool:
+        """The head needs the target's reference continuation (oracle drafts or oracle early exits)."""
+        if self.levels is not None:
+            return self.scenario.executor.draft == "oracle"
+        if self.early_exit is not None:
+            return self.early_exit == "oracle"
         return self.uses_draft and self.scenario.executor.draft == "oracle"
+
+    @property
+    def chain(self) -> bool:
+        return self.levels is not None
+
+    def level_of(self, rank: int) -> LevelPlan:
+        """The chain level that rank ``rank`` belongs to."""
+        assert self.levels is not None
+        return next(level for level in self.levels if rank in level.ranks)
 
 
 def make_plan(scenario: Scenario, n_ranks: int) -> Plan:
     """Check that the scenario can run on ``n_ranks`` ranks and resolve its models (ExecutorSetupError if not)."""
     ex = scenario.executor
     count = scenario.cluster.count
+    if scenario.strategy.name in CHAIN_STRATEGIES:
+        return _chain_plan(scenario, n_ranks)
     if scenario.strategy.name not in EXECUTOR_STRATEGIES:
         raise ExecutorSetupError(f"strategy.name={scenario.strategy.name!r} is not supported by the executor "
                                  f"(it runs {', '.join(EXECUTOR_STRATEGIES)}; use `pipesim simulate` for it)")
@@ -76,7 +108,7 @@ def make_plan(scenario: Scenario, n_ranks: int) -> Plan:
     if ex.chat and ex.prompt is None:
         raise ExecutorSetupError("executor.chat=true needs executor.prompt")
     needs_draft_model = ex.draft == "model" or ex.oracle_cost == "model"
-    if needs_draft_model and scenario.strategy.name != "iterative":
+    if needs_draft_model and scenario.strategy.name in ("speculative", "pipeinfer"):
         if ex.draft_model is None:
             field = "executor.draft=model" if ex.draft == "model" else "executor.oracle_cost=model"
             raise ExecutorSetupError(f"{field} needs executor.draft_model (e.g. tiny-llama@1 or a .gguf path)")
@@ -91,5 +123,89 @@ def make_plan(scenario: Scenario, n_ranks: int) -> Plan:
         layer_ranges = split_layers(n_layers, scenario.placement.layer_split, count)
     except ValueError as error:
         raise ExecutorSetupError(f"placement.layer_split={scenario.placement.layer_split}: {error}") from None
-    max_seqs = scenario.strategy.n_partitions + 1 if scenario.strategy.name == "pipeinfer" else 1
-    return Plan(scenario, n_ranks, [f"n{i}" for i in range(n_ranks)], layer_ranges, target, draft, max_seqs)
+    pooled = scenario.strategy.name in ("pipeinfer", "speed")
+    max_seqs = scenario.strategy.n_partitions + 1 if pooled else 1
+    early_exit = _early_exit_mode(scenario, target, n_layers) if scenario.strategy.name == "speed" else None
+    return Plan(scenario, n_ranks, [f"n{i}" for i in range(n_ranks)], layer_ranges, target, draft, max_seqs,
+                early_exit)
+
+
+def _check_common(scenario: Scenario, n_ranks: int) -> None:
+    ex, count = scenario.executor, scenario.cluster.count
+    if n_ranks != count:
+        raise ExecutorSetupError(f"{n_ranks} ranks do not match cluster.count={count} of scenario "
+                                 f"{scenario.name!r} (one rank per node: use --ranks {count} or "
+                                 f"--set cluster.count={n_ranks})")
+    if ex.fault_rank is not None and ex.fault_rank >= n_ranks:
+        raise ExecutorSetupError(f"executor.fault_rank={ex.fault_rank} is not a rank (ranks 0..{n_ranks - 1})")
+    if ex.chat and ex.prompt is None:
+        raise ExecutorSetupError("executor.chat=true needs executor.prompt")
+
+
+def _early_exit_mode(scenario: Scenario, target: ModelRef | None, n_layers: int) -> str:
+    """speed: where early predictions come from (``executor.early_exit`` or its default), checked."""
+    ex = scenario.executor
+    exit_layer = scenario.strategy.exit_layer
+    if exit_layer >= n_layers:
+        raise ExecutorSetupError(f"strategy.exit_layer={exit_layer} is not a layer of executor.model={ex.model!r} "
+                                 f"({n_layers} layers)")
+    mode = ex.early_exit or ("real" if target is not None and target.kind == "gguf" else "oracle")
+    if mode == "real" and target is None:
+        raise ExecutorSetupError("executor.early_exit=real runs the model's own head: it needs executor.compute=real")
+    if ex.exit_adapter is not None:
+        if mode != "real":
+            raise ExecutorSetupError(f"executor.exit_adapter={ex.exit_adapter!r} needs executor.early_exit=real")
+        if ex.exit_adapter != "shipped" and not Path(ex.exit_adapter).expanduser().is_file():
+            raise ExecutorSetupError(f"executor.exit_adapter={ex.exit_adapter!r}: file not found "
+                                     "(a path to an ExitAdapter file, or 'shipped')")
+    return mode
+
+
+def _chain_plan(scenario: Scenario, n_ranks: int) -> Plan:
+    """A PipeSpec chain: one level per model of ``models.chain`` (drafts first), each over its group of ranks."""
+    ex = scenario.executor
+    _check_common(scenario, n_ranks)
+    groups = scenario.chain_node_groups()
+    used = sorted(rank for group in groups for rank in group)
+    if used != list(range(n_ranks)):
+        raise ExecutorSetupError(f"placement.chain_nodes={groups} must use every rank 0..{n_ranks - 1} once "
+                                 "(the executor runs one rank per node)")
+    specs = scenario.models.chain_specs()
+    n_drafts = len(specs) - 1
+    refs: list[ModelRef | None] = [None] * len(specs)
+    if ex.compute == "real":
+        refs[-1] = resolve_model(ex.model, "executor.model", ex.seed)
+        if ex.prompt is not None and not refs[-1].has_tokenizer:
+            raise ExecutorSetupError(f"executor.prompt is set but executor.model={ex.model!r} has no tokenizer "
+                                     "(use a GGUF model, or leave the prompt unset for synthetic prompt tokens)")
+        if ex.chat and not refs[-1].has_chat_template:
+            raise ExecutorSetupError(f"executor.chat=true but executor.model={ex.model!r} has no chat template")
+        if ex.chain_models is not None:
+            if len(ex.chain_models) != n_drafts:
+                raise ExecutorSetupError(f"executor.chain_models has {len(ex.chain_models)} models for the "
+                                         f"{n_drafts} draft models of models.chain")
+            for i, text in enumerate(ex.chain_models):
+                ref = resolve_model(text, f"executor.chain_models[{i}]", ex.seed + 1 + i)
+                if ref.vocab_size != refs[-1].vocab_size:
+                    raise ExecutorSetupError(f"executor.chain_models[{i}]={text!r} has a vocabulary of "
+                                             f"{ref.vocab_size} tokens, the target {refs[-1].vocab_size}")
+                refs[i] = ref
+        elif ex.draft == "model":
+            raise ExecutorSetupError("executor.draft=model with a PipeSpec chain needs executor.chain_models "
+                                     "(e.g. [tiny-llama@1, tiny-llama@2], one per model of models.chain)")
+    elif ex.draft == "model" or ex.chain_models is not None:
+        field = "executor.draft=model" if ex.draft == "model" else "executor.chain_models"
+        raise ExecutorSetupError(f"{field} runs real draft models: it needs executor.compute=real")
+    levels, layer_ranges = [], [(0, 0)] * n_ranks
+    for i, (spec, group, ref) in enumerate(zip(specs, groups, refs, strict=True)):
+        n_layers = ref.n_layers if ref is not None else spec.n_layers
+        if len(group) > n_layers:
+            name = ref.text if ref is not None else spec.name
+            raise ExecutorSetupError(f"placement.chain_nodes[{i}]={group}: {len(group)} ranks is more pipeline "
+                                     f"stages than the {n_layers} layers of {name!r}")
+        ranges = split_layers(n_layers, None, len(group))
+        for rank, span in zip(group, ranges, strict=True):
+            layer_ranges[rank] = span
+        levels.append(LevelPlan(i, list(group), ranges, n_layers, ref, i == n_drafts))
+    return Plan(scenario, n_ranks, [f"n{i}" for i in range(n_ranks)], layer_ranges, refs[-1], None, 1,
+                None, levels)

@@ -7,11 +7,20 @@ same sender. A frame starts with ``[send_time_ns, payload_code, payload_count]``
 - ``TAG_RUN``  (head -> 1 -> ... -> last): ``[run_id, flags, n_tokens, output_from, n_seqs, n_ops,
   tokens[n], positions[n], seq_ids[n_seqs], ops[5 * n_ops]]``; flags ``COMPUTED`` (activations
   ``[n_tokens, d_model]`` follow as payload) and ``STOP`` (end of a generation); an op is
-  ``(kind, seq, dst, p0, p1)`` with kinds cp/rm/keep = 0/1/2 and ``p1 = -1`` for "to the end".
+  ``(kind, seq, dst, p0, p1)`` with kinds cp/rm/keep = 0/1/2 and ``p1 = -1`` for "to the end"; with flag
+  ``EXIT`` (SPEED) one more value follows: the run's exit layer. In a PipeSpec chain runs travel the same way
+  through the ranks of their level (level head -> ... -> the level's last rank).
 - ``TAG_PRED`` (last -> head): ``[run_id, mode, n_outputs, width, ids...]``; mode logits (payload
   ``[n_outputs, vocab]``), topk (ids ``[n_outputs, k]`` in the body, their values as payload) or ids
-  (``[n_outputs]`` greedy ids in the body, no payload).
+  (``[n_outputs]`` greedy ids in the body, no payload). In a chain: the level's last rank -> its level head.
 - ``TAG_CANCEL`` (head -> last -> ... -> 1): ``[run_ids...]``.
+- ``TAG_EARLY`` (the rank holding the exit layer -> head; SPEED): ``[run_id, position, token]``, the early
+  prediction of the token at ``position`` (after the run's last token); ``token = -1``: the rank reached the
+  exit layer and the head's oracle decides the token.
+- ``TAG_CHAIN`` (level head -> level head; PipeSpec): ``[kind, to_level, a, b, c, n, tokens[n]]`` with kinds
+  SendTokens ``(0, to, epoch, start, round)``, SendRollback ``(1, to, 0, 0, 0)`` (tokens: the sequence),
+  SendProgress ``(2, to, from_level, length, 0)``, StartRound ``(3, to, round, 0, 0)`` (tokens: the sequence),
+  and FINISH ``(4, -1, 0, 0, 0)`` from the target's level head to every other level head at the end.
 
 Data messages travel on a duplicate of the world communicator; control messages outside a generation (clock
 sync, SETUP/READY, the records gathered at the end) use their own tags and plain layouts on the world one.
@@ -25,15 +34,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..scheduling import KVOp, Run
+from ..scheduling.strategies.pipespec import SendProgress, SendRollback, SendTokens, StartRound
 
 TAG_RUN = 11
 TAG_PRED = 13
 TAG_CANCEL = 15
+TAG_EARLY = 17
+TAG_CHAIN = 19
 TAG_CLOCK = 21
 TAG_SETUP = 22
 TAG_READY = 23
 TAG_RECORDS = 24
-DATA_TAGS = (TAG_RUN, TAG_PRED, TAG_CANCEL)
+TAG_GO = 25  # chain: rank 0 tells the other level heads that every rank is ready
+DATA_TAGS = (TAG_RUN, TAG_PRED, TAG_CANCEL, TAG_EARLY, TAG_CHAIN)
 PAYLOAD_OFFSET = 1  # a payload travels on tag + 1
 
 FRAME_PREFIX = 3
@@ -41,6 +54,7 @@ NO_PAYLOAD, FLOAT32_PAYLOAD = 0, 1
 
 COMPUTED = 1
 STOP = 2
+EXIT = 4
 
 RETURN_MODES = ("logits", "topk", "ids")
 _OP_KINDS = ("cp", "rm", "keep")
@@ -83,6 +97,7 @@ class RunMessage:
     kv_ops: tuple[KVOp, ...]
     computed: bool = True
     stop: bool = False
+    exit_layer: int | None = None  # SPEED: the layer whose hidden state predicts the next token
 
     @property
     def n_tokens(self) -> int:
@@ -95,7 +110,7 @@ class RunMessage:
     @classmethod
     def of_run(cls, run: Run) -> RunMessage:
         return cls(run.run_id, tuple(run.tokens), tuple(run.positions), tuple(run.seq_ids), run.output_from,
-                   tuple(run.kv_ops))
+                   tuple(run.kv_ops), exit_layer=run.meta.get("exit_layer"))
 
     @classmethod
     def stop_message(cls) -> RunMessage:
@@ -104,16 +119,17 @@ class RunMessage:
     def skipped(self) -> RunMessage:
         """The same run, forwarded as a header only (not computed upstream)."""
         return RunMessage(self.run_id, self.tokens, self.positions, self.seq_ids, self.output_from, self.kv_ops,
-                          computed=False, stop=self.stop)
+                          computed=False, stop=self.stop, exit_layer=self.exit_layer)
 
 
 def encode_run(msg: RunMessage) -> np.ndarray:
-    flags = (COMPUTED if msg.computed else 0) | (STOP if msg.stop else 0)
+    flags = (COMPUTED if msg.computed else 0) | (STOP if msg.stop else 0) | (EXIT if msg.exit_layer is not None else 0)
     ops: list[int] = []
     for op in msg.kv_ops:
         ops.extend((_OP_KINDS.index(op.kind), op.seq, op.dst, op.p0, -1 if op.p1 is None else op.p1))
     head = [msg.run_id, flags, msg.n_tokens, msg.output_from, len(msg.seq_ids), len(msg.kv_ops)]
-    return np.asarray([*head, *msg.tokens, *msg.positions, *msg.seq_ids, *ops], dtype=np.int64)
+    tail = [msg.exit_layer] if msg.exit_layer is not None else []
+    return np.asarray([*head, *msg.tokens, *msg.positions, *msg.seq_ids, *ops, *tail], dtype=np.int64)
 
 
 def decode_run(body: np.ndarray) -> RunMessage:
@@ -121,7 +137,7 @@ def decode_run(body: np.ndarray) -> RunMessage:
     if len(values) < 6:
         raise ProtocolError(f"run body of {len(values)} values is shorter than its 6-value header")
     run_id, flags, n, output_from, n_seqs, n_ops = values[:6]
-    expected = 6 + 2 * n + n_seqs + 5 * n_ops
+    expected = 6 + 2 * n + n_seqs + 5 * n_ops + (1 if flags & EXIT else 0)
     if len(values) != expected:
         raise ProtocolError(f"run {run_id}: body has {len(values)} values, its header announces {expected}")
     at = 6
@@ -134,8 +150,9 @@ def decode_run(body: np.ndarray) -> RunMessage:
     for i in range(n_ops):
         kind, seq, dst, p0, p1 = values[at + 5 * i:at + 5 * i + 5]
         ops.append(KVOp(_OP_KINDS[kind], seq, dst, p0, None if p1 < 0 else p1))
+    exit_layer = values[-1] if flags & EXIT else None
     return RunMessage(run_id, tokens, positions, seq_ids, output_from, tuple(ops),
-                      computed=bool(flags & COMPUTED), stop=bool(flags & STOP))
+                      computed=bool(flags & COMPUTED), stop=bool(flags & STOP), exit_layer=exit_layer)
 
 
 # -- predictions ------------------------------------------------------------------------------------
@@ -215,6 +232,70 @@ def decode_cancel(body: np.ndarray) -> tuple[int, ...]:
     return tuple(int(v) for v in body)
 
 
+# -- early exits (SPEED) -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EarlyExitMessage:
+    """The early prediction of the token at ``position`` (-1: the head's oracle decides) from run ``run_id``."""
+
+    run_id: int
+    position: int
+    token: int
+
+
+def encode_early_exit(message: EarlyExitMessage) -> np.ndarray:
+    return np.asarray([message.run_id, message.position, message.token], dtype=np.int64)
+
+
+def decode_early_exit(body: np.ndarray) -> EarlyExitMessage:
+    if body.size != 3:
+        raise ProtocolError(f"early-exit body of {body.size} values, expected 3")
+    run_id, position, token = (int(v) for v in body)
+    return EarlyExitMessage(run_id, position, token)
+
+
+# -- PipeSpec chain messages -----------------------------------------------------------------------------
+
+CHAIN_FINISH = 4
+
+
+def encode_chain(message) -> np.ndarray:
+    """A PipeSpec message (SendTokens, SendRollback, SendProgress, StartRound) or None for FINISH."""
+    if message is None:
+        head, tokens = [CHAIN_FINISH, -1, 0, 0, 0], ()
+    elif isinstance(message, SendTokens):
+        head, tokens = [0, message.to_level, message.epoch, message.start, message.round], message.tokens
+    elif isinstance(message, SendRollback):
+        head, tokens = [1, message.to_level, 0, 0, 0], message.sequence
+    elif isinstance(message, SendProgress):
+        head, tokens = [2, message.to_level, message.from_level, message.length, 0], ()
+    elif isinstance(message, StartRound):
+        head, tokens = [3, message.to_level, message.round, 0, 0], message.sequence
+    else:
+        raise ProtocolError(f"not a chain message: {message!r}")
+    return np.asarray([*head, len(tokens), *tokens], dtype=np.int64)
+
+
+def decode_chain(body: np.ndarray):
+    """The PipeSpec message of a TAG_CHAIN body, or None for FINISH."""
+    values = body.tolist()
+    if len(values) < 6 or len(values) != 6 + values[5]:
+        raise ProtocolError(f"chain message of {len(values)} values does not match its header {values[:6]}")
+    kind, to, a, b, c = values[:5]
+    tokens = tuple(values[6:])
+    if kind == 0:
+        return SendTokens(to, a, b, tokens, round=c)
+    if kind == 1:
+        return SendRollback(to, tokens)
+    if kind == 2:
+        return SendProgress(to, a, b)
+    if kind == 3:
+        return StartRound(to, a, tokens)
+    if kind == CHAIN_FINISH:
+        return None
+    raise ProtocolError(f"unknown chain message kind {kind}")
+
+
 def describe(tag: int, body: np.ndarray, has_payload: bool) -> tuple[str, int]:
     """(transfer note, run id) of a message, as the simulator names its transfers."""
     if tag == TAG_RUN:
@@ -225,4 +306,10 @@ def describe(tag: int, body: np.ndarray, has_payload: bool) -> tuple[str, int]:
         return "predictions", int(body[0])
     if tag == TAG_CANCEL:
         return "cancel", -1
+    if tag == TAG_EARLY:
+        return "early-exit", int(body[0])
+    if tag == TAG_CHAIN:
+        names = ("SendTokens", "SendRollback", "SendProgress", "StartRound", "finish")
+        kind = int(body[0])
+        return (names[kind] if 0 <= kind < len(names) else "control"), -1
     return "control", -1

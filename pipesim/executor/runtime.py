@@ -46,6 +46,7 @@ class _HeadSetup:
     tokenizer: Any
     stop_tokens: tuple[int, ...]
     verify_sleep: float
+    early_oracle: Any = None
 
 
 def _wait_for(comm, source: int, tag: int, deadline: float, what: str, poll: float) -> None:
@@ -99,10 +100,26 @@ class RankRuntime:
             from .torch_backend import TorchStage
 
             stage = self._models(plan).stage(plan.target, start, end, rank == 0, rank == n - 1)
-            return TorchStage(stage, capacity, max_seqs, scenario.head.return_mode, scenario.head.top_k)
+            return TorchStage(stage, capacity, max_seqs, scenario.head.return_mode, scenario.head.top_k,
+                              self._early_exit_head(plan, stage))
         tokens = SyntheticTokens(scenario.models.target_spec().vocab_size, scenario.workload.seed)
         return EmulatedStage(node_profiles(scenario)[rank], cost_models(scenario)[0], end - start, rank == n - 1,
-                             tokens, scenario.head.return_mode, scenario.head.top_k, self.clock.now)
+                             tokens, scenario.head.return_mode, scenario.head.top_k, self.clock.now, start)
+
+    def _early_exit_head(self, plan: Plan, stage):
+        """SPEED with real early exits, on the rank holding the exit layer: the exit head (else None)."""
+        exit_layer = plan.scenario.strategy.exit_layer
+        if plan.early_exit != "real" or not stage.layer_start <= exit_layer < stage.layer_end:
+            return None
+        from .torch_backend import EarlyExitHead, load_exit_adapter
+
+        store = self._models(plan)
+        n_layers = plan.target.n_layers
+        head = stage if stage.has_output_head else store.stage(plan.target, n_layers, n_layers, False, True)
+        adapter = None
+        if plan.executor.exit_adapter is not None:
+            adapter = load_exit_adapter(plan.executor.exit_adapter, exit_layer, head, plan.target.text)
+        return EarlyExitHead(head, adapter)
 
     # -- head ------------------------------------------------------------------------------------------
     def _head_setup(self, plan: Plan) -> tuple[list[int], Any, Any]:
@@ -165,7 +182,12 @@ class RankRuntime:
                 drafter = Drafter(ModelRunner(store.full_model(plan.draft), capacity))
             else:
                 drafter = Drafter(self._oracle_runner(plan, store, capacity), oracle)
-        return _HeadSetup(prompt, backend, drafter, reference, tokenizer, stop_tokens, verify_sleep)
+        early_oracle = None
+        if plan.early_exit == "oracle":
+            def early_oracle(position: int) -> int:  # as the simulator: right where the draft oracle would be
+                right = acceptance.correct(position, 0)
+                return oracle.tokens.token(position) if right else oracle.tokens.wrong(position)
+        return _HeadSetup(prompt, backend, drafter, reference, tokenizer, stop_tokens, verify_sleep, early_oracle)
 
     def _oracle_runner(self, plan: Plan, store, capacity: int):
         scenario, cost = plan.scenario, plan.executor.oracle_cost
@@ -197,7 +219,8 @@ class RankRuntime:
         strategy = make_strategy(scenario.strategy.name, prompt, scenario.workload.generate_tokens,
                                  scenario.strategy.params(), stop_tokens=parts.stop_tokens)
         head = Head(strategy, n, parts.backend, parts.drafter, messenger, self.clock, records, plan.node_names[0],
-                    deadline, verify_sleep=parts.verify_sleep, fault=ex.fault_rank == 0)
+                    deadline, verify_sleep=parts.verify_sleep, fault=ex.fault_rank == 0,
+                    early_oracle=parts.early_oracle)
         outcome = head.run()
         dropped = messenger.drain(deadline)
 
@@ -210,6 +233,7 @@ class RankRuntime:
             "ranks": n, "layer_ranges": plan.layer_ranges, "prompt_tokens": len(prompt), "prompt": prompt,
             "compute": ex.compute, "link_emulation": ex.link_emulation, "model": ex.model if plan.real else None,
             "draft": ex.draft, "oracle_cost": ex.oracle_cost if ex.draft == "oracle" else None,
+            "early_exit": plan.early_exit,
             "threads_per_rank": ex.threads_per_rank, "clock_offsets": list(self.offsets),
             "kv_capacity": capacity, "kv_max_cells": kv_max, "kv_final_cells": kv_final,
             "max_partitions_used": outcome.max_partitions_used, "messages_dropped_at_end": dropped,

@@ -5,6 +5,7 @@ Only ranks in ``executor.compute: real`` import this module (emulated runs never
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -104,15 +105,56 @@ def apply_kv_op(kv: Any, op: KVOp) -> None:
         kv.seq_keep(op.seq)
 
 
+class EarlyExitHead:
+    """SPEED's real early exit: the model's final norm and output head (optionally through a trained
+    ``ExitAdapter``) applied to the hidden state after the exit layer; the prediction is its argmax."""
+
+    def __init__(self, head: LlamaStage, adapter: Any = None) -> None:
+        self.head = head  # a stage holding the output head (the last stage, or a head-only stage)
+        self.adapter = adapter
+
+    def predict(self, hidden: torch.Tensor) -> int:
+        """The early prediction from the hidden state [d_model] of the run's last token."""
+        hidden = hidden.reshape(1, -1).to(torch.float32)
+        with torch.inference_mode():
+            if self.adapter is not None:
+                from ..models.early_exit import early_exit_logits
+
+                logits = early_exit_logits(self.head, hidden, self.adapter)
+            else:
+                weight = self.head.output.weight if self.head.output is not None else self.head.token_embd.weight
+                logits = self.head.output_norm(hidden) @ weight.T
+        return int(torch.argmax(logits[0]))
+
+
+def load_exit_adapter(spec: str, exit_layer: int, head: LlamaStage, model_text: str) -> Any:
+    """An ``ExitAdapter`` for ``exit_layer`` (0-based: the hidden state after that layer, which the adapter
+    module counts as ``exit_layer + 1`` layers): a file path, or 'shipped' for the one pipesim ships."""
+    from ..models.early_exit import ExitAdapter, shipped_adapter_path
+
+    layers = exit_layer + 1
+    if spec == "shipped":
+        name = "smollm2" if "smollm2" in model_text.lower() else model_text
+        path = shipped_adapter_path(layers, name)
+    else:
+        path = spec
+    adapter = ExitAdapter.load(path, head, layers)
+    adapter.eval()
+    adapter.requires_grad_(False)
+    return adapter
+
+
 class TorchStage:
     """A pipeline stage computing real layers, with its own KV cache."""
 
-    def __init__(self, stage: LlamaStage, capacity: int, max_seqs: int, return_mode: str, top_k: int) -> None:
+    def __init__(self, stage: LlamaStage, capacity: int, max_seqs: int, return_mode: str, top_k: int,
+                 early_exit: EarlyExitHead | None = None) -> None:
         self.stage = stage
         self.kv = stage.make_kv_cache(capacity, max_seqs)
         self.max_seqs = max_seqs
         self.return_mode = return_mode
         self.top_k = top_k
+        self.early_exit = early_exit  # None: the head's oracle decides early predictions
         self.max_cells = 0
 
     def kv_cells(self) -> int:
@@ -122,8 +164,24 @@ class TorchStage:
         for op in ops:
             apply_kv_op(self.kv, op)
 
+    def _exit_hook(self, msg: RunMessage, on_exit: Callable[[int, float], None] | None):
+        stage = self.stage
+        if on_exit is None or msg.exit_layer is None or not stage.layer_start <= msg.exit_layer < stage.layer_end:
+            return None
+        exit_layer, early = msg.exit_layer, self.early_exit
+
+        def after_layer(layer: int, hidden: torch.Tensor) -> None:
+            if layer != exit_layer:
+                return
+            start = time.perf_counter()
+            token = early.predict(hidden[-1]) if early is not None else -1
+            on_exit(token, time.perf_counter() - start)
+
+        return after_layer
+
     def forward(self, msg: RunMessage, activations: np.ndarray | None,
-                should_cancel: Callable[[], bool] | None = None) -> np.ndarray | PredictionMessage | None:
+                should_cancel: Callable[[], bool] | None = None,
+                on_exit: Callable[[int, float], None] | None = None) -> np.ndarray | PredictionMessage | None:
         """Run the stage; None when cancelled between layers, else activations or predictions."""
         n = msg.n_tokens
         if self.stage.has_embedding:
@@ -132,7 +190,8 @@ class TorchStage:
             inputs = torch.from_numpy(activations).view(n, self.stage.config.d_model)
         token_seqs = torch.zeros((n, self.max_seqs), dtype=torch.bool)
         token_seqs[:, list(msg.seq_ids)] = True
-        out = self.stage(inputs, torch.tensor(msg.positions, dtype=torch.int64), token_seqs, self.kv, should_cancel)
+        out = self.stage(inputs, torch.tensor(msg.positions, dtype=torch.int64), token_seqs, self.kv, should_cancel,
+                         after_layer=self._exit_hook(msg, on_exit))
         self.max_cells = max(self.max_cells, self.kv.used_cells())
         if out is None:
             return None

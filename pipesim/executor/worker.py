@@ -11,6 +11,7 @@ to rank 1.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -21,25 +22,38 @@ from .errors import InjectedFault
 from .messaging import Messenger
 from .protocol import (
     TAG_CANCEL,
+    TAG_EARLY,
     TAG_PRED,
     TAG_RUN,
+    EarlyExitMessage,
     PredictionMessage,
     ProtocolError,
     RunMessage,
     decode_cancel,
     decode_run,
     encode_cancel,
+    encode_early_exit,
     encode_run,
 )
 
 
 class Worker:
-    """The loop of rank ``rank`` >= 1 for one generation; ``run()`` returns at the generation's STOP."""
+    """The loop of a stage after the first for one generation; ``run()`` returns at the generation's STOP.
+
+    ``pipeline``: the ranks of its pipeline, head first (all ranks; in a PipeSpec chain, its level's ranks).
+    """
 
     def __init__(self, rank: int, n_ranks: int, backend: StageBackend, messenger: Messenger, clock: Clock,
-                 records: list[Record], node_name: str, deadline: float, fault: bool = False) -> None:
+                 records: list[Record], node_name: str, deadline: float, fault: bool = False,
+                 pipeline: Sequence[int] | None = None) -> None:
         self.rank = rank
-        self.last = rank == n_ranks - 1
+        # the ranks of this rank's pipeline in order, its head first (a PipeSpec level; default: all ranks)
+        pipeline = list(range(n_ranks)) if pipeline is None else list(pipeline)
+        index = pipeline.index(rank)
+        self.head = pipeline[0]
+        self.next = pipeline[index + 1] if index + 1 < len(pipeline) else None
+        self.previous = pipeline[index - 1] if index > 1 else None  # cancellations go back down to index 1
+        self.last = self.next is None
         self.backend = backend
         self.messenger = messenger
         self.clock = clock
@@ -60,7 +74,7 @@ class Worker:
             msg, activations = self.queue.popleft()
             if msg.stop:
                 if not self.last:
-                    self.messenger.send(self.rank + 1, TAG_RUN, encode_run(msg))
+                    self.messenger.send(self.next, TAG_RUN, encode_run(msg))
                 return
             self._process(msg, activations)
 
@@ -80,8 +94,8 @@ class Worker:
         for run_id in run_ids:
             self.records.append(Record("cancel_seen", now, now, self.name, run_id))
         self.cancelled.update(run_ids)
-        if self.rank > 1:
-            self.messenger.send(self.rank - 1, TAG_CANCEL, encode_cancel(run_ids))
+        if self.previous is not None:
+            self.messenger.send(self.previous, TAG_CANCEL, encode_cancel(run_ids))
 
     def _should_cancel(self) -> bool:
         self._pump()
@@ -99,7 +113,7 @@ class Worker:
             return
         start = self.clock.now()
         self.current = msg.run_id
-        out = self.backend.forward(msg, activations, self._should_cancel)
+        out = self.backend.forward(msg, activations, self._should_cancel, self._exit_sender(msg))
         self.current = None
         aborted = out is None
         note = f"stage{self.rank}:aborted" if aborted else f"stage{self.rank}"
@@ -109,12 +123,28 @@ class Worker:
         elif self.last:
             assert isinstance(out, PredictionMessage)
             body, payload = out.encode()
-            self.messenger.send(0, TAG_PRED, body, payload)
+            self.messenger.send(self.head, TAG_PRED, body, payload)
         else:
-            self.messenger.send(self.rank + 1, TAG_RUN, encode_run(msg), out)
+            self.messenger.send(self.next, TAG_RUN, encode_run(msg), out)
 
     def _forward_header(self, msg: RunMessage) -> None:
         """A run not computed here goes on as a header only, and only if it carries KV operations (as in the
         simulator: later stages have nothing else to do with it)."""
         if not self.last and msg.kv_ops:
-            self.messenger.send(self.rank + 1, TAG_RUN, encode_run(msg.skipped()))
+            self.messenger.send(self.next, TAG_RUN, encode_run(msg.skipped()))
+
+    def _exit_sender(self, msg: RunMessage):
+        """SPEED: send the early prediction to the head right after the exit layer (unless cancelled by then)."""
+        if msg.exit_layer is None:
+            return None
+
+        def on_exit(token: int, seconds: float) -> None:
+            if msg.run_id in self.cancelled:
+                return
+            now = self.clock.now()
+            self.records.append(Record("compute", now - seconds, now, self.name, msg.run_id, 1,
+                                       note=f"exit{msg.exit_layer}"))
+            position = msg.positions[-1] + 1
+            self.messenger.send(self.head, TAG_EARLY, encode_early_exit(EarlyExitMessage(msg.run_id, position, token)))
+
+        return on_exit

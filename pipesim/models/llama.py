@@ -354,6 +354,7 @@ class LlamaStage(nn.Module):
         token_seqs: torch.Tensor,
         kv: KVCache,
         should_cancel: Callable[[], bool] | None = None,
+        after_layer: Callable[[int, torch.Tensor], None] | None = None,
     ) -> torch.Tensor | None:
         """Run a batch of tokens (possibly from several runs) through the stage.
 
@@ -361,7 +362,8 @@ class LlamaStage(nn.Module):
         ``positions``: [n] positions; ``token_seqs``: bool [n, kv.max_seqs] sequences of each token.
         Returns hidden states [n, d_model], or logits [n, vocab] on a stage with the output head, or None
         when ``should_cancel()`` turns true (checked before the run and between layers); an aborted run
-        frees the cells it took, leaving the cache as it was.
+        frees the cells it took, leaving the cache as it was. ``after_layer(layer, hidden)``, if given, is
+        called after each layer with its global index and the hidden states [n, d_model] it produced.
         """
         if should_cancel is not None and should_cancel():
             return None
@@ -392,6 +394,8 @@ class LlamaStage(nn.Module):
                 kv.release(cells)
                 return None
             x = block(x, cos, sin, mask, kv, j, cells, n_cells)
+            if after_layer is not None:
+                after_layer(self.layer_start + j, x)
         if self.n_stage_layers and should_cancel is not None and should_cancel():
             kv.release(cells)
             return None
