@@ -64,6 +64,11 @@ def fit_profile(raw: dict[str, Any], command: str = "") -> tuple[HardwareProfile
             link = fit_link([LinkSample(**s) for s in samples])
             links[name] = LinkCoefficients(link.latency, link.bandwidth)
             quality["links"][name] = vars(link.quality)
+    _in_situ_head_costs(raw, nodes, quality)
+    if raw.get("speculative"):
+        verify = [r[2] - r[1] for r in raw["speculative"]["trace"]["records"] if r[0] == "compute" and r[9] == "verify"]
+        if verify:
+            verify_overhead = statistics.median(verify)
     meta = {"command": command, "scenario": raw["scenario"], "sets": raw["sets"], "n_ranks": raw["n_ranks"],
             "compute": "real" if raw["real"] else "emulated", "threads_per_rank": raw["threads_per_rank"],
             "hosts": {r["node"]: r["host"] for r in raw["ranks"]},
@@ -72,6 +77,30 @@ def fit_profile(raw: dict[str, Any], command: str = "") -> tuple[HardwareProfile
                     "draft = a + b*n + d*n*c"}
     model = raw.get("model") or "emulated"
     return HardwareProfile(model, nodes, links, verify_overhead, meta), quality
+
+
+def _in_situ_head_costs(raw: dict[str, Any], nodes: dict[str, NodeCoefficients], quality: dict[str, Any]) -> None:
+    """Draft-step costs as the head sees them while it also computes and messages (from the measured speculative
+    generation's draft records), which can differ from the isolated microbenchmark."""
+    generation = raw.get("speculative")
+    if not generation:
+        return
+    by_batch: dict[int, list[float]] = {}
+    for r in generation["trace"]["records"]:
+        if r[0] == "compute" and r[9] == "draft":
+            by_batch.setdefault(int(r[5]), []).append(r[2] - r[1])
+    samples = [DraftSample(n, 0, statistics.median(times)) for n, times in by_batch.items()]
+    if len(samples) < 2:
+        if len(samples) == 1 and samples[0].n_tokens == 1:
+            head = nodes[raw["ranks"][0]["node"]]
+            head.draft_fixed, head.draft_per_token = samples[0].seconds, head.draft_per_token or 0.0
+            head.draft_per_token_context = 0.0
+        return
+    samples.append(samples[0])  # fit_draft wants 3 rows; a duplicate changes nothing
+    fit = fit_draft(samples)
+    head = nodes[raw["ranks"][0]["node"]]
+    head.draft_fixed, head.draft_per_token, head.draft_per_token_context = fit.fixed, fit.per_token, 0.0
+    quality["draft_in_situ"] = vars(fit.quality)
 
 
 def add_residual_overhead(profile: HardwareProfile, raw: dict[str, Any], path: Path) -> dict[str, float]:

@@ -188,11 +188,14 @@ def _ping_pong(comm, rank: int, a: int, b: int, poll: float, repeats: int) -> li
 
 
 def _poll_recv(comm, buffer, source: int, poll: float) -> None:
+    """Wait as the executor's messenger does: Iprobe, then sleeps backing off from 50 us to ``poll``."""
     deadline = time.monotonic() + 60
+    pause = min(50e-6, poll)
     while not comm.Iprobe(source=source, tag=77):
         if time.monotonic() > deadline:
             raise TimeoutError(f"ping-pong: nothing from rank {source} in 60 s")
-        time.sleep(poll)
+        time.sleep(pause)
+        pause = min(2 * pause, poll)
     comm.Recv(buffer, source=source, tag=77)
 
 
@@ -253,23 +256,27 @@ def run_probe(argv: Sequence[str] | None = None) -> int:
         report = {"rank": rank, "node": plan.node_names[rank], "host": MPI.Get_processor_name(),
                   "stage": stage, "links": links, **head}
         reports = comm.gather(report, root=0)
-        measured = None
+        measured: dict[str, Any] = {}
         if args.iterative_tokens > 0:
             from ..executor.runtime import RankRuntime
 
-            iterative = load_scenario(args.scenario, [*args.set, "strategy.name=iterative",
-                                                      "executor.link_emulation=false",
-                                                      f"workload.generate_tokens={args.iterative_tokens}"])
             runtime = RankRuntime(comm, MPI.Wtime)
             runtime.sync(plan.executor.timeout_s)
-            result = runtime.generate(make_plan(iterative, size))
-            if rank == 0:
-                measured = {"metrics": result.metrics, "trace": result.trace.to_json()}
+            # iterative: what the microbenchmarks miss per run; speculative: draft steps and sampling in situ
+            strategies = ["iterative"] + (["speculative"] if scenario.models.draft is not None else [])
+            for strategy in strategies:
+                generation = load_scenario(args.scenario, [*args.set, f"strategy.name={strategy}",
+                                                           "executor.link_emulation=false",
+                                                           f"workload.generate_tokens={args.iterative_tokens}"])
+                result = runtime.generate(make_plan(generation, size))
+                if rank == 0:
+                    measured[strategy] = {"metrics": result.metrics, "trace": result.trace.to_json()}
         if rank == 0:
             raw = {"format": "pipesim-calibration-raw/1", "scenario": str(args.scenario), "sets": args.set,
                    "n_ranks": size, "real": plan.real, "model": plan.executor.model if plan.real else None,
                    "threads_per_rank": plan.executor.threads_per_rank, "repeats": args.repeats,
-                   "ranks": reports, "iterative": measured}
+                   "ranks": reports, "iterative": measured.get("iterative"),
+                   "speculative": measured.get("speculative")}
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(raw))
         return 0

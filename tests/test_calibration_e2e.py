@@ -1,0 +1,58 @@
+"""End to end: `pipesim calibrate` then `pipesim validate` on the tiny scenario in emulated compute."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from pipesim.calibration.profile import HardwareProfile
+from pipesim.executor.emulation import cost_models, node_profiles
+from pipesim.scenario import load_scenario
+
+pytestmark = pytest.mark.mpi
+
+SCENARIO = "scenarios/local-tiny.yaml"
+
+
+def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "pipesim.cli", *args], capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def test_calibrate_then_validate_in_emulated_mode(tmp_path):
+    profile_path = tmp_path / "profile.yaml"
+    _cli("calibrate", SCENARIO, "--ranks", "2", "--out", str(profile_path), "--repeats", "2",
+         "--set", "executor.compute=emulated", "--iterative-tokens", "12")
+    profile = HardwareProfile.load(profile_path)
+    assert set(profile.nodes) == {"n0", "n1"} and set(profile.links) == {"n0->n1", "n1->n0"}
+    assert profile.meta["compute"] == "emulated" and profile.meta["hosts"]["n0"]
+    # emulated stages sleep for the scenario's modelled cost: the fitted profile must find that cost again
+    scenario = load_scenario(SCENARIO, ["executor.compute=emulated"])
+    cost = cost_models(scenario)[0]
+    for n_tokens, context in [(1, 0), (8, 64)]:
+        modelled = cost.stage_cost(node_profiles(scenario)[0], 2, n_tokens, context, 0).total
+        fitted, _ = profile.nodes["n0"].stage_time(2, n_tokens, context, 0)
+        assert fitted == pytest.approx(modelled, rel=0.4)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"strategies": ["iterative", "speculative", "pipeinfer"], "alphas": [0.5],
+                                    "bandwidths": ["1Gbit/s"], "generate_tokens": 16}))
+    out = tmp_path / "validation"
+    result = _cli("validate", str(profile_path), "--grid", str(grid), "--out", str(out))
+    assert "validation of 3 configurations" in result.stdout
+    table = pd.read_csv(out / "validation.csv")
+    assert {"config", "metric", "predicted", "measured", "rel_error"} <= set(table.columns)
+    assert table["config"].nunique() == 3
+    assert {"tokens_per_s", "ttft_s", "itl_p50_s", "itl_p99_s", "node_utilization.n0"} <= set(table["metric"])
+    recomputed = (table["predicted"] - table["measured"]) / table["measured"]
+    assert (recomputed - table["rel_error"]).abs().max() < 1e-9
+    assert table["output_matches"].all()  # the executor produced the synthetic target's tokens
+    tps = table[table["metric"] == "tokens_per_s"]
+    assert (tps["rel_error"].abs() < 0.5).all(), tps  # a gross-error guard: emulated costs are known exactly
+    for name in ("parity.png", "validation.md", "summary.csv"):
+        assert (out / name).stat().st_size > 0
