@@ -38,7 +38,8 @@ def test_calibrate_then_validate_in_emulated_mode(tmp_path):
     for n_tokens, context in [(1, 0), (8, 64)]:
         modelled = cost.stage_cost(node_profiles(scenario)[0], 2, n_tokens, context, 0).total
         fitted, _ = profile.nodes["n0"].stage_time(2, n_tokens, context, 0)
-        assert fitted == pytest.approx(modelled, rel=0.4)
+        # a sleep never ends early, and wakes late by at most a few ms even on a loaded machine
+        assert 0.9 * modelled <= fitted <= modelled + 5e-3
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({"strategies": ["iterative", "speculative", "pipeinfer"], "alphas": [0.5],
                                     "bandwidths": ["1Gbit/s"], "generate_tokens": 16}))
