@@ -193,7 +193,8 @@ def test_plan_of_the_tiny_scenario():
      "needs executor.compute=real"),
     (["executor.prompt=hello"], 2, "has no tokenizer"),
     (["executor.fault_rank=7"], 2, "executor.fault_rank=7 is not a rank"),
-    (["strategy.name=speed", "strategy.exit_layer=1"], 2, "strategy.name='speed' is not supported by the executor"),
+    (["strategy.name=speed", "strategy.exit_layer=1", "executor.compute=emulated", "executor.early_exit=real"], 2,
+     "executor.early_exit=real runs the model's own head: it needs executor.compute=real"),
 ])
 def test_bad_input_is_one_clear_error(overrides, ranks, message):
     with pytest.raises(ExecutorSetupError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:

@@ -4,6 +4,8 @@ It executes the strategy's actions exactly as ``pipesim.sim.engine.SimulationEng
 same order of priority: returned predictions first, then launching runs through its own layers, then one draft
 step at a time (abandoning a draft the strategy no longer wants), so a draft never delays a verification by more
 than one draft step. Predictions are reduced to greedy ids (argmax of what returns) before the strategy sees them.
+SPEED's early predictions (from the rank holding a run's exit layer, or from the head's own stage) share the
+predictions' inbox, in arrival order; one asking the oracle (token -1) gets the simulator's oracle token.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ job. It imports neither torch nor mpi4py.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from ..placement import split_layers
@@ -155,10 +157,29 @@ def _early_exit_mode(scenario: Scenario, target: ModelRef | None, n_layers: int)
     if ex.exit_adapter is not None:
         if mode != "real":
             raise ExecutorSetupError(f"executor.exit_adapter={ex.exit_adapter!r} needs executor.early_exit=real")
-        if ex.exit_adapter != "shipped" and not Path(ex.exit_adapter).expanduser().is_file():
+        if ex.exit_adapter == "shipped":
+            _check_shipped_adapter(exit_layer + 1, target)
+        elif not Path(ex.exit_adapter).expanduser().is_file():
             raise ExecutorSetupError(f"executor.exit_adapter={ex.exit_adapter!r}: file not found "
                                      "(a path to an ExitAdapter file, or 'shipped')")
     return mode
+
+
+def _check_shipped_adapter(layers: int, target: ModelRef | None) -> None:
+    """executor.exit_adapter=shipped: an adapter ships for this model and exit layer (read without torch; the
+    adapter module counts layers, so the state after layer ``k`` is its exit layer ``k + 1``)."""
+    table_path = Path(str(resources.files("pipesim"))) / "data" / "exit_adapters" / "acceptance.json"
+    model = "smollm2" if target is not None and "smollm2" in target.text.lower() else None
+    try:
+        table = json.loads(table_path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    shipped = table.get(model, {}).get("layers", {}) if model else {}
+    if str(layers) not in shipped:
+        have = ", ".join(str(int(k) - 1) for k in sorted(shipped, key=int)) or "none"
+        raise ExecutorSetupError(f"executor.exit_adapter=shipped: no adapter ships for strategy.exit_layer="
+                                 f"{layers - 1} of executor.model={target.text if target else None!r} "
+                                 f"(shipped exit layers: {have})")
 
 
 def _chain_plan(scenario: Scenario, n_ranks: int) -> Plan:

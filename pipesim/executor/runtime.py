@@ -25,7 +25,7 @@ from .errors import ExecutorTimeout
 from .head import Head
 from .messaging import Messenger
 from .plan import Plan
-from .protocol import TAG_READY, TAG_RECORDS, TAG_SETUP
+from .protocol import TAG_GO, TAG_READY, TAG_RECORDS, TAG_SETUP
 from .worker import Worker
 
 
@@ -78,6 +78,8 @@ class RankRuntime:
     def generate(self, plan: Plan) -> GenerationResult | None:
         """Run one generation; the head returns its result, workers None."""
         deadline = time.monotonic() + plan.executor.timeout_s
+        if plan.chain:
+            return self._chain(plan, deadline)
         return self._head(plan, deadline) if self.rank == 0 else self._worker(plan, deadline)
 
     # -- models ----------------------------------------------------------------------------------------
@@ -248,14 +250,18 @@ class RankRuntime:
         metrics["output_text"] = tokenizer.decode(output) if tokenizer is not None else None
         return GenerationResult(trace, clean_for_json(metrics))
 
-    def _gather(self, backend, records: list[Record], deadline: float, poll: float, dropped: int):
-        """All ranks' records in the head's clock (sorted by start), and each stage's KV cell counts."""
+    def _gather(self, backend, records: list[Record], deadline: float, poll: float, dropped: int,
+                reports: dict[int, dict] | None = None):
+        """All ranks' records in the head's clock (sorted by start), and each stage's KV cell counts
+        (``reports``, if given, receives each rank's whole report)."""
         kv_max = [getattr(backend, "max_cells", 0)]
         kv_final = [backend.kv_cells()]
         gathered = list(records)
         for peer in range(1, self.size):
             _wait_for(self.comm, peer, TAG_RECORDS, deadline, "the trace records", poll)
             report = self.comm.recv(source=peer, tag=TAG_RECORDS)
+            if reports is not None:
+                reports[peer] = report
             shift = self.offsets[peer]
             gathered.extend(Record(r[0], r[1] - shift, r[2] - shift, *r[3:]) for r in report["records"])
             kv_max.append(report["kv_max_cells"])
@@ -263,6 +269,169 @@ class RankRuntime:
             dropped += report["dropped"]
         gathered.sort(key=lambda r: r.t0)
         return gathered, kv_max, kv_final, dropped
+
+    # -- PipeSpec chains -------------------------------------------------------------------------------
+    def _chain_stage(self, plan: Plan, capacity: int) -> StageBackend:
+        """This rank's stage of its level's model: real layers, or a modelled sleep (emulated compute, and
+        oracle drafts without executor.chain_models)."""
+        rank, scenario = self.rank, plan.scenario
+        level = plan.level_of(rank)
+        j = level.ranks.index(rank)
+        start, end = level.layer_ranges[j]
+        last = j == len(level.ranks) - 1
+        if level.model is not None:
+            from .torch_backend import TorchStage
+
+            stage = self._models(plan).stage(level.model, start, end, j == 0, last)
+            return TorchStage(stage, capacity, 1, scenario.head.return_mode, scenario.head.top_k)
+        from ..sim.costs import RooflineCostModel
+
+        spec = scenario.models.chain_specs()[level.index]
+        tokens = SyntheticTokens(scenario.models.target_spec().vocab_size, scenario.workload.seed)
+        return EmulatedStage(node_profiles(scenario)[rank], RooflineCostModel(spec, scenario.models.kv_bytes),
+                             end - start, last, tokens, scenario.head.return_mode, scenario.head.top_k,
+                             self.clock.now, start)
+
+    def _chain_head_parts(self, plan: Plan, level) -> tuple[list[int], Any, Any, tuple[int, ...], list[int] | None]:
+        """(prompt, tokenizer, oracle predictor or None, stop tokens, reference) of a level head."""
+        scenario, ex = plan.scenario, plan.executor
+        prompt, tokenizer, store = self._head_setup(plan)
+        n_generate = scenario.workload.generate_tokens
+        stop_tokens: tuple[int, ...] = ()
+        if ex.stop_at_eos and tokenizer is not None and tokenizer.eos_id is not None:
+            stop_tokens = (tokenizer.eos_id,)
+        if not plan.oracle or (level.is_target and self.rank != 0):  # the target's own predictions stand
+            return prompt, tokenizer, None, stop_tokens, None
+        if plan.real:
+            from .torch_backend import reference_continuation
+
+            margin = scenario.strategy.lookahead + scenario.strategy.max_verify + 2
+            key = (plan.target.key, tuple(prompt), n_generate + margin, stop_tokens)
+            if key not in self._references:
+                self._references[key] = reference_continuation(store.full_model(plan.target), prompt,
+                                                               n_generate + margin,
+                                                               stop_tokens[0] if stop_tokens else None)
+            truth = self._references[key]
+            tokens = ReferenceTokens(prompt + truth, plan.target.vocab_size)
+            reference = truth[:n_generate]
+            if stop_tokens and stop_tokens[0] in reference:
+                reference = reference[:reference.index(stop_tokens[0]) + 1]
+        else:
+            tokens = SyntheticTokens(scenario.models.target_spec().vocab_size, scenario.workload.seed)
+            reference = [tokens.token(p) for p in range(len(prompt), len(prompt) + n_generate)]
+        predictor = None
+        if not level.is_target:  # the target's own predictions stand (real, or the synthetic truth)
+            from .chain import oracle_predictor
+
+            acc = scenario.acceptance
+            acceptance = AcceptanceModel(acc.model, acc.alpha, acc.alphas, acc.sequence, prompt_len=len(prompt),
+                                         seed=acc.seed + 7919 * scenario.workload.seed)
+            predictor = oracle_predictor(tokens, acceptance.uniform, scenario.chain_alphas()[level.index])
+        return prompt, tokenizer, predictor, stop_tokens, reference
+
+    def _chain(self, plan: Plan, deadline: float) -> GenerationResult | None:
+        """One generation of a PipeSpec chain on every rank (rank 0, level 0's head, gathers the trace)."""
+        from .chain import ChainHead, make_level
+
+        comm, ex, scenario = self.comm, plan.executor, plan.scenario
+        poll, rank = ex.poll_interval_s, self.rank
+        level = plan.level_of(rank)
+        level_heads = [lv.ranks[0] for lv in plan.levels]
+        is_head = rank == level.ranks[0]
+        if level.model is not None:  # load the stage while rank 0 prepares
+            j = level.ranks.index(rank)
+            start, end = level.layer_ranges[j]
+            self._models(plan).stage(level.model, start, end, j == 0, j == len(level.ranks) - 1)
+        parts = self._chain_head_parts(plan, level) if is_head else None
+        setup = np.zeros(2, dtype=np.int64)
+        if rank == 0:
+            capacity = len(parts[0]) + scenario.workload.generate_tokens + ex.kv_headroom
+            for peer in range(1, self.size):
+                comm.Send(np.asarray([capacity, 1], dtype=np.int64), dest=peer, tag=TAG_SETUP)
+        else:
+            _wait_for(comm, 0, TAG_SETUP, deadline, "SETUP", poll)
+            comm.Recv(setup, source=0, tag=TAG_SETUP)
+            capacity = int(setup[0])
+        backend = self._chain_stage(plan, capacity)
+        flag = np.ones(1, dtype=np.int64)
+        if rank == 0:
+            for peer in range(1, self.size):
+                _wait_for(comm, peer, TAG_READY, deadline, "READY (stage loaded)", poll)
+                comm.Recv(flag, source=peer, tag=TAG_READY)
+            for peer in level_heads[1:]:
+                comm.Send(flag, dest=peer, tag=TAG_GO)
+        else:
+            comm.Send(flag, dest=0, tag=TAG_READY)
+            if is_head:
+                _wait_for(comm, 0, TAG_GO, deadline, "GO (every rank ready)", poll)
+                comm.Recv(flag, source=0, tag=TAG_GO)
+
+        records: list[Record] = []
+        link = LinkEmulator(scenario, plan.node_names) if ex.link_emulation else None
+        messenger = Messenger(self.data_comm, self.clock, plan.node_names, records, link, poll)
+        outcome = None
+        fault = ex.fault_rank == rank
+        if is_head:
+            prompt, tokenizer, predictor, stop_tokens, reference = parts
+            machine = make_level(level.index, len(plan.levels), prompt, scenario.workload.generate_tokens,
+                                 scenario.strategy.params(), stop_tokens)
+            head = ChainHead(machine, level.index, level.ranks, level_heads, backend, messenger, self.clock,
+                             records, plan.node_names[rank], deadline, predictor, fault)
+            outcome = head.run()
+        else:
+            Worker(rank, self.size, backend, messenger, self.clock, records, plan.node_names[rank], deadline,
+                   fault=fault, pipeline=level.ranks).run()
+        dropped = messenger.drain(deadline)
+        if rank != 0:
+            report = {"records": [tuple(r) for r in records], "kv_max_cells": getattr(backend, "max_cells", 0),
+                      "kv_final_cells": backend.kv_cells(), "dropped": dropped}
+            if outcome is not None and level.is_target:
+                report["outcome"] = (outcome.output_tokens, outcome.t_start, outcome.t_end)
+            self._send_report(report, deadline, poll)
+            return None
+        return self._chain_trace(plan, parts, backend, records, outcome, dropped, capacity, deadline)
+
+    def _send_report(self, report: dict, deadline: float, poll: float) -> None:
+        request = self.comm.isend(report, dest=0, tag=TAG_RECORDS)
+        while not request.Test():
+            if time.monotonic() > deadline:
+                raise ExecutorTimeout("timed out sending the trace records to the head")
+            time.sleep(poll)
+
+    def _chain_trace(self, plan: Plan, parts, backend, records, outcome, dropped, capacity, deadline):
+        scenario, ex = plan.scenario, plan.executor
+        prompt, tokenizer, _predictor, _stop, reference = parts
+        target_head = plan.levels[-1].ranks[0]
+        reports: dict[int, dict] = {}
+        records, kv_max, kv_final, dropped = self._gather(backend, records, deadline, ex.poll_interval_s, dropped,
+                                                          reports)
+        if target_head == 0:
+            output, t_end = outcome.output_tokens, outcome.t_end
+        else:
+            output, _t_start, t_end = reports[target_head]["outcome"]
+            t_end -= self.offsets[target_head]
+        t_start = outcome.t_start
+        after_end = sum(1 for r in records if r.t0 > t_end)
+        records = [r for r in records if r.t0 <= t_end]
+        meta = {
+            "ranks": plan.n_ranks, "layer_ranges": plan.layer_ranges, "prompt_tokens": len(prompt), "prompt": prompt,
+            "compute": ex.compute, "link_emulation": ex.link_emulation, "model": ex.model if plan.real else None,
+            "chain": [[spec.name for spec in scenario.models.chain_specs()]],
+            "chain_nodes": [level.ranks for level in plan.levels],
+            "chain_models": [level.model.text if level.model is not None else None for level in plan.levels],
+            "chain_alphas": scenario.chain_alphas(), "draft": ex.draft,
+            "threads_per_rank": ex.threads_per_rank, "clock_offsets": list(self.offsets),
+            "kv_capacity": capacity, "kv_max_cells": kv_max, "kv_final_cells": kv_final,
+            "messages_dropped_at_end": dropped, "records_after_end": after_end, "reference_tokens": reference,
+            "matches_reference": None if reference is None else list(output) == reference,
+        }
+        trace = Trace(engine="measured", strategy=scenario.strategy.name, scenario=scenario.name,
+                      nodes=plan.node_names, t_start=t_start, t_end=t_end, records=records,
+                      output_tokens=list(output), meta=meta)
+        metrics = compute_metrics(trace)
+        metrics["output_tokens"] = list(output)
+        metrics["output_text"] = tokenizer.decode(list(output)) if tokenizer is not None else None
+        return GenerationResult(trace, clean_for_json(metrics))
 
     # -- worker ----------------------------------------------------------------------------------------
     def _worker(self, plan: Plan, deadline: float) -> None:

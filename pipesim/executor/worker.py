@@ -49,7 +49,7 @@ class Worker:
         self.rank = rank
         # the ranks of this rank's pipeline in order, its head first (a PipeSpec level; default: all ranks)
         pipeline = list(range(n_ranks)) if pipeline is None else list(pipeline)
-        index = pipeline.index(rank)
+        self.index = index = pipeline.index(rank)  # its stage in the pipeline (the rank itself by default)
         self.head = pipeline[0]
         self.next = pipeline[index + 1] if index + 1 < len(pipeline) else None
         self.previous = pipeline[index - 1] if index > 1 else None  # cancellations go back down to index 1
@@ -116,7 +116,7 @@ class Worker:
         out = self.backend.forward(msg, activations, self._should_cancel, self._exit_sender(msg))
         self.current = None
         aborted = out is None
-        note = f"stage{self.rank}:aborted" if aborted else f"stage{self.rank}"
+        note = f"stage{self.index}:aborted" if aborted else f"stage{self.index}"
         self.records.append(Record("compute", start, self.clock.now(), self.name, msg.run_id, msg.n_tokens, note=note))
         if aborted:
             self._forward_header(msg)
