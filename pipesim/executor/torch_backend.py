@@ -191,13 +191,14 @@ class TorchStage:
         token_seqs = torch.zeros((n, self.max_seqs), dtype=torch.bool)
         token_seqs[:, list(msg.seq_ids)] = True
         out = self.stage(inputs, torch.tensor(msg.positions, dtype=torch.int64), token_seqs, self.kv, should_cancel,
-                         after_layer=self._exit_hook(msg, on_exit))
+                         after_layer=self._exit_hook(msg, on_exit),
+                         output_from=msg.output_from if self.stage.has_output_head else 0)
         self.max_cells = max(self.max_cells, self.kv.used_cells())
         if out is None:
             return None
         if not self.stage.has_output_head:
             return np.ascontiguousarray(out.numpy(), dtype=np.float32)
-        logits = out[msg.output_from:]
+        logits = out  # the stage computed the output head for the returned tokens only
         n_out, vocab = logits.shape
         if self.return_mode == "logits":
             return PredictionMessage(msg.run_id, "logits", n_out, vocab, None, logits.numpy())
@@ -229,7 +230,7 @@ class ModelRunner:
         start = len(self.cached)
         ids = torch.tensor([t % self.vocab_size for t in tokens], dtype=torch.int64)
         positions = torch.arange(start, start + len(tokens), dtype=torch.int64)
-        logits = self.model(ids, positions, self._seq.expand(len(tokens), 1), self.kv)
+        logits = self.model(ids, positions, self._seq.expand(len(tokens), 1), self.kv, output_from=len(tokens) - 1)
         self.cached.extend(tokens)
         probs = torch.softmax(logits[-1], dim=0)
         best = int(torch.argmax(probs))

@@ -355,6 +355,7 @@ class LlamaStage(nn.Module):
         kv: KVCache,
         should_cancel: Callable[[], bool] | None = None,
         after_layer: Callable[[int, torch.Tensor], None] | None = None,
+        output_from: int = 0,
     ) -> torch.Tensor | None:
         """Run a batch of tokens (possibly from several runs) through the stage.
 
@@ -364,6 +365,8 @@ class LlamaStage(nn.Module):
         when ``should_cancel()`` turns true (checked before the run and between layers); an aborted run
         frees the cells it took, leaving the cache as it was. ``after_layer(layer, hidden)``, if given, is
         called after each layer with its global index and the hidden states [n, d_model] it produced.
+        On a stage with the output head, only tokens from ``output_from`` on get logits ([n - output_from, vocab]):
+        a prefill needs the last token's alone.
         """
         if should_cancel is not None and should_cancel():
             return None
@@ -402,7 +405,7 @@ class LlamaStage(nn.Module):
         if not self.has_output_head:
             return x
         assert self.output_norm is not None
-        h = self.output_norm(x)
+        h = self.output_norm(x[output_from:])
         head = self.token_embd.weight if self._shares_embedding else self.output.weight  # type: ignore[union-attr]
         return h @ head.T
 
