@@ -43,8 +43,9 @@ def fit_profile(raw: dict[str, Any], command: str = "") -> tuple[HardwareProfile
     links: dict[str, LinkCoefficients] = {}
     quality: dict[str, Any] = {"stage": {}, "links": {}}
     verify_overhead = 0.0
+    in_situ = _in_situ_stage_samples(raw)
     for report in raw["ranks"]:
-        stage = fit_stage([StageSample(**s) for s in report["stage"]])
+        stage = fit_stage([StageSample(**s) for s in report["stage"]] + in_situ.get(report["node"], []))
         coefficients = NodeCoefficients(stage.overhead, stage.layer_fixed, stage.layer_per_token,
                                         stage.layer_per_token_context, stage.head_fixed, stage.head_per_output,
                                         host=report["host"])
@@ -77,6 +78,33 @@ def fit_profile(raw: dict[str, Any], command: str = "") -> tuple[HardwareProfile
                     "draft = a + b*n + d*n*c"}
     model = raw.get("model") or "emulated"
     return HardwareProfile(model, nodes, links, verify_overhead, meta), quality
+
+
+def _in_situ_stage_samples(raw: dict[str, Any]) -> dict[str, list[StageSample]]:
+    """Stage samples from the measured generations' compute records (the stages under real conditions: both
+    ranks busy, messages in flight), which the microbenchmarks alone underestimate on a shared machine.
+
+    Records carry the run's token count but not its position: the context is taken as the prompt length (the
+    context term is small over a short generation). The last stage computes the head for every token of a run
+    but a prefill's, which returns only its last prediction.
+    """
+    out: dict[str, list[StageSample]] = {}
+    layers = {report["node"]: report["stage"][0]["n_layers"] for report in raw["ranks"] if report["stage"]}
+    last = raw["ranks"][-1]["node"]
+    for key in ("iterative", "speculative"):
+        generation = raw.get(key)
+        if not generation:
+            continue
+        trace = generation["trace"]
+        prompt = int(trace["meta"].get("prompt_tokens", 0))
+        prefills = {r[4] for r in trace["records"] if r[0] == "launch" and r[9] == "prefill"}
+        for r in trace["records"]:
+            kind, t0, t1, where, run_id, n_tokens, note = r[0], r[1], r[2], r[3], r[4], r[5], r[9]
+            if kind != "compute" or not note.startswith("stage") or note.endswith(":aborted") or where not in layers:
+                continue
+            outputs = 0 if where != last else (1 if run_id in prefills else n_tokens)
+            out.setdefault(where, []).append(StageSample(layers[where], n_tokens, prompt, outputs, t1 - t0))
+    return out
 
 
 def _in_situ_head_costs(raw: dict[str, Any], nodes: dict[str, NodeCoefficients], quality: dict[str, Any]) -> None:
