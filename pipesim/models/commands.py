@@ -1,9 +1,13 @@
-"""``pipesim models ...`` commands: list the catalog, fetch a real model file."""
+"""``pipesim models ...`` commands: list the catalog, fetch a real model file, train early-exit adapters."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
 from pipesim.models.catalog import CATALOG
 from pipesim.models.fetch import FETCHABLE, fetch_model, find_model
@@ -12,9 +16,9 @@ __all__ = ["register"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``models`` command (with ``fetch`` and ``list``) to a CLI's subparsers."""
+    """Add the ``models`` command (with ``fetch``, ``list`` and ``train-exit``) to a CLI's subparsers."""
     models = subparsers.add_parser("models", help="model catalog and model files")
-    actions = models.add_subparsers(dest="models_command", metavar="{fetch,list}")
+    actions = models.add_subparsers(dest="models_command", metavar="{fetch,list,train-exit}")
     models.set_defaults(func=lambda args: _usage(models))
 
     fetch = actions.add_parser(
@@ -32,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     listing = actions.add_parser("list", help="list the catalog of model shapes and fetchable model files")
     listing.add_argument("--cache-dir", default=None, help="cache directory to look for fetched files in")
     listing.set_defaults(func=_list)
+    _register_train_exit(actions)
     return models
 
 
@@ -78,3 +83,179 @@ def _human(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f}{unit}"
     return str(n)
+
+
+# ----------------------------------------------------------------- train-exit
+
+
+def _register_train_exit(actions: argparse._SubParsersAction) -> None:
+    train = actions.add_parser(
+        "train-exit",
+        help="train early-exit adapters (SPEED's self-draft) on text the model generates itself",
+        description="Generate continuations of built-in chat prompts, record the hidden state after each exit "
+        "layer and the full model's greedy next token, fit one adapter per layer (least-squares warm start, "
+        "then cross-entropy with AdamW) and report held-out agreement (exit top-1 == greedy token).",
+    )
+    train.add_argument(
+        "--layer", type=_layer_list, action="append", required=True, metavar="K",
+        help="exit layer: the state after the first K layers; repeat or comma-separate for several (one data set)",
+    )
+    train.add_argument(
+        "--model", default="smollm2",
+        help="a fetchable model (smollm2), a Llama GGUF file, or 'tiny' (the random test model); default smollm2",
+    )
+    train.add_argument("--tokens", type=int, default=None, help="positions to record, train + held out (default 60000)")
+    train.add_argument("--steps", type=int, default=None, help="cross-entropy steps per layer, 0: warm start only (default 1500)")
+    train.add_argument("--rank", type=_rank, default=None, help="adapter rank, or 'full' (default full)")
+    train.add_argument("--init", choices=("lsq", "identity"), default=None, help="warm start (default lsq)")
+    train.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3)")
+    train.add_argument("--batch-size", type=int, default=None, help="positions per step (default 64)")
+    train.add_argument("--holdout", type=float, default=None, help="fraction of prompts held out (default 0.15)")
+    train.add_argument("--max-new-tokens", type=int, default=None, help="tokens per continuation (default 160)")
+    train.add_argument("--seed", type=int, default=0, help="seed of prompt order, sampling, split and training")
+    train.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    train.add_argument(
+        "--out", default="exit-{model}-layer{layer:02d}.pt",
+        help="adapter file; {layer}, {model}, {rank} are filled in (default exit-{model}-layer{layer:02d}.pt)",
+    )
+    train.add_argument(
+        "--summary", default=None,
+        help="JSON file to merge the results into (model -> alpha per layer, details), e.g. acceptance.json",
+    )
+    train.add_argument("--cache-dir", default=None, help="cache directory of fetched models")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=_train_exit)
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        layers = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layer takes integers (e.g. 10 or 6,10,15), got {text!r}") from None
+    if not layers:
+        raise argparse.ArgumentTypeError(f"--layer names no layer: {text!r}")
+    return layers
+
+
+def _rank(text: str) -> int | str:
+    if text.lower() == "full":
+        return "full"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rank takes an integer or 'full', got {text!r}") from None
+
+
+def _load_for_training(model: str, cache_dir: str | None, seed: int) -> tuple:
+    """(model key, full model, prompts as token ids, eos id) for ``--model``."""
+    from pipesim.models.exit_training import chat_prompts, random_prompts
+
+    if model == "tiny":
+        from pipesim.models.tiny import build_tiny_stage, make_tiny_model_weights
+
+        stage = build_tiny_stage(make_tiny_model_weights(seed=seed))
+        return "tiny", stage, random_prompts(400, 8, stage.config.vocab_size, seed), None
+    from pipesim.models.gguf_loader import load_gguf_stage, open_gguf
+    from pipesim.models.tokenizer import GGUFTokenizer
+
+    path = Path(model).expanduser()
+    key = path.stem
+    if not path.is_file():
+        if model.lower() not in FETCHABLE and model.lower() not in ("smollm2-135m", "smollm2-135m-instruct"):
+            raise ValueError(f"--model {model!r} is neither a file nor a fetchable model ({', '.join(sorted(FETCHABLE))})")
+        found = find_model(model, cache_dir=cache_dir)
+        if found is None:
+            raise ValueError(f"model {model!r} is not fetched yet: run `pipesim models fetch {model}`")
+        path, key = found, "smollm2" if model.lower().startswith("smollm2") else model.lower()
+    reader = open_gguf(path)
+    tokenizer = GGUFTokenizer.from_gguf(reader)
+    prompts = [tokenizer.encode_chat(text) for text in chat_prompts()]
+    return key, load_gguf_stage(reader), prompts, tokenizer.eos_id
+
+
+def _train_exit(args: argparse.Namespace) -> int:
+    import torch
+
+    from pipesim.models.exit_training import ExitTrainingConfig, train_exit_adapters
+
+    layers = tuple(sorted({k for group in args.layer for k in group}))
+    if len(layers) > 1 and "{layer" not in args.out:
+        print(f"pipesim models train-exit: --out {args.out!r} needs {{layer}} when training several layers", file=sys.stderr)
+        return 2
+    options = {
+        "n_tokens": args.tokens, "steps": args.steps, "init": args.init, "lr": args.lr,
+        "batch_size": args.batch_size, "holdout": args.holdout, "max_new_tokens": args.max_new_tokens,
+    }
+    options = {k: v for k, v in options.items() if v is not None}
+    if args.rank is not None:
+        options["rank"] = None if args.rank == "full" else args.rank
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        config = ExitTrainingConfig(layers=layers, seed=args.seed, **options)
+        key, model, prompts, eos_id = _load_for_training(args.model, args.cache_dir, args.seed)
+        for k in layers:
+            if not 1 <= k < model.config.n_layers:
+                raise ValueError(f"--layer {k} must lie in [1, {model.config.n_layers - 1}] for this model")
+        start = time.perf_counter()
+        results = train_exit_adapters(model, prompts, config, eos_id=eos_id, progress=not args.quiet)
+    except (ValueError, OSError) as exc:
+        print(f"pipesim models train-exit: {exc}", file=sys.stderr)
+        return 1
+    total = time.perf_counter() - start
+    command = (
+        f"pipesim models train-exit --layer {','.join(map(str, layers))} --model {args.model} "
+        f"--tokens {config.n_tokens} --steps {config.steps} --rank {config.rank or 'full'} --init {config.init} "
+        f"--lr {config.lr:g} --batch-size {config.batch_size} --holdout {config.holdout:g} "
+        f"--max-new-tokens {config.max_new_tokens} --seed {config.seed} --threads {args.threads}"
+    )
+    rows = []
+    for result in results:
+        summary = result.summary()
+        path = Path(args.out.format(layer=result.exit_layer, model=key, rank=config.rank or "full"))
+        result.adapter.notes = {**summary, "command": command, "n_tokens": config.n_tokens, "seed": config.seed}
+        result.adapter.save(path)
+        summary["file"] = str(path)
+        summary["bytes"] = path.stat().st_size
+        rows.append(summary)
+    print(f"model {key} ({model.config.name}); {rows[0]['n_train']} train / {rows[0]['n_holdout']} held-out positions; "
+          f"{total:.0f} s in all")
+    print("held-out agreement of the exit's top-1 token with the full model's greedy token "
+          "(all held-out positions | greedy continuations only):")
+    print(f"{'layer':>5} {'rank':>5} {'untrained':>9} {'trained':>8} | {'untrained':>9} {'trained':>8} {'train s':>8}  file")
+    for row in rows:
+        print(f"{row['exit_layer']:>5} {row['rank'] or 'full':>5} {row['untrained']:>9.3f} {row['trained']:>8.3f} | "
+              f"{row['untrained_greedy']:>9.3f} {row['trained_greedy']:>8.3f} {row['train_seconds']:>8.1f}  {row['file']}")
+    if args.summary:
+        _merge_summary(Path(args.summary), key, model, rows, command)
+        print(f"summary: {args.summary}")
+    return 0
+
+
+def _merge_summary(path: Path, key: str, model: Any, rows: list[dict], command: str) -> None:
+    """Merge per-layer results into ``path`` (model key -> alpha per layer + details), files relative to it."""
+    from pipesim.models.early_exit import model_fingerprint
+
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    fingerprint = model_fingerprint(model)
+    entry = table.get(key, {})
+    if entry.get("model_fingerprint") not in (None, fingerprint):
+        entry = {}  # other weights under the same name: start afresh
+    entry.update({
+        "model_name": model.config.name,
+        "model_fingerprint": fingerprint,
+        "metric": "held-out top-1 agreement of the adapted exit with the full model's greedy next token, on greedy "
+                  "continuations of held-out prompts (alpha per exit layer; exit layer k = state after k layers)",
+    })
+    layers = entry.setdefault("layers", {})
+    for row in rows:
+        file = Path(row["file"]).resolve()
+        try:
+            file_text = str(file.relative_to(path.resolve().parent))
+        except ValueError:
+            file_text = str(file)
+        layers[str(row["exit_layer"])] = {**row, "file": file_text, "command": command}
+    entry["layers"] = dict(sorted(layers.items(), key=lambda item: int(item[0])))
+    entry["alpha"] = {k: v["trained_greedy"] for k, v in entry["layers"].items()}
+    table[key] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=2) + "\n")
