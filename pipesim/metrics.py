@@ -12,10 +12,18 @@ from .trace import Trace
 
 
 def _busy_fraction(spans: list[tuple[float, float]], t0: float, t1: float) -> float:
+    """Fraction of [t0, t1] covered by the union of ``spans`` (nested spans, e.g. SPEED's early exit inside its
+    stage's compute, count once)."""
     wall = t1 - t0
     if wall <= 0:
         return 0.0
-    busy = sum(max(0.0, min(b, t1) - max(a, t0)) for a, b in spans)
+    busy = 0.0
+    reach = t0
+    for a, b in sorted(spans):
+        a, b = max(a, reach), min(b, t1)
+        if b > a:
+            busy += b - a
+            reach = b
     return busy / wall
 
 

@@ -156,6 +156,9 @@ class AcceptanceConfig(_Strict):
         default_factory=list, description="positional: acceptance by depth ahead of the committed sequence")
     sequence: list[Annotated[int, Field(ge=0, le=1)]] = Field(
         default_factory=list, description="replay: 1/0 per generated position (draft right/wrong)")
+    exit_alphas: dict[int, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=dict, description="speed: alpha by strategy.exit_layer (linear between the layers given; "
+                                          "replaces acceptance.alpha), e.g. measured by `pipesim models train-exit`")
     chain_alphas: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
         default_factory=list, description="PipeSpec: per draft model (smallest first), how often its token equals "
                                           "the target's (non-decreasing; default: alpha^((k-i)/k))")
@@ -245,6 +248,10 @@ class Scenario(_Strict):
         if self.strategy.name == "speed" and self.strategy.exit_layer >= n_layers:
             raise ValueError(f"strategy.exit_layer={self.strategy.exit_layer} is not a layer of the target "
                              f"({n_layers} layers)")
+        exits = self.acceptance.exit_alphas
+        if self.strategy.name == "speed" and exits and not min(exits) <= self.strategy.exit_layer <= max(exits):
+            raise ValueError(f"strategy.exit_layer={self.strategy.exit_layer} lies outside acceptance.exit_alphas "
+                             f"(layers {min(exits)}..{max(exits)})")
         if self.strategy.name in CHAIN_STRATEGIES:
             self._check_chain()
         if self.strategy.name in ("speculative", "pipeinfer") and self.models.draft is None:
@@ -255,6 +262,20 @@ class Scenario(_Strict):
             raise ValueError("acceptance.sequence must be given for acceptance.model=replay")
         return self
 
+
+    def acceptance_alpha(self) -> float:
+        """The i.i.d. acceptance rate in effect: for ``speed`` with ``acceptance.exit_alphas``, the α of the exit
+        layer (linear between the two nearest layers given); otherwise ``acceptance.alpha``."""
+        table = self.acceptance.exit_alphas
+        if self.strategy.name != "speed" or not table:
+            return self.acceptance.alpha
+        layer = self.strategy.exit_layer
+        below = max(k for k in table if k <= layer)
+        above = min(k for k in table if k >= layer)
+        if below == above:
+            return table[below]
+        share = (layer - below) / (above - below)
+        return table[below] + share * (table[above] - table[below])
 
     def _check_chain(self) -> None:
         if self.models.chain is None and self.models.draft is None:

@@ -94,3 +94,22 @@ def test_speed_needs_no_draft_model_and_checks_the_exit_layer():
     assert compute_metrics(simulate(scenario))["generated_tokens"] == 128
     with pytest.raises(ScenarioError, match="exit_layer=80 is not a layer"):
         paper("strategy.exit_layer=80")
+
+
+def test_speed_takes_alpha_by_exit_layer_from_the_table():
+    table = "acceptance.exit_alphas={4: 0.2, 20: 0.9}"
+    assert paper(table, "strategy.exit_layer=12").acceptance_alpha() == pytest.approx(0.55)
+    assert paper(table).acceptance_alpha() == 0.9
+    assert paper(table, "acceptance.alpha=0.1").acceptance_alpha() == 0.9  # the table wins for speed
+    assert load_scenario(PAPER, ["strategy.name=pipeinfer", table]).acceptance_alpha() == 0.7  # others: alpha
+    metrics = compute_metrics(simulate(paper(table, "strategy.exit_layer=12", "workload.generate_tokens=2000")))
+    assert metrics["acceptance_rate"] == pytest.approx(0.55, abs=0.04)
+    with pytest.raises(ScenarioError, match=r"exit_layer=30 lies outside acceptance.exit_alphas \(layers 4..20\)"):
+        paper(table, "strategy.exit_layer=30")
+
+
+def test_early_exit_inside_its_stage_counts_once_in_utilization():
+    trace = simulate(paper("acceptance.alpha=0.9", "strategy.exit_layer=3"))  # the exit lies on the head's stage
+    exits = [r for r in trace.records if r.kind == "compute" and r.note.startswith("exit")]
+    assert exits and all(r.where == "n0" for r in exits)
+    assert all(0 < u <= 1 + 1e-9 for u in compute_metrics(trace)["node_utilization"].values())

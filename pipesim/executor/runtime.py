@@ -145,8 +145,8 @@ class RankRuntime:
         scenario, ex = plan.scenario, plan.executor
         n_generate = scenario.workload.generate_tokens
         acc = scenario.acceptance
-        acceptance = AcceptanceModel(acc.model, acc.alpha, acc.alphas, acc.sequence, prompt_len=len(prompt),
-                                     seed=acc.seed + 7919 * scenario.workload.seed)
+        acceptance = AcceptanceModel(acc.model, scenario.acceptance_alpha(), acc.alphas, acc.sequence,
+                                     prompt_len=len(prompt), seed=acc.seed + 7919 * scenario.workload.seed)
         stop_tokens: tuple[int, ...] = ()
         if ex.stop_at_eos and tokenizer is not None and tokenizer.eos_id is not None:
             stop_tokens = (tokenizer.eos_id,)

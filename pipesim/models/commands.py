@@ -147,14 +147,15 @@ def _rank(text: str) -> int | str:
 
 
 def _load_for_training(model: str, cache_dir: str | None, seed: int) -> tuple:
-    """(model key, full model, prompts as token ids, eos id) for ``--model``."""
-    from pipesim.models.exit_training import chat_prompts, random_prompts
+    """(model key, full model, training prompts, eval prompts (token ids), eos id) for ``--model``."""
+    from pipesim.models.exit_training import chat_prompts, eval_prompts, random_prompts
 
     if model == "tiny":
         from pipesim.models.tiny import build_tiny_stage, make_tiny_model_weights
 
         stage = build_tiny_stage(make_tiny_model_weights(seed=seed))
-        return "tiny", stage, random_prompts(400, 8, stage.config.vocab_size, seed), None
+        vocab = stage.config.vocab_size
+        return "tiny", stage, random_prompts(400, 8, vocab, seed), random_prompts(24, 8, vocab, seed + 7919), None
     from pipesim.models.gguf_loader import load_gguf_stage, open_gguf
     from pipesim.models.tokenizer import GGUFTokenizer
 
@@ -170,7 +171,8 @@ def _load_for_training(model: str, cache_dir: str | None, seed: int) -> tuple:
     reader = open_gguf(path)
     tokenizer = GGUFTokenizer.from_gguf(reader)
     prompts = [tokenizer.encode_chat(text) for text in chat_prompts()]
-    return key, load_gguf_stage(reader), prompts, tokenizer.eos_id
+    held = [tokenizer.encode_chat(text) for text in eval_prompts()]
+    return key, load_gguf_stage(reader), prompts, held, tokenizer.eos_id
 
 
 def _train_exit(args: argparse.Namespace) -> int:
@@ -192,12 +194,14 @@ def _train_exit(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     try:
         config = ExitTrainingConfig(layers=layers, seed=args.seed, **options)
-        key, model, prompts, eos_id = _load_for_training(args.model, args.cache_dir, args.seed)
+        key, model, prompts, fresh, eos_id = _load_for_training(args.model, args.cache_dir, args.seed)
         for k in layers:
             if not 1 <= k < model.config.n_layers:
                 raise ValueError(f"--layer {k} must lie in [1, {model.config.n_layers - 1}] for this model")
         start = time.perf_counter()
-        results = train_exit_adapters(model, prompts, config, eos_id=eos_id, progress=not args.quiet)
+        results = train_exit_adapters(
+            model, prompts, config, eos_id=eos_id, progress=not args.quiet, eval_prompts=fresh
+        )
     except (ValueError, OSError) as exc:
         print(f"pipesim models train-exit: {exc}", file=sys.stderr)
         return 1
@@ -217,14 +221,13 @@ def _train_exit(args: argparse.Namespace) -> int:
         summary["file"] = str(path)
         summary["bytes"] = path.stat().st_size
         rows.append(summary)
-    print(f"model {key} ({model.config.name}); {rows[0]['n_train']} train / {rows[0]['n_holdout']} held-out positions; "
-          f"{total:.0f} s in all")
-    print("held-out agreement of the exit's top-1 token with the full model's greedy token "
-          "(all held-out positions | greedy continuations only):")
-    print(f"{'layer':>5} {'rank':>5} {'untrained':>9} {'trained':>8} | {'untrained':>9} {'trained':>8} {'train s':>8}  file")
+    print(f"model {key} ({model.config.name}); {rows[0]['n_train']} train, {rows[0]['n_holdout']} held-out, "
+          f"{rows[0]['n_fresh']} eval-prompt positions; {total:.0f} s in all")
+    print("agreement of the exit's top-1 token with the full model's greedy token, untrained -> trained:")
+    print(f"{'layer':>5} {'rank':>5} {'held-out prompts':>17} {'eval prompts':>15} {'train s':>8}  file")
     for row in rows:
-        print(f"{row['exit_layer']:>5} {row['rank'] or 'full':>5} {row['untrained']:>9.3f} {row['trained']:>8.3f} | "
-              f"{row['untrained_greedy']:>9.3f} {row['trained_greedy']:>8.3f} {row['train_seconds']:>8.1f}  {row['file']}")
+        print(f"{row['exit_layer']:>5} {row['rank'] or 'full':>5} {row['untrained']:>7.3f} -> {row['trained']:.3f} "
+              f"{row['fresh_untrained']:>6.3f} -> {row['fresh_trained']:.3f} {row['train_seconds']:>8.1f}  {row['file']}")
     if args.summary:
         _merge_summary(Path(args.summary), key, model, rows, command)
         print(f"summary: {args.summary}")
@@ -243,8 +246,9 @@ def _merge_summary(path: Path, key: str, model: Any, rows: list[dict], command: 
     entry.update({
         "model_name": model.config.name,
         "model_fingerprint": fingerprint,
-        "metric": "held-out top-1 agreement of the adapted exit with the full model's greedy next token, on greedy "
-                  "continuations of held-out prompts (alpha per exit layer; exit layer k = state after k layers)",
+        "metric": "alpha: top-1 agreement of the adapted exit with the full model's greedy next token on greedy "
+                  "continuations of the eval prompts (exit_training.eval_prompts, written apart from the training "
+                  "pool); exit layer k = the state after k layers",
     })
     layers = entry.setdefault("layers", {})
     for row in rows:
@@ -255,7 +259,7 @@ def _merge_summary(path: Path, key: str, model: Any, rows: list[dict], command: 
             file_text = str(file)
         layers[str(row["exit_layer"])] = {**row, "file": file_text, "command": command}
     entry["layers"] = dict(sorted(layers.items(), key=lambda item: int(item[0])))
-    entry["alpha"] = {k: v["trained_greedy"] for k, v in entry["layers"].items()}
+    entry["alpha"] = {k: v["alpha"] for k, v in entry["layers"].items()}
     table[key] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(table, indent=2) + "\n")

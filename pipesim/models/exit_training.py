@@ -36,6 +36,7 @@ __all__ = [
     "ExitTrainingConfig",
     "ExitTrainingResult",
     "chat_prompts",
+    "eval_prompts",
     "collect_exit_data",
     "random_prompts",
     "train_adapter",
@@ -55,7 +56,13 @@ _TOPICS = (
     "supply and demand", "dinosaurs", "the Silk Road", "bread baking", "tides", "vitamins",
     "the periodic table", "democracy", "glaciers", "wind turbines", "origami", "the Industrial Revolution",
     "octopuses", "public libraries", "marathon training", "the speed of light", "bicycles", "tea ceremonies",
-    "password security",
+    "password security", "the Amazon river", "social media", "fermentation", "the violin", "comets",
+    "urban gardening", "the Cold War", "probability", "hurricanes", "the Mona Lisa", "remote work",
+    "3D printing", "the Byzantine Empire", "migrating birds", "composting", "video games", "the Sahara desert",
+    "blood types", "the metric system", "sourdough starters", "lightning", "the Beatles", "mushrooms",
+    "the Mars rovers", "time zones", "minimalism", "penguins", "the Eiffel Tower", "noise pollution",
+    "sign language", "the Fibonacci sequence", "elephants", "the first computers", "budget travel",
+    "volunteering", "the Aztecs", "fast fashion", "caffeine", "the northern lights", "typography",
 )
 _TASKS = (
     "Explain {t} in simple terms.",
@@ -68,6 +75,21 @@ _TASKS = (
     "Write a short story that involves {t}.",
     "What are common misconceptions about {t}?",
     "Summarize the key ideas behind {t} in a few sentences.",
+    "Write a quiz with three questions about {t}, and give the answers.",
+    "I have to give a two-minute talk on {t}. Can you draft it?",
+    "What would the world look like without {t}?",
+    "Describe {t} as if you were a tour guide.",
+    "List five words that come to mind with {t}, and say why.",
+    "Write a tweet that makes people curious about {t}.",
+    "How is {t} connected to everyday life?",
+    "Write a dialogue between a teacher and a student about {t}.",
+    "What questions do scientists or historians still ask about {t}?",
+    "Give me a step-by-step beginner's guide to {t}.",
+    "Compare {t} with something similar and explain the difference.",
+    "Write a limerick about {t}.",
+    "What is one surprising thing most people don't know about {t}?",
+    "Explain {t} using an analogy with cooking.",
+    "Write a product description for an imaginary book about {t}.",
 )
 _QUESTIONS = (
     "What is the capital of Australia, and why was it chosen?",
@@ -94,18 +116,111 @@ _QUESTIONS = (
     "Describe a sunset over the ocean.",
     "What is the difference between a list and a tuple in Python?",
     "Give me a workout plan for beginners.",
-    "How do vaccines train the immune system?",
     "Write a limerick about a cat who loves pizza.",
     "Explain the rules of soccer briefly.",
     "What are prime numbers? List the first ten.",
     "How do I change a flat tire?",
     "Write a short dialogue between a robot and a child.",
+    "My friend is sad after failing an exam. What could I say to cheer them up?",
+    "Sort these numbers from smallest to largest: 42, 7, 19, 3, 88, 56.",
+    "Rewrite this sentence to sound more formal: 'hey, can u send me the file asap?'",
+    "Is a tomato a fruit or a vegetable?",
+    "Write a function in C that returns the maximum of an array of integers.",
+    "What is the boiling point of water at the top of Mount Everest, roughly, and why?",
+    "Give me three ideas for a child's birthday party at home.",
+    "How many minutes are there in a week? Explain the calculation.",
+    "Write a thank-you card for a teacher who is retiring.",
+    "What is the plot of Romeo and Juliet in five sentences?",
+    "How do I politely decline an invitation to a wedding?",
+    "Classify these animals as mammals, birds or reptiles: eagle, lizard, whale, sparrow, snake.",
+    "Explain what an API is to someone who doesn't code.",
+    "What are some good habits for keeping a clean kitchen?",
+    "Write a short horror story in exactly four sentences.",
+    "If a train travels 300 km in 2.5 hours, what is its average speed?",
+    "What is the difference between 'affect' and 'effect'?",
+    "Give me a grocery list for a week of vegetarian dinners.",
+    "Pretend you are a pirate and describe your ship.",
+    "How does a credit score work?",
+    "Write a regular expression that matches an email address, and explain it.",
+    "What are the stages of grief?",
+    "Explain the difference between RAM and storage in a computer.",
+    "Write a cover letter opening paragraph for a junior graphic designer.",
+    "What makes a good password?",
+    "Summarize the water cycle in one paragraph for a school report.",
+    "How can I reduce my household's energy use in winter?",
+    "Write a bedtime story about a dragon who is afraid of the dark.",
+    "What is the derivative of x squared plus three x?",
+    "How should I prepare for a long-haul flight?",
+    "Describe the taste of a lemon to someone who has never had one.",
+    "What is the difference between a simile and a metaphor? Give examples.",
+    "Write a shell command that counts the lines in all .txt files in a folder.",
+    "What are the benefits of learning to cook at home?",
+    "Give me a packing checklist for moving to a new apartment.",
+    "Why do cats purr?",
+    "Explain how to make a paper airplane that flies far.",
+    "Write an apology message to a customer whose order arrived late.",
+    "What is the tallest mountain in Africa, and how high is it?",
+    "How do noise-cancelling headphones work?",
+    "Suggest five board games for a family evening and say who each suits.",
+    "What is a haiku? Write one about the sea.",
+    "Convert 5 miles to kilometres and show the working.",
+    "Explain the rules of tic-tac-toe and a simple strategy to never lose.",
+    "Write a motivational quote about persistence and explain it.",
+    "What are the main differences between Python and Java?",
+    "How do I keep houseplants alive while I am on holiday?",
+    "Write a short news report about a cat rescued from a tree.",
+    "What causes the seasons on Earth?",
+    "Give me a simple budget plan for a student living on 800 dollars a month.",
+    "How do you say thank you in five different languages?",
+    "Write a JavaScript snippet that reverses a string.",
+    "What happens in the body when we exercise?",
+    "Describe your ideal weekend in a few sentences.",
+    "Explain what a black hole's event horizon is.",
+    "Write a riddle and give its answer.",
+    "What are the three branches of government in many democracies?",
+    "How can I become a better listener?",
+    "Write instructions for brewing a good cup of tea.",
+    "What is machine translation and how does it work in simple terms?",
+    "Explain why the Titanic sank.",
+)
+# Requests written apart from the training pool (no shared template or topic): agreement on their greedy
+# continuations is the acceptance rate reported for the shipped adapters (exit_training.eval_prompts).
+_EVAL_PROMPTS = (
+    "Plan a three-day trip to Rome for a family with two kids.",
+    "What is the difference between a virus and a bacterium?",
+    "Write a Python class that represents a bank account with deposit and withdraw methods.",
+    "Why do leaves change colour in the autumn?",
+    "Give me a recipe for pancakes without eggs.",
+    "Explain what a mortgage is and how interest on it works.",
+    "Write a motivational message for a student before an exam.",
+    "How does GPS determine your location?",
+    "Tell me a fable about a fox and a crow, with a moral.",
+    "What should I consider when buying a used car?",
+    "Write a short speech for my sister's graduation party.",
+    "How are new medicines tested before they reach pharmacies?",
+    "Explain the offside rule in football with an example.",
+    "Write a poem about a rainy Monday morning in the city.",
+    "What are the health benefits and risks of intermittent fasting?",
+    "Describe how a bill of exchange worked in medieval trade.",
+    "How can a small business get its first hundred customers?",
+    "Write a function in Go that computes the factorial of a number.",
+    "What would happen if the Moon disappeared?",
+    "Give me advice for my first week at a new job.",
+    "Explain how a search engine ranks web pages.",
+    "Write a letter to my future self, ten years from now.",
+    "Why are some people left-handed?",
+    "Describe the life cycle of a butterfly.",
 )
 
 
 def chat_prompts() -> list[str]:
-    """Varied user requests (topics x tasks, plus standalone questions), in a fixed order."""
+    """Varied user requests for training data (topics x tasks, plus standalone questions), in a fixed order."""
     return [task.format(t=topic) for topic in _TOPICS for task in _TASKS] + list(_QUESTIONS)
+
+
+def eval_prompts() -> list[str]:
+    """Requests written apart from ``chat_prompts`` (no shared template or topic), for measuring agreement."""
+    return list(_EVAL_PROMPTS)
 
 
 def random_prompts(n: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
@@ -211,7 +326,7 @@ def collect_exit_data(
     model: LlamaStage,
     prompts: Sequence[Sequence[int]],
     layers: Sequence[int],
-    n_tokens: int,
+    n_tokens: int | None,
     *,
     max_new_tokens: int = 160,
     sampled_fraction: float = 0.25,
@@ -222,7 +337,8 @@ def collect_exit_data(
     seed: int = 0,
     progress: bool = True,
 ) -> ExitData:
-    """Generate continuations of ``prompts`` (cycling through them) until ``n_tokens`` positions are recorded.
+    """Generate continuations of ``prompts`` (cycling through them) until ``n_tokens`` positions are recorded
+    (``None``: one continuation of each prompt).
 
     About ``sampled_fraction`` of continuations are sampled (temperature, top-k), the rest greedy; the order
     of prompts is shuffled with ``seed``; each sampled continuation has its own seeded generator.
@@ -232,7 +348,7 @@ def collect_exit_data(
     if not prompts:
         raise ValueError("collect_exit_data needs at least one prompt")
     for name, value in (("n_tokens", n_tokens), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"collect_exit_data {name} must be >= 1, got {value}")
     if not 0 <= sampled_fraction <= 1 or temperature <= 0:
         raise ValueError(
@@ -242,11 +358,12 @@ def collect_exit_data(
     chunks: list[tuple[_Job, dict[int, torch.Tensor], torch.Tensor]] = []
     recorded = 0
     job_index = 0
+    n_jobs = len(prompts) if n_tokens is None else None
     bar = tqdm(total=n_tokens, desc="generating", unit="tok", disable=not progress)
     with bar:
-        while recorded < n_tokens:
+        while (recorded < n_tokens) if n_tokens is not None else (job_index < len(prompts)):
             jobs = []
-            for _ in range(batch_size):
+            for _ in range(batch_size if n_jobs is None else min(batch_size, n_jobs - job_index)):
                 prompt = order[job_index % len(order)]
                 jobs.append(_Job(prompt, _evenly(job_index, sampled_fraction), seed * 1_000_003 + job_index))
                 job_index += 1
@@ -454,7 +571,16 @@ class ExitTrainingResult:
     n_holdout: int
     train_seconds: float
     final_loss: float
+    fresh_untrained: float = float("nan")  # agreement on greedy continuations of separate eval prompts
+    fresh_trained: float = float("nan")
+    n_fresh: int = 0
     extra: dict = field(default_factory=dict)
+
+    @property
+    def alpha(self) -> float:
+        """Acceptance to expect under greedy decoding: agreement on the eval prompts when there are any,
+        else on greedy continuations of the held-out prompts."""
+        return self.fresh_trained if self.n_fresh else self.trained_greedy
 
     def summary(self) -> dict:
         return {
@@ -471,6 +597,10 @@ class ExitTrainingResult:
             "n_holdout": self.n_holdout,
             "train_seconds": round(self.train_seconds, 1),
             "final_loss": round(self.final_loss, 4),
+            "fresh_untrained": round(self.fresh_untrained, 4),
+            "fresh_trained": round(self.fresh_trained, 4),
+            "n_fresh": self.n_fresh,
+            "alpha": round(self.alpha, 4),
             **self.extra,
         }
 
@@ -495,9 +625,28 @@ def train_exit_adapters(
     eos_id: int | None = None,
     progress: bool = True,
     data: ExitData | None = None,
+    eval_prompts: Sequence[Sequence[int]] | None = None,
+    eval_data: ExitData | None = None,
 ) -> list[ExitTrainingResult]:
-    """Generate data once (unless ``data`` is given), then train and evaluate one adapter per exit layer."""
+    """Generate data once (unless ``data`` is given), then train and evaluate one adapter per exit layer.
+
+    Besides the held-out prompts of the pool, agreement is measured on one greedy continuation of each of
+    ``eval_prompts`` (or on ``eval_data``), prompts written apart from the pool: the honest α for new text.
+    """
     layers = sorted(set(config.layers) | ({model.config.n_layers} if config.init == "lsq" else set()))
+    if eval_data is None and eval_prompts:
+        eval_data = collect_exit_data(
+            model,
+            eval_prompts,
+            config.layers,
+            None,
+            max_new_tokens=config.max_new_tokens,
+            sampled_fraction=0.0,
+            eos_id=eos_id,
+            batch_size=config.generate_batch,
+            seed=config.seed,
+            progress=progress,
+        )
     if data is None:
         data = collect_exit_data(
             model,
@@ -571,6 +720,13 @@ def train_exit_adapters(
                 n_holdout=len(test),
                 train_seconds=seconds,
                 final_loss=sum(losses[-20:]) / len(losses[-20:]) if losses else float("nan"),
+                fresh_untrained=exit_agreement(model, eval_data.hidden[k], eval_data.targets)
+                if eval_data is not None
+                else float("nan"),
+                fresh_trained=exit_agreement(model, eval_data.hidden[k], eval_data.targets, adapter)
+                if eval_data is not None
+                else float("nan"),
+                n_fresh=0 if eval_data is None else len(eval_data),
                 extra=extra,
             )
         )

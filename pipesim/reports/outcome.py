@@ -83,7 +83,7 @@ def resolved_fields(scenario: Scenario) -> dict[str, Any]:
         "nodes": scenario.cluster.count,
         "layer_split": json.dumps(split) if split is not None else "even",
         "node_overrides": json.dumps(overrides) if overrides else "",
-        "alpha": scenario.acceptance.alpha,
+        "alpha": scenario.acceptance_alpha(),
         "gamma": scenario.strategy.gamma,
         "micro_batch": scenario.strategy.micro_batch,
         "prompt_tokens": scenario.workload.prompt_tokens,
