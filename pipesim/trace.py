@@ -5,6 +5,8 @@ A record is a flat tuple (fast to append in the simulator's hot loop):
 
 - ``launch``     a run is launched at the head (note: prefill/decode/verify/spec)
 - ``compute``    a node computes (span); note ``stage<k>``, ``draft`` or ``verify``; ``:aborted`` when cut short
+- ``dispatch``   per-run messaging and scheduling a calibrated profile charges on a node (span): the node is busy
+                 but not computing, as in the executor, whose compute records cover the forward pass only
 - ``skip``       a stage skips a cancelled run it had not started
 - ``transfer``   a message occupies a link direction (span); note activations/header/predictions/cancel
 - ``cancel_sent`` / ``cancel_seen``  early cancellation leaving the head / reaching a stage
@@ -89,7 +91,7 @@ def to_chrome_trace(trace: Trace) -> dict[str, Any]:
     for r in trace.records:
         ts = (r.t0 - origin) * 1e6
         args = {"run": r.run_id, "tokens": r.n_tokens}
-        if r.kind in ("compute", "transfer"):
+        if r.kind in ("compute", "transfer", "dispatch"):
             if r.nbytes:
                 args["bytes"] = r.nbytes
             events.append({"ph": "X", "name": r.note or r.kind, "cat": r.kind, "pid": pid(r.where), "tid": 0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -32,6 +33,10 @@ def test_calibrate_then_validate_in_emulated_mode(tmp_path):
     profile = HardwareProfile.load(profile_path)
     assert set(profile.nodes) == {"n0", "n1"} and set(profile.links) == {"n0->n1", "n1->n0"}
     assert profile.meta["compute"] == "emulated" and profile.meta["hosts"]["n0"]
+    # both ranks share this machine: the probe measured them alone and together; sleeping stages do not contend
+    raw = json.loads(profile_path.with_suffix(".raw.json").read_text())
+    assert all(len(r["concurrent"]["alone"]) == len(r["concurrent"]["together"]) == 3 for r in raw["ranks"])
+    assert all(1.0 <= node.concurrent_slowdown < 1.2 for node in profile.nodes.values())
     # emulated stages sleep for the scenario's modelled cost: the fitted profile must find that cost again
     scenario = load_scenario(SCENARIO, ["executor.compute=emulated"])
     cost = cost_models(scenario)[0]
@@ -42,18 +47,25 @@ def test_calibrate_then_validate_in_emulated_mode(tmp_path):
         assert 0.9 * modelled <= fitted <= modelled + 5e-3
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({"strategies": ["iterative", "speculative", "pipeinfer"], "alphas": [0.5],
-                                    "bandwidths": ["1Gbit/s"], "generate_tokens": 16}))
+                                    "bandwidths": ["1Gbit/s"], "generate_tokens": 16, "rounds": 2,
+                                    "anchor_tokens": 12}))
     out = tmp_path / "validation"
     result = _cli("validate", str(profile_path), "--grid", str(grid), "--out", str(out))
     assert "validation of 3 configurations" in result.stdout
     table = pd.read_csv(out / "validation.csv")
     assert {"config", "metric", "predicted", "measured", "rel_error"} <= set(table.columns)
-    assert table["config"].nunique() == 3
+    assert table["config"].nunique() == 3 and (table["rounds"] == 2).all()
+    # the anchored profile sits beside the traces; sleeping stages run at their modelled speed, so scales stay near 1
+    anchored = HardwareProfile.load(out / "profile" / "profile-anchored.yaml")
+    for scales in anchored.meta["anchor_scales"].values():
+        assert 0.8 < scales["single"] < 1.5 and 0.8 < scales["multi"] < 1.5, scales
+    assert table["rel_error_anchored"].notna().any()
     assert {"tokens_per_s", "ttft_s", "itl_p50_s", "itl_p99_s", "node_utilization.n0"} <= set(table["metric"])
     recomputed = (table["predicted"] - table["measured"]) / table["measured"]
     assert (recomputed - table["rel_error"]).abs().max() < 1e-9
     assert table["output_matches"].all()  # the executor produced the synthetic target's tokens
     tps = table[table["metric"] == "tokens_per_s"]
     assert (tps["rel_error"].abs() < 0.5).all(), tps  # a gross-error guard: emulated costs are known exactly
+    assert (tps["rel_error_anchored"].abs() < 0.5).all(), tps
     for name in ("parity.png", "validation.md", "summary.csv"):
         assert (out / name).stat().st_size > 0

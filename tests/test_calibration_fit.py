@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipesim.calibration.calibrate import concurrent_slowdown
 from pipesim.calibration.fit import (
     DraftSample,
     LinkSample,
@@ -102,3 +103,36 @@ def test_bad_profiles(tmp_path):
     bad.write_text("format: something-else\n")
     with pytest.raises(ValueError, match="not a pipesim hardware profile"):
         HardwareProfile.load(bad)
+
+
+def test_concurrent_slowdown_is_the_median_ratio_and_never_below_one():
+    alone = [{"n_tokens": n, "context": 64, "seconds": t} for n, t in ((1, 0.010), (4, 0.020), (16, 0.050))]
+    together = [{"n_tokens": n, "context": 64, "seconds": t} for n, t in ((1, 0.013), (4, 0.030), (16, 0.070))]
+    assert concurrent_slowdown({"alone": alone, "together": together}) == pytest.approx(1.4)
+    faster = [{**s, "seconds": 0.9 * s["seconds"]} for s in alone]
+    assert concurrent_slowdown({"alone": alone, "together": faster}) == 1.0
+    assert concurrent_slowdown(None) == 1.0 and concurrent_slowdown({"alone": [], "together": []}) == 1.0
+
+
+def test_dispatch_time_keeps_a_node_busy_but_is_not_compute(tmp_path):
+    def run(dispatch: float):
+        nodes = {f"n{i}": NodeCoefficients(overhead=1e-4, layer_fixed=1e-3, layer_per_token=1e-4, head_fixed=2e-3,
+                                           head_per_output=5e-4, host=f"host{i}", dispatch=dispatch)
+                 for i in range(4)}
+        path = HardwareProfile("llama-2-7b", nodes, {}).save(tmp_path / f"d{dispatch}.yaml")
+        scenario = load_scenario("pipesim/data/default.yaml", [f"cluster.profile={path}", "strategy.name=iterative",
+                                                                 "workload.generate_tokens=20"])
+        trace = SimulationEngine(scenario).run()
+        return trace, compute_metrics(trace)
+
+    plain, plain_metrics = run(0.0)
+    busy, busy_metrics = run(2e-3)
+    # every run pays 2 ms on each of the 4 stages: 8 ms more per token
+    assert 1 / busy_metrics["tokens_per_s"] == pytest.approx(1 / plain_metrics["tokens_per_s"] + 8e-3, rel=1e-6)
+    spans = [r for r in busy.records if r.kind == "dispatch"]
+    assert len(spans) == 4 * 20 and all(r.t1 - r.t0 == pytest.approx(2e-3) for r in spans)
+    assert not plain.of_kind("dispatch")
+    # utilization counts compute only: the same compute over a longer run
+    for name in ("n1", "n2", "n3"):
+        compute = plain_metrics["node_utilization"][name] * plain_metrics["wall_s"]
+        assert busy_metrics["node_utilization"][name] == pytest.approx(compute / busy_metrics["wall_s"], rel=1e-6)

@@ -1,11 +1,13 @@
 """``pipesim calibrate``: run the probe on the executor's ranks, fit the cost model, write a hardware profile.
 
 The fitted forms (see ``fit.py``): per node, stage time = o + L·(a + b·n + d·n·c) [+ h0 + h1·m on the last
-stage], chosen because each term is a physical cost (per-run overhead, weights read per layer, per-token matrix
+stage], times the node's concurrent slowdown s while ranks on its host compute at once (processor sharing in the
+simulator, ``pipesim.sim.host_cpu``), chosen because each term is a physical cost (per-run overhead, weights read per layer, per-token matrix
 work, attention over the cache, the output head) and the form stays linear in its coefficients; per link,
 latency + bytes/bandwidth; the draft, a + b·n + d·n·c per forward; the head, the median time to sample one run's
 predictions. A short measured iterative generation then shows what the microbenchmarks miss (messaging,
-scheduling, Python): that residual per token is spread over the nodes as per-run overhead.
+scheduling, Python): that residual per token is spread over the nodes as per-run ``dispatch`` time, which keeps
+a node busy in the simulator but, as in the executor's records, is not compute.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ def fit_profile(raw: dict[str, Any], command: str = "") -> tuple[HardwareProfile
         stage = fit_stage([StageSample(**s) for s in report["stage"]] + in_situ.get(report["node"], []))
         coefficients = NodeCoefficients(stage.overhead, stage.layer_fixed, stage.layer_per_token,
                                         stage.layer_per_token_context, stage.head_fixed, stage.head_per_output,
-                                        host=report["host"])
+                                        layer_single=stage.layer_single, head_single=stage.head_single,
+                                        host=report["host"],
+                                        concurrent_slowdown=concurrent_slowdown(report.get("concurrent")))
         quality["stage"][report["node"]] = vars(stage.quality)
         if report.get("draft"):
             draft = fit_draft([DraftSample(**s) for s in report["draft"]])
@@ -74,10 +78,23 @@ def fit_profile(raw: dict[str, Any], command: str = "") -> tuple[HardwareProfile
             "compute": "real" if raw["real"] else "emulated", "threads_per_rank": raw["threads_per_rank"],
             "hosts": {r["node"]: r["host"] for r in raw["ranks"]},
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "form": "stage = o + L*(a + b*n + d*n*c) [+ h0 + h1*m]; link = latency + bytes/bandwidth; "
-                    "draft = a + b*n + d*n*c"}
+            "form": "stage = o + L*(a + b*n + d*n*c) [+ h0 + h1*m], x concurrent_slowdown while host-mates "
+                    "compute; link = latency + bytes/bandwidth; draft = a + b*n + d*n*c"}
     model = raw.get("model") or "emulated"
     return HardwareProfile(model, nodes, links, verify_overhead, meta), quality
+
+
+def concurrent_slowdown(concurrent: dict[str, list[dict]] | None) -> float:
+    """Median over the probe's points of (time with host-mates computing) / (time alone); 1 without host-mates.
+
+    Never below 1: sharing a host cannot speed a stage up, so a ratio under 1 is measurement noise.
+    """
+    if not concurrent or not concurrent.get("together"):
+        return 1.0
+    alone = {(s["n_tokens"], s["context"]): s["seconds"] for s in concurrent["alone"]}
+    ratios = [s["seconds"] / alone[key] for s in concurrent["together"]
+              if (key := (s["n_tokens"], s["context"])) in alone and alone[key] > 0]
+    return max(1.0, statistics.median(ratios)) if ratios else 1.0
 
 
 def _in_situ_stage_samples(raw: dict[str, Any]) -> dict[str, list[StageSample]]:
@@ -133,7 +150,7 @@ def _in_situ_head_costs(raw: dict[str, Any], nodes: dict[str, NodeCoefficients],
 
 def add_residual_overhead(profile: HardwareProfile, raw: dict[str, Any], path: Path) -> dict[str, float]:
     """Compare the measured iterative generation with the simulator on the provisional profile; spread the
-    residual time per token over the nodes as per-run overhead. Returns the before/after figures."""
+    residual time per token over the nodes as per-run dispatch time. Returns the before/after figures."""
     from ..metrics import compute_metrics
     from ..sim import simulate
 
@@ -149,7 +166,7 @@ def add_residual_overhead(profile: HardwareProfile, raw: dict[str, Any], path: P
     residual = 1.0 / actual - 1.0 / predicted
     if residual > 0:
         for node in profile.nodes.values():
-            node.overhead += residual / len(profile.nodes)
+            node.dispatch += residual / len(profile.nodes)
     profile.save(path)
     after = compute_metrics(simulate(load_scenario(raw["scenario"], sets)))["tokens_per_s"]
     return {"measured_tokens_per_s": actual, "predicted_before": predicted, "predicted_after": after,
@@ -199,14 +216,15 @@ def _cmd_calibrate(args) -> int:
         print(f"  {name} ({node.host}): per layer {node.layer_fixed * 1e3:.3f} ms + {node.layer_per_token * 1e3:.3f} "
               f"ms/token + {node.layer_per_token_context * 1e6:.3f} us/token/position; head "
               f"{node.head_fixed * 1e3:.2f} + {node.head_per_output * 1e3:.2f} ms/output; overhead "
-              f"{node.overhead * 1e3:.2f} ms/run; fit median error {q['median_rel_error']:.1%}")
+              f"{node.overhead * 1e3:.2f} ms/run + dispatch {node.dispatch * 1e3:.2f} ms/run; fit median error {q['median_rel_error']:.1%}"
+              + (f"; x{node.concurrent_slowdown:.2f} while host-mates compute" if node.concurrent_slowdown > 1 else ""))
     for name, link in profile.links.items():
         print(f"  {name}: latency {link.latency * 1e6:.1f} us, bandwidth {link.bandwidth * 8 / 1e9:.2f} Gbit/s")
     check = profile.meta.get("iterative_check") or {}
     if check:
         print(f"  iterative check: measured {check['measured_tokens_per_s']:.2f} tok/s, simulated "
               f"{check['predicted_before']:.2f} from microbenchmarks, {check['predicted_after']:.2f} after the "
-              f"per-run overhead of {check['residual_per_token_s'] * 1e3:.2f} ms/token")
+              f"per-run dispatch time of {check['residual_per_token_s'] * 1e3:.2f} ms/token")
     return 0
 
 
@@ -225,6 +243,6 @@ def register(subparsers) -> None:
     parser.add_argument("--hostfile", help="host file passed to mpiexec (-f) on a cluster")
     parser.add_argument("--from-raw", metavar="RAW.json", help="fit samples a launcher already collected")
     parser.add_argument("--iterative-tokens", type=int, default=32,
-                        help="tokens of the measured iterative generation used for the per-run overhead")
+                        help="tokens of the measured iterative generation used for the per-run dispatch time")
     parser.add_argument("--timeout", type=float, default=1800, help="bound on the probe job, seconds")
     parser.set_defaults(func=_cmd_calibrate)

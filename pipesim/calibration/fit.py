@@ -7,6 +7,12 @@ head of ``h0 + h1·m`` for ``m`` returned predictions, plus a per-run overhead `
 
     t = o + L·(a + b·n + d·n·c) + [last] (h0 + h1·m)
 
+A single token is a case of its own: its products are matrix-vector products, which BLAS libraries run with other
+kernels than matrix-matrix ones (on the 2-core development machine a 1-token SmolLM2 stage takes 30 ms and a
+2-token one 44 ms, which no straight line through larger runs reproduces). So a 1-token run has its own per-layer
+fixed cost ``a1`` (``L·(a1 + d·c)``) and a 1-prediction head its own ``h1'``; both are fitted only when the samples
+hold such runs, and otherwise fall back to the general form.
+
 A link message of ``s`` bytes takes ``latency + s / bandwidth``. Fits minimise squared *relative* error (each row
 divided by its measured time), so short and long runs count alike; coefficients are constrained to be
 non-negative (non-negative least squares by active set), because a negative cost has no physical meaning.
@@ -84,21 +90,40 @@ class StageFit:
     head_fixed: float
     head_per_output: float
     quality: FitQuality
+    layer_single: float | None = None  # per-layer fixed cost of a 1-token run (None: the general form)
+    head_single: float | None = None  # head time for 1 prediction (None: the general form)
 
     def predict(self, n_layers: int, n_tokens: int, context: int, n_outputs: int) -> float:
-        t = self.overhead + n_layers * (self.layer_fixed + self.layer_per_token * n_tokens
-                                        + self.layer_per_token_context * n_tokens * context)
-        if n_outputs:
-            t += self.head_fixed + self.head_per_output * n_outputs
-        return t
+        return stage_form(self, n_layers, n_tokens, context, n_outputs)
 
 
-def _stage_design(samples: Sequence[StageSample]) -> np.ndarray:
+def stage_form(c, n_layers: int, n_tokens: int, context: int, n_outputs: int) -> float:
+    """The stage time of the fitted form for coefficients ``c`` (a StageFit or a profile's node)."""
+    if n_tokens == 1 and c.layer_single is not None:
+        per_layer = c.layer_single + c.layer_per_token_context * context
+    else:
+        per_layer = c.layer_fixed + c.layer_per_token * n_tokens + c.layer_per_token_context * n_tokens * context
+    t = c.overhead + n_layers * per_layer
+    if n_outputs == 1 and c.head_single is not None:
+        t += c.head_single
+    elif n_outputs:
+        t += c.head_fixed + c.head_per_output * n_outputs
+    return t
+
+
+_COLUMNS = ("overhead", "layer_fixed", "layer_per_token", "layer_per_token_context", "head_fixed", "head_per_output",
+            "layer_single", "head_single")
+
+
+def _stage_design(samples: Sequence[StageSample], single_tokens: bool, single_head: bool) -> np.ndarray:
     rows = []
     for s in samples:
-        head = 1.0 if s.n_outputs else 0.0
-        rows.append([1.0, s.n_layers, s.n_layers * s.n_tokens, s.n_layers * s.n_tokens * s.context,
-                     head, float(s.n_outputs)])
+        one = single_tokens and s.n_tokens == 1
+        one_out = single_head and s.n_outputs == 1
+        head = 1.0 if s.n_outputs and not one_out else 0.0
+        rows.append([1.0, 0.0 if one else s.n_layers, 0.0 if one else s.n_layers * s.n_tokens,
+                     s.n_layers * s.n_tokens * s.context, head, head * s.n_outputs,
+                     s.n_layers if one else 0.0, 1.0 if one_out else 0.0])
     return np.array(rows)
 
 
@@ -106,7 +131,10 @@ def fit_stage(samples: Sequence[StageSample]) -> StageFit:
     """Fit the stage form to timed runs (they should vary tokens, context and, ideally, layers)."""
     if len(samples) < 4:
         raise ValueError(f"need at least 4 stage samples to fit, got {len(samples)}")
-    design = _stage_design(samples)
+    # the single-token terms need runs on both sides of the split to be told apart from the general form
+    single_tokens = {s.n_tokens == 1 for s in samples} == {True, False}
+    single_head = {s.n_outputs == 1 for s in samples if s.n_outputs} == {True, False}
+    design = _stage_design(samples, single_tokens, single_head)
     measured = np.array([s.seconds for s in samples])
     if (measured <= 0).any():
         raise ValueError("stage samples must have positive times")
@@ -116,8 +144,15 @@ def fit_stage(samples: Sequence[StageSample]) -> StageFit:
         # with one layer count, "overhead" and "L·a" cannot be told apart: attribute the fixed part to layers
         n_layers = samples[0].n_layers
         coefficients[1] += coefficients[0] / n_layers
+        if single_tokens:
+            coefficients[6] += coefficients[0] / n_layers
         coefficients[0] = 0.0
-    return StageFit(*map(float, coefficients), quality=_quality(design, coefficients, measured))
+    values = dict(zip(_COLUMNS, map(float, coefficients), strict=True))
+    if not single_tokens:
+        values["layer_single"] = None
+    if not single_head:
+        values["head_single"] = None
+    return StageFit(**values, quality=_quality(design, coefficients, measured))
 
 
 @dataclass(frozen=True)

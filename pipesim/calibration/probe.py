@@ -4,8 +4,10 @@ Every rank times its own pipeline stage over a grid of (tokens in the run, conte
 executor builds it (real torch layers, or emulated sleeps); the last rank also times its stage with the output
 head; the head times greedy sampling of returned predictions and the draft's steps; every pair of neighbouring
 ranks (the ring the pipeline uses) plays message ping-pong over several sizes with the executor's polling.
-Finally a short iterative generation is measured, so the front end can attribute what the microbenchmarks
-miss (messaging, scheduling) to a per-run overhead. Rank 0 writes all raw samples as JSON.
+Ranks that share a host take turns for the stage grid (the others wait in a sleeping barrier), so the samples are
+solo costs; then every rank of such a host times a few runs while its host-mates compute too, which gives the
+node's concurrent slowdown. Finally a short iterative generation is measured, so the front end can attribute what
+the microbenchmarks miss (messaging, scheduling) to a per-run overhead. Rank 0 writes all raw samples as JSON.
 
     mpiexec -n N python -m pipesim.calibration.probe SCENARIO --out raw.json [--set ...]
 """
@@ -39,6 +41,98 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
 
 
 # -- stages ------------------------------------------------------------------------------------------
+
+CONCURRENT_POINTS = ((1, 64), (4, 64), (16, 64))  # (tokens, context) timed alone and with host-mates busy
+
+
+def _real_stage_runner(plan, rank: int, capacity: int) -> Callable[[int, int], None]:
+    """One timed call: a run of n tokens at context c through this rank's stage (no output head)."""
+    import torch
+
+    from ..executor.torch_backend import ModelStore, set_threads
+
+    set_threads(plan.executor.threads_per_rank)
+    start, end = plan.layer_ranges[rank]
+    stage = ModelStore().stage(plan.target, start, end, rank == 0, False)
+    kv = stage.make_kv_cache(capacity, 1)
+    generator = torch.Generator().manual_seed(4321 + rank)
+    d_model, vocab = stage.config.d_model, stage.config.vocab_size
+    filled = [0]
+
+    def run(n: int, context: int) -> None:
+        kv.seq_rm(0, min(filled[0], context))
+        filled[0] = min(filled[0], context)
+        while filled[0] < context:  # grow the cached context (these calls are part of the work, not timed apart)
+            chunk = min(64, context - filled[0])
+            _forward(stage, kv, filled[0], chunk, d_model, vocab, generator)
+            filled[0] += chunk
+        _forward(stage, kv, context, n, d_model, vocab, generator)
+        kv.seq_rm(0, context)
+
+    return run
+
+
+def _concurrent_samples(comm, rank: int, mates: Sequence[int], run: Callable[[int, int], None], repeats: int,
+                        poll: float) -> dict[str, list[dict]]:
+    """Times of CONCURRENT_POINTS alone (host-mates take turns) and with every host-mate computing as well.
+
+    For the concurrent times each rank keeps computing (untimed) after its own timed repeats until every mate
+    is done, so no timed call runs alone. Collective over ``comm``; ranks without host-mates only take part in
+    the barriers.
+    """
+    from mpi4py import MPI
+
+    alone: list[dict] = []
+    together: list[dict] = []
+    for turn in range(max(1, comm.allreduce(len(mates), op=MPI.MAX))):
+        if turn < len(mates) and rank == mates[turn]:
+            for n, context in CONCURRENT_POINTS:
+                run(n, context)  # warm-up (and the context is built)
+                seconds = _median_time(lambda n=n, context=context: run(n, context), repeats)
+                alone.append({"n_tokens": n, "context": context, "seconds": seconds})
+        _sleeping_barrier(comm, poll)
+    for n, context in CONCURRENT_POINTS:
+        if mates:
+            run(n, context)
+        _sleeping_barrier(comm, poll)
+        times = []
+        if mates:
+            for _ in range(repeats):
+                begin = time.perf_counter()
+                run(n, context)
+                times.append(time.perf_counter() - begin)
+        request = comm.Ibarrier()
+        while mates and not request.Test():
+            run(n, context)  # keep the host busy while a mate is still timing
+        _wait(request, poll)
+        if mates:
+            together.append({"n_tokens": n, "context": context, "seconds": statistics.median(times)})
+    return {"alone": alone, "together": together}
+
+
+def _sleeping_barrier(comm, poll: float) -> None:
+    """A barrier whose waiting ranks sleep (MPI_Barrier may spin and steal a core from a rank being timed)."""
+    _wait(comm.Ibarrier(), poll)
+
+
+def _wait(request, poll: float, limit: float = 600.0) -> None:
+    deadline = time.monotonic() + limit
+    pause = min(50e-6, poll)
+    while not request.Test():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"probe: a barrier did not complete in {limit:.0f} s")
+        time.sleep(pause)
+        pause = min(2 * pause, poll)
+
+
+def _host_mates(comm, rank: int) -> list[int]:
+    """Ranks on this rank's host (itself included), or [] when it has the host to itself."""
+    from mpi4py import MPI
+
+    hosts = comm.allgather(MPI.Get_processor_name())
+    mates = [r for r, host in enumerate(hosts) if host == hosts[rank]]
+    return mates if len(mates) > 1 else []
+
 
 def _real_stage_samples(plan, rank: int, tokens: Sequence[int], contexts: Sequence[int],
                         repeats: int) -> list[dict]:
@@ -108,6 +202,24 @@ def _emulated_stage_samples(plan, rank: int, clock_now, tokens: Sequence[int], c
             samples.append({"n_layers": end - start, "n_tokens": n, "context": context,
                             "n_outputs": n if last else 0, "seconds": seconds})
     return samples
+
+
+def _emulated_stage_runner(plan, rank: int, clock_now) -> Callable[[int, int], None]:
+    """One call of the emulated stage (a modelled sleep) for the concurrency measurement."""
+    from ..executor.emulation import EmulatedStage, cost_models, node_profiles
+    from ..executor.protocol import RunMessage
+    from ..sim.acceptance import SyntheticTokens
+
+    scenario = plan.scenario
+    start, end = plan.layer_ranges[rank]
+    synthetic = SyntheticTokens(scenario.models.target_spec().vocab_size, scenario.workload.seed)
+    stage = EmulatedStage(node_profiles(scenario)[rank], cost_models(scenario)[0], end - start, False, synthetic,
+                          scenario.head.return_mode, scenario.head.top_k, clock_now)
+
+    def run(n: int, context: int) -> None:
+        stage.forward(RunMessage(1, tuple([1] * n), tuple(range(context, context + n)), (0,), 0, ()), None)
+
+    return run
 
 
 # -- head ----------------------------------------------------------------------------------------------
@@ -235,17 +347,25 @@ def run_probe(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         clock_now = MPI.Wtime
-        if plan.real:
-            stage = _real_stage_samples(plan, rank, tokens, contexts, args.repeats)
-        else:
-            stage = _emulated_stage_samples(plan, rank, clock_now, tokens, contexts, args.repeats)
+        poll = plan.executor.poll_interval_s
+        mates = _host_mates(comm, rank)
+        stage: list[dict] = []
+        for turn in range(max(1, comm.allreduce(len(mates), op=MPI.MAX))):
+            if (not mates and turn == 0) or (mates and turn < len(mates) and mates[turn] == rank):
+                if plan.real:
+                    stage = _real_stage_samples(plan, rank, tokens, contexts, args.repeats)
+                else:
+                    stage = _emulated_stage_samples(plan, rank, clock_now, tokens, contexts, args.repeats)
+            _sleeping_barrier(comm, poll)
+        runner = (_real_stage_runner(plan, rank, max(c for _, c in CONCURRENT_POINTS) + 64) if plan.real
+                  else _emulated_stage_runner(plan, rank, clock_now))
+        concurrent = _concurrent_samples(comm, rank, mates, runner, args.repeats, poll)
         head: dict[str, Any] = {}
         if rank == 0:
             vocab = plan.target.vocab_size if plan.real else scenario.models.target_spec().vocab_size
             head = {"sampling": _sampling_samples(vocab, args.repeats),
                     "draft": _draft_samples(plan, clock_now, args.repeats)}
         links: dict[str, list[dict]] = {}
-        poll = plan.executor.poll_interval_s
         for a in range(size):
             b = (a + 1) % size
             if a == b:
@@ -254,7 +374,7 @@ def run_probe(argv: Sequence[str] | None = None) -> int:
             if rank == a:
                 links[f"{plan.node_names[a]}->{plan.node_names[b]}"] = samples
         report = {"rank": rank, "node": plan.node_names[rank], "host": MPI.Get_processor_name(),
-                  "stage": stage, "links": links, **head}
+                  "stage": stage, "host_mates": mates, "concurrent": concurrent, "links": links, **head}
         reports = comm.gather(report, root=0)
         measured: dict[str, Any] = {}
         if args.iterative_tokens > 0:

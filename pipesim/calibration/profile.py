@@ -22,17 +22,24 @@ class NodeCoefficients:
     layer_per_token_context: float = 0.0
     head_fixed: float = 0.0
     head_per_output: float = 0.0
+    layer_single: float | None = None  # per-layer fixed cost of a 1-token run (None: the general form)
+    head_single: float | None = None  # output head for 1 prediction (None: the general form)
     draft_fixed: float | None = None
     draft_per_token: float | None = None
     draft_per_token_context: float | None = None
     host: str = ""
+    dispatch: float = 0.0  # per-run messaging/scheduling the microbenchmarks miss: the node is busy, not computing
+    concurrent_slowdown: float = 1.0  # compute time x this while another rank of the same host computes
 
     def stage_time(self, n_layers: int, n_tokens: int, context: int, n_outputs: int) -> tuple[float, float]:
-        """(total, per-layer) time of a run on a stage of this node."""
-        per_layer = self.layer_fixed + self.layer_per_token * n_tokens + self.layer_per_token_context * n_tokens * context
-        total = self.overhead + n_layers * per_layer
-        if n_outputs:
-            total += self.head_fixed + self.head_per_output * n_outputs
+        """(total, per-layer) time of a run on a stage of this node (``dispatch`` not included)."""
+        from .fit import stage_form
+
+        total = stage_form(self, n_layers, n_tokens, context, n_outputs)
+        if n_tokens == 1 and self.layer_single is not None:
+            per_layer = self.layer_single + self.layer_per_token_context * context
+        else:
+            per_layer = self.layer_fixed + self.layer_per_token * n_tokens + self.layer_per_token_context * n_tokens * context
         return total, per_layer
 
     def draft_time(self, n_tokens: int, context: int) -> float:

@@ -124,7 +124,7 @@ class EmulatedStage:
                 on_exit(-1, extra)
             if should_cancel is not None and should_cancel():
                 return None
-        sleep_until(start + cost.total + extra, self.now)
+        sleep_until(start + cost.total - cost.dispatch + extra, self.now)  # the executor does its own dispatch
         if not self.is_last:
             return np.zeros((msg.n_tokens, self.d_model), dtype=np.float32)
         greedy = self.tokens.predictions(msg.positions[msg.output_from:])

@@ -24,6 +24,7 @@ class StageCost:
     total: float
     per_layer: float
     n_layers: int
+    dispatch: float = 0.0  # part of ``total`` spent on messaging/scheduling before the forward (not compute)
 
 
 class RooflineCostModel:
@@ -115,11 +116,14 @@ class CalibratedCostModel:
 
     def stage_cost(self, node: NodeProfile, n_layers: int, n_tokens: int, context: int,
                    n_outputs: int = 0) -> StageCost:
-        total, per_layer = self.profile.node(node.name).stage_time(n_layers, n_tokens, context, n_outputs)
-        return StageCost(total, per_layer, n_layers)
+        coefficients = self.profile.node(node.name)
+        total, per_layer = coefficients.stage_time(n_layers, n_tokens, context, n_outputs)
+        return StageCost(total + coefficients.dispatch, per_layer, n_layers, coefficients.dispatch)
 
     def output_head_time(self, node: NodeProfile, n_outputs: int) -> float:
         coefficients = self.profile.node(node.name)
+        if n_outputs == 1 and coefficients.head_single is not None:
+            return coefficients.head_single
         return coefficients.head_fixed + coefficients.head_per_output * n_outputs
 
     def model_cost(self, node: NodeProfile, n_tokens: int, context: int) -> float:

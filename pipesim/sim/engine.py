@@ -33,6 +33,7 @@ from ..scheduling.prefix import common_prefix_len
 from ..trace import Record, Trace
 from .acceptance import AcceptanceModel, OracleDraft, SyntheticTokens
 from .costs import CalibratedCostModel, NodeProfile, Payloads, RooflineCostModel
+from .host_cpu import SharedHosts
 from .network import Network
 
 
@@ -111,7 +112,7 @@ class SimulationEngine:
         workload = scenario.workload
         self.tokens = SyntheticTokens(target.vocab_size, workload.seed)
         acc = scenario.acceptance
-        self.acceptance = AcceptanceModel(acc.model, acc.alpha, acc.alphas, acc.sequence,
+        self.acceptance = AcceptanceModel(acc.model, scenario.acceptance_alpha(), acc.alphas, acc.sequence,
                                           prompt_len=workload.prompt_tokens, seed=acc.seed + 7919 * workload.seed)
         self.draft = OracleDraft(self.tokens, self.acceptance)
 
@@ -125,6 +126,7 @@ class SimulationEngine:
                                      scenario.strategy.params())
         self.strategy = strategy
         self.env = simpy.Environment()
+        self.hosts = self._shared_hosts()
         self.records: list[tuple] = []  # plain tuples in Record's field order (fast); Records at the end
         self._head_iterations = 0
         self.finished = self.env.event()
@@ -145,6 +147,17 @@ class SimulationEngine:
         return Trace(engine="simulated", strategy=strategy.name, scenario=scenario.name, nodes=self.node_names,
                      t_start=0.0, t_end=self.env.now, records=records, output_tokens=self.output_tokens,
                      meta={"layer_ranges": self.layer_ranges, "prompt_tokens": len(prompt)})
+
+    def _shared_hosts(self) -> SharedHosts:
+        """Nodes of the profile that share a host slow each other's compute (``concurrent_slowdown``)."""
+        hosts: list[str | None] = [None] * len(self.node_names)
+        slowdown = [1.0] * len(self.node_names)
+        if self.profile is not None:
+            for i, name in enumerate(self.node_names):
+                node = self.profile.nodes.get(name)
+                if node is not None:
+                    hosts[i], slowdown[i] = node.host or None, node.concurrent_slowdown
+        return SharedHosts(self.env, hosts, slowdown)
 
     def _run_bounded(self) -> None:
         try:
@@ -310,23 +323,37 @@ class SimulationEngine:
                 self._forward(stage, run, computed=False)
                 continue
             cost = cost_of(node, stage.n_layers, run.n_tokens, run.positions[0], run.n_outputs if last else 0)
-            start = env.now
             stage.current = run.run_id
             aborted = False
-            total = cost.total + self._schedule_early_exit(stage, run, cost)
+            job = None
             try:
-                yield env.timeout(total)
+                yield from self._dispatch(stage.node, cost, run)
+                start = env.now
+                job = self.hosts.job(stage.node, cost.total - cost.dispatch + self._schedule_early_exit(stage, run, cost))
+                yield from job.run()
             except simpy.Interrupt:
                 aborted = True
-                if cost.per_layer > 0:
-                    done_layers = math.ceil((env.now - start) / cost.per_layer - 1e-9)
-                    boundary = start + min(done_layers, stage.n_layers) * cost.per_layer
-                    if boundary > env.now:
-                        yield env.timeout(boundary - env.now)
+                if job is not None and cost.per_layer > 0:  # finish the layer in progress
+                    done_layers = math.ceil(job.done / cost.per_layer - 1e-9)
+                    boundary = min(done_layers, stage.n_layers) * cost.per_layer
+                    if boundary > job.done:
+                        yield from self.hosts.compute(stage.node, boundary - job.done)
             stage.current = None
-            note = f"stage{stage.index}:aborted" if aborted else f"stage{stage.index}"
-            records.append(("compute", start, env.now, name, run.run_id, run.n_tokens, 0.0, 0, 0, note))
+            if job is not None:
+                note = f"stage{stage.index}:aborted" if aborted else f"stage{stage.index}"
+                records.append(("compute", start, env.now, name, run.run_id, run.n_tokens, 0.0, 0, 0, note))
             self._forward(stage, run, computed=not aborted)
+
+    def _dispatch(self, node: int, cost, run: Run):
+        """A calibrated profile's per-run messaging and scheduling before the forward: busy, not computing."""
+        if cost.dispatch <= 0:
+            return
+        start = self.env.now
+        try:
+            yield from self.hosts.compute(node, cost.dispatch)
+        finally:
+            self.records.append(("dispatch", start, self.env.now, self.node_names[node], run.run_id, run.n_tokens,
+                                 0.0, 0, 0, ""))
 
     def _head_loop(self):
         env = self.env
@@ -347,7 +374,7 @@ class SimulationEngine:
                     continue
                 if verify_overhead > 0:
                     start = env.now
-                    yield env.timeout(verify_overhead)
+                    yield from self.hosts.compute(0, verify_overhead)
                     records.append(("compute", start, env.now, name, run.run_id, run.n_outputs, 0.0, 0, 0, "verify"))
                 predictions = self.tokens.predictions(run.positions[run.output_from:])
                 self._execute(strategy.on_logits(run.run_id, predictions))
@@ -364,9 +391,10 @@ class SimulationEngine:
                         self._forward(stage0, run, computed=False)
                     continue
                 cost = cost_of(head, stage0.n_layers, run.n_tokens, run.positions[0], run.n_outputs if single else 0)
-                start = env.now
                 stage0.current = run.run_id
-                yield env.timeout(cost.total + self._schedule_early_exit(stage0, run, cost))
+                yield from self._dispatch(0, cost, run)
+                start = env.now
+                yield from self.hosts.compute(0, cost.total - cost.dispatch + self._schedule_early_exit(stage0, run, cost))
                 stage0.current = None
                 records.append(("compute", start, env.now, name, run.run_id, run.n_tokens, 0.0, 0, 0, "stage0"))
                 self._forward(stage0, run, computed=True)
@@ -375,7 +403,7 @@ class SimulationEngine:
                 batch = task.first_batch if task.step == 0 else 1
                 context = task.context_start if task.step == 0 else task.context_start + task.first_batch + task.step - 1
                 start = env.now
-                yield env.timeout(self.draft_cost.model_cost(head, batch, context))
+                yield from self.hosts.compute(0, self.draft_cost.model_cost(head, batch, context))
                 records.append(("compute", start, env.now, name, -1, batch, 0.0, 0, 0, "draft"))
                 task.step += 1
                 if task.step == len(task.tokens):
