@@ -37,6 +37,10 @@ def test_calibrate_then_validate_in_emulated_mode(tmp_path):
     raw = json.loads(profile_path.with_suffix(".raw.json").read_text())
     assert all(len(r["concurrent"]["alone"]) == len(r["concurrent"]["together"]) == 3 for r in raw["ranks"])
     assert all(1.0 <= node.concurrent_slowdown < 1.2 for node in profile.nodes.values())
+    # the executor's idle polling, as the simulator will charge it: its backoff and each rank's timer overshoot
+    scenario_poll = load_scenario(SCENARIO).executor.poll_interval_s
+    assert profile.poll["longest"] == scenario_poll and 0 < profile.poll["first"] <= scenario_poll
+    assert 0 <= profile.poll["overshoot"] < 0.05 and all(r["sleep_overshoot"] >= 0 for r in raw["ranks"])
     # emulated stages sleep for the scenario's modelled cost: the fitted profile must find that cost again
     scenario = load_scenario(SCENARIO, ["executor.compute=emulated"])
     cost = cost_models(scenario)[0]
@@ -56,9 +60,11 @@ def test_calibrate_then_validate_in_emulated_mode(tmp_path):
     assert {"config", "metric", "predicted", "measured", "rel_error"} <= set(table.columns)
     assert table["config"].nunique() == 3 and (table["rounds"] == 2).all()
     # the anchored profile sits beside the traces; sleeping stages run at their modelled speed, so scales stay near 1
-    anchored = HardwareProfile.load(out / "profile" / "profile-anchored.yaml")
-    for scales in anchored.meta["anchor_scales"].values():
-        assert 0.8 < scales["single"] < 1.5 and 0.8 < scales["multi"] < 1.5, scales
+    for r in (0, 1):
+        anchored = HardwareProfile.load(out / "profile" / f"profile-anchored-round{r}.yaml")
+        for scales in anchored.meta["anchor_scales"].values():
+            assert 0.8 < scales["single"] < 1.5 and 0.8 < scales["multi"] < 1.5, scales
+    assert set(table["round"]) <= {0, 1}
     assert table["rel_error_anchored"].notna().any()
     assert {"tokens_per_s", "ttft_s", "itl_p50_s", "itl_p99_s", "node_utilization.n0"} <= set(table["metric"])
     recomputed = (table["predicted"] - table["measured"]) / table["measured"]

@@ -136,3 +136,26 @@ def test_dispatch_time_keeps_a_node_busy_but_is_not_compute(tmp_path):
     for name in ("n1", "n2", "n3"):
         compute = plain_metrics["node_utilization"][name] * plain_metrics["wall_s"]
         assert busy_metrics["node_utilization"][name] == pytest.approx(compute / busy_metrics["wall_s"], rel=1e-6)
+
+
+def test_summary_reports_all_configurations_and_each_compute_mode_apart():
+    import pandas as pd
+
+    from pipesim.calibration.validate import summarize
+
+    rows = []
+    for compute, errors in (("real", [0.10, -0.02, 0.04]), ("emulated", [0.01, -0.03, 0.02])):
+        for i, err in enumerate(errors):
+            for metric, measured in (("tokens_per_s", 10.0), ("node_utilization.n0", 0.5)):
+                predicted = measured * (1 + err)
+                rows.append({"config": f"{compute} {i}", "compute": compute, "metric": metric, "measured": measured,
+                             "predicted": predicted, "rel_error": err, "predicted_replay": predicted,
+                             "rel_error_replay": err, "predicted_anchored": measured, "rel_error_anchored": 0.0})
+    summary = summarize(pd.DataFrame(rows)).set_index(["scope", "metric"])
+    assert set(summary.index.get_level_values("scope")) == {"all", "real", "emulated"}
+    assert summary.loc[("real", "tokens_per_s"), "median"] == pytest.approx(0.04)
+    assert summary.loc[("real", "tokens_per_s"), "worst"] == pytest.approx(0.10)
+    assert summary.loc[("emulated", "tokens_per_s"), "worst"] == pytest.approx(0.03)
+    assert summary.loc[("all", "tokens_per_s"), "configs"] == 6
+    assert summary.loc[("all", "node_utilization"), "worst"] == pytest.approx(0.05)  # absolute: 0.5 * 0.10
+    assert summary.loc[("all", "node_utilization"), "worst_anchored"] == 0.0

@@ -10,6 +10,7 @@ from pipesim.metrics import compute_metrics
 from pipesim.scenario import load_scenario
 from pipesim.sim import simulate
 from pipesim.sim.host_cpu import SharedHosts
+from pipesim.sim.polling import PollBackoff
 
 
 def _finish_times(hosts_of, slowdown, jobs):
@@ -102,3 +103,33 @@ def test_shared_host_slows_overlapping_pipelines_but_not_iterative(tmp_path):
     # the same slowdown on separate hosts changes nothing
     apart = _profile(tmp_path / "apart", 1.6, lambda i: f"box{i}")
     assert _tokens_per_s(apart, "pipeinfer") == plain
+
+
+# -- the executor's idle polling ----------------------------------------------------------------------------
+
+
+def test_poll_backoff_probe_times():
+    poll = PollBackoff(first=50e-6, longest=500e-6, overshoot=60e-6)
+    assert poll.noticed(1.0, 0.5) == 1.0  # already there when it starts waiting: seen at once
+    # probes at +110, +270, +530, +990 us (doubling sleeps, each 60 us late), then every 560 us
+    for arrival, seen in ((1e-5, 110e-6), (110e-6, 110e-6), (2e-4, 270e-6), (1e-3, 1550e-6), (5e-3, 5470e-6)):
+        assert poll.noticed(0.0, arrival) == pytest.approx(seen), arrival
+    late = [poll.noticed(0.0, a) - a for a in (0.0123, 0.5, 7.77)]
+    assert all(0 <= d <= 560e-6 + 1e-12 for d in late)
+    with pytest.raises(ValueError, match="0 < first <= longest"):
+        PollBackoff(first=1e-3, longest=1e-4)
+
+
+def test_polling_delays_idle_ranks_in_the_simulator(tmp_path):
+    def profile(poll):
+        nodes = {f"n{i}": NodeCoefficients(overhead=1e-4, layer_fixed=1e-3, layer_per_token=2e-4, head_fixed=2e-3,
+                                           head_per_output=5e-4, host=f"box{i}") for i in range(4)}
+        return str(HardwareProfile("llama-2-7b", nodes, {}, poll=poll).save(tmp_path / f"p{bool(poll)}.yaml"))
+
+    poll = {"first": 50e-6, "longest": 500e-6, "overshoot": 60e-6}
+    plain = _tokens_per_s(profile(None), "iterative")
+    polled = _tokens_per_s(profile(poll), "iterative")
+    # every hop of the iterative ring wakes an idle rank: 4 hops, each seen up to one probe period late
+    extra = 1 / polled - 1 / plain
+    assert 0 < extra <= 4 * 560e-6 + 1e-9
+    assert HardwareProfile.load(tmp_path / "pTrue.yaml").poll == poll

@@ -81,7 +81,11 @@ def fit_profile(raw: dict[str, Any], command: str = "") -> tuple[HardwareProfile
             "form": "stage = o + L*(a + b*n + d*n*c) [+ h0 + h1*m], x concurrent_slowdown while host-mates "
                     "compute; link = latency + bytes/bandwidth; draft = a + b*n + d*n*c"}
     model = raw.get("model") or "emulated"
-    return HardwareProfile(model, nodes, links, verify_overhead, meta), quality
+    poll = None
+    if raw.get("poll"):
+        late = [r["sleep_overshoot"] for r in raw["ranks"] if "sleep_overshoot" in r]
+        poll = {**raw["poll"], "overshoot": statistics.median(late) if late else 0.0}
+    return HardwareProfile(model, nodes, links, verify_overhead, meta, poll), quality
 
 
 def concurrent_slowdown(concurrent: dict[str, list[dict]] | None) -> float:
@@ -218,6 +222,12 @@ def _cmd_calibrate(args) -> int:
               f"{node.head_fixed * 1e3:.2f} + {node.head_per_output * 1e3:.2f} ms/output; overhead "
               f"{node.overhead * 1e3:.2f} ms/run + dispatch {node.dispatch * 1e3:.2f} ms/run; fit median error {q['median_rel_error']:.1%}"
               + (f"; x{node.concurrent_slowdown:.2f} while host-mates compute" if node.concurrent_slowdown > 1 else ""))
+        if node.layer_single is not None:
+            print(f"    single-token runs: per layer {node.layer_single * 1e3:.3f} ms"
+                  + (f", head {node.head_single * 1e3:.2f} ms" if node.head_single is not None else ""))
+    if profile.poll:
+        print(f"  idle polling: sleeps {profile.poll['first'] * 1e6:.0f} us doubling to "
+              f"{profile.poll['longest'] * 1e3:.2f} ms, each {profile.poll['overshoot'] * 1e6:.0f} us late")
     for name, link in profile.links.items():
         print(f"  {name}: latency {link.latency * 1e6:.1f} us, bandwidth {link.bandwidth * 8 / 1e9:.2f} Gbit/s")
     check = profile.meta.get("iterative_check") or {}

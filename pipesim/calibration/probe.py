@@ -6,8 +6,9 @@ head; the head times greedy sampling of returned predictions and the draft's ste
 ranks (the ring the pipeline uses) plays message ping-pong over several sizes with the executor's polling.
 Ranks that share a host take turns for the stage grid (the others wait in a sleeping barrier), so the samples are
 solo costs; then every rank of such a host times a few runs while its host-mates compute too, which gives the
-node's concurrent slowdown. Finally a short iterative generation is measured, so the front end can attribute what
-the microbenchmarks miss (messaging, scheduling) to a per-run overhead. Rank 0 writes all raw samples as JSON.
+node's concurrent slowdown. Each rank also times how late a short sleep ends (its polling reacts that much
+later). Finally a short iterative generation is measured, so the front end can attribute what the microbenchmarks
+miss (messaging, scheduling) to a per-run dispatch time. Rank 0 writes all raw samples as JSON.
 
     mpiexec -n N python -m pipesim.calibration.probe SCENARIO --out raw.json [--set ...]
 """
@@ -108,6 +109,16 @@ def _concurrent_samples(comm, rank: int, mates: Sequence[int], run: Callable[[in
         if mates:
             together.append({"n_tokens": n, "context": context, "seconds": statistics.median(times)})
     return {"alone": alone, "together": together}
+
+
+def _sleep_overshoot(sleep: float = 50e-6, repeats: int = 200) -> float:
+    """Median time a short ``time.sleep`` ends late (timer slack): part of a waiting rank's reaction time."""
+    late = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        time.sleep(sleep)
+        late.append(time.perf_counter() - start - sleep)
+    return max(0.0, statistics.median(late))
 
 
 def _sleeping_barrier(comm, poll: float) -> None:
@@ -327,6 +338,7 @@ def run_probe(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from mpi4py import MPI
 
+    from ..executor.messaging import MIN_SLEEP
     from ..executor.plan import make_plan
     from ..scenario import ScenarioError, load_scenario
 
@@ -374,7 +386,8 @@ def run_probe(argv: Sequence[str] | None = None) -> int:
             if rank == a:
                 links[f"{plan.node_names[a]}->{plan.node_names[b]}"] = samples
         report = {"rank": rank, "node": plan.node_names[rank], "host": MPI.Get_processor_name(),
-                  "stage": stage, "host_mates": mates, "concurrent": concurrent, "links": links, **head}
+                  "stage": stage, "host_mates": mates, "concurrent": concurrent, "links": links,
+                  "sleep_overshoot": _sleep_overshoot(), **head}
         reports = comm.gather(report, root=0)
         measured: dict[str, Any] = {}
         if args.iterative_tokens > 0:
@@ -395,6 +408,7 @@ def run_probe(argv: Sequence[str] | None = None) -> int:
             raw = {"format": "pipesim-calibration-raw/1", "scenario": str(args.scenario), "sets": args.set,
                    "n_ranks": size, "real": plan.real, "model": plan.executor.model if plan.real else None,
                    "threads_per_rank": plan.executor.threads_per_rank, "repeats": args.repeats,
+                   "poll": {"first": MIN_SLEEP, "longest": poll},
                    "ranks": reports, "iterative": measured.get("iterative"),
                    "speculative": measured.get("speculative")}
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -64,6 +64,7 @@ class HardwareProfile:
     links: dict[str, LinkCoefficients] = field(default_factory=dict)
     verify_overhead: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
+    poll: dict[str, float] | None = None  # the executor's idle polling: first, longest, overshoot (seconds)
 
     def node(self, name: str) -> NodeCoefficients:
         try:
@@ -77,7 +78,7 @@ class HardwareProfile:
     def to_dict(self) -> dict[str, Any]:
         return {"format": PROFILE_FORMAT, "model": self.model, "verify_overhead": self.verify_overhead,
                 "nodes": {k: asdict(v) for k, v in self.nodes.items()},
-                "links": {k: asdict(v) for k, v in self.links.items()}, "meta": self.meta}
+                "links": {k: asdict(v) for k, v in self.links.items()}, "poll": self.poll, "meta": self.meta}
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -97,6 +98,7 @@ class HardwareProfile:
             return cls(model=data["model"],
                        nodes={k: NodeCoefficients(**v) for k, v in data["nodes"].items()},
                        links={k: LinkCoefficients(**v) for k, v in (data.get("links") or {}).items()},
-                       verify_overhead=float(data.get("verify_overhead", 0.0)), meta=dict(data.get("meta") or {}))
+                       verify_overhead=float(data.get("verify_overhead", 0.0)), meta=dict(data.get("meta") or {}),
+                       poll=data.get("poll"))
         except (KeyError, TypeError) as error:
             raise ValueError(f"{path}: malformed hardware profile ({error})") from None

@@ -8,9 +8,10 @@ Predictions per configuration:
 - ``predicted_anchored``: the simulator with the profile re-anchored inside the validation job. A shared machine's
   speed drifts (on the 2-core development VM the same stage forward takes 30 ms in one process and 45 ms in
   another a minute later), so the executor job also runs short anchor generations (iterative, and speculative
-  when there is a draft) in every round; each node's compute coefficients are scaled by the median ratio of its
-  anchor runs' measured to modelled stage times (1-token runs and longer runs apart) and the per-run dispatch is
-  re-derived from the anchor iterative generation. The anchors are not configurations of the grid, and only the
+  when there is a draft) at the start of every round; each node's compute coefficients are scaled by the median
+  ratio of its anchor runs' measured to modelled stage times (1-token runs and longer runs apart) and the per-run
+  dispatch is re-derived from the anchor iterative generation. A configuration is predicted with the anchors of
+  the round it is measured in. The anchors are not configurations of the grid, and only the
   speed level moves: the profile's shape, the network, the overlap of stages and the acceptance stay as fitted.
 
 Configurations run in ``rounds`` (each round in a rotated order, anchors first), and each configuration's
@@ -158,17 +159,21 @@ def validate_profile(profile_path: Path, grid: Grid, out: Path, timeout: float =
     has_draft = load_scenario(scenario_path, base_sets).models.draft is not None  # one clear error up front
     schedule = grid.schedule(has_draft)
     saved, command = run_executor(scenario_path, ranks, base_sets, schedule, out, timeout)
-    runs: dict[str, list[dict]] = {}
-    for (_, label, _), entry in zip(schedule, saved, strict=True):
-        runs.setdefault(label, []).append(entry)
-    anchors = [entry for label, _ in grid.anchors(has_draft) for entry in runs.pop(label)]
-    anchored_path = out / "profile-anchored.yaml"
-    anchoring = anchor_profile(profile, profile_path, anchors, anchored_path)
+    runs: dict[str, list[tuple[int, dict]]] = {}
+    for (round_index, label, _), entry in zip(schedule, saved, strict=True):
+        runs.setdefault(label, []).append((round_index, entry))
+    anchor_labels = {label for label, _ in grid.anchors(has_draft)}
+    anchoring, anchored_paths = {}, {}
+    for r in range(grid.rounds):
+        anchors = [entry for label in anchor_labels for i, entry in runs[label] if i == r]
+        anchored_paths[r] = out / f"profile-anchored-round{r}.yaml"
+        anchoring[r] = anchor_profile(profile, profile_path, anchors, anchored_paths[r])
     rows, traces = [], {}
     compute = profile.meta.get("compute", "real")
     for label, variant in grid.variants():
         config = f"{compute} {ranks} ranks, {label}"
-        entry = _median_round(runs[label])
+        round_index, entry = _median_round(runs[label])
+        anchored_path = anchored_paths[round_index]
         measured_trace = Trace.from_json(entry["trace"])
         measured = compute_metrics(measured_trace)
         prompt = int(measured_trace.meta.get("prompt_tokens", 0)) or None
@@ -198,8 +203,8 @@ def validate_profile(profile_path: Path, grid: Grid, out: Path, timeout: float =
                          "predicted_replay": r_value, "rel_error_replay": _rel(r_value, m_value),
                          "predicted_anchored": a_value, "rel_error_anchored": _rel(a_value, m_value),
                          "strategy": scenario.strategy.name, "compute": compute, "ranks": ranks,
-                         "rounds": len(runs[label]),
-                         "measured_spread": _spread(runs[label]),
+                         "rounds": len(runs[label]), "round": round_index,
+                         "measured_spread": _spread([e for _, e in runs[label]]),
                          "output_matches": measured_trace.output_tokens == sim_trace.output_tokens
                          if compute == "emulated" else entry["trace"]["meta"].get("matches_reference")})
     return pd.DataFrame(rows), {"command": command, "traces": traces, "anchoring": anchoring}
@@ -209,9 +214,9 @@ def _rel(value: float | None, measured: float) -> float:
     return (value - measured) / measured if measured and value is not None else np.nan
 
 
-def _median_round(entries: list[dict]) -> dict:
-    """The round whose throughput is the median (the lower middle one for an even count)."""
-    ranked = sorted(entries, key=lambda e: e["metrics"].get("tokens_per_s") or 0.0)
+def _median_round(entries: list[tuple[int, dict]]) -> tuple[int, dict]:
+    """(round, entry) whose throughput is the median (the lower middle one for an even count)."""
+    ranked = sorted(entries, key=lambda e: e[1]["metrics"].get("tokens_per_s") or 0.0)
     return ranked[(len(ranked) - 1) // 2]
 
 
@@ -280,7 +285,15 @@ def anchor_profile(profile: HardwareProfile, profile_path: Path, anchors: list[d
 
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
-    """Median and worst absolute relative error per metric family (node utilization as absolute error)."""
+    """Median and worst absolute relative error per metric family (node utilization as absolute error), over all
+    configurations (``scope`` all) and over each compute mode (real, emulated) apart."""
+    scopes = [("all", table)]
+    if "compute" in table.columns and table["compute"].nunique() > 1:
+        scopes += [(str(mode), part) for mode, part in table.groupby("compute")]
+    return pd.concat([_summarize_scope(scope, part) for scope, part in scopes], ignore_index=True)
+
+
+def _summarize_scope(scope: str, table: pd.DataFrame) -> pd.DataFrame:
     out = []
     for family, part in table.groupby(table["metric"].str.split(".").str[0]):
         if family == "node_utilization":
@@ -291,7 +304,7 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
         else:
             err, err_replay = part["rel_error"].abs(), part["rel_error_replay"].abs()
             err_anchored, unit = part["rel_error_anchored"].abs(), "relative"
-        out.append({"metric": family, "error": unit, "configs": part["config"].nunique(),
+        out.append({"scope": scope, "metric": family, "error": unit, "configs": part["config"].nunique(),
                     "median": err.median(), "worst": err.max(), "median_replay": err_replay.median(),
                     "worst_replay": err_replay.max(), "median_anchored": err_anchored.median(),
                     "worst_anchored": err_anchored.max()})
@@ -358,7 +371,8 @@ def validate(profiles: list[Path], grid: Grid, out: Path, timeout: float = 3600)
 
 def _write_report(out: Path, table: pd.DataFrame, summary: pd.DataFrame, profiles: list[Path], grid: Grid,
                   commands: list[str], chosen: str, anchoring: dict[str, Any]) -> None:
-    tps = summary.set_index("metric").loc["tokens_per_s"] if "tokens_per_s" in set(summary["metric"]) else None
+    overall = summary[summary["scope"] == "all"].set_index("metric")
+    tps = overall.loc["tokens_per_s"] if "tokens_per_s" in overall.index else None
     lines = ["# Simulator vs executor: validation", ""]
     if tps is not None:
         lines += [f"Over {int(tps['configs'])} configurations, the simulator's tokens/s is off by a median "
@@ -383,12 +397,14 @@ def _write_report(out: Path, table: pd.DataFrame, summary: pd.DataFrame, profile
               "## Anchoring", "",
               "`predicted_anchored` uses the profile scaled, per node, by the median ratio of measured to modelled "
               "stage time over the anchor generations that ran in the same job as the grid (1-token runs and longer "
-              "runs apart), with the per-run dispatch re-derived from the anchor iterative generation; it is saved "
-              "beside the measured traces as `profile-anchored.yaml`. Scales:", ""]
-    for profile, info in anchoring.items():
-        scales = ", ".join(f"{node} x{s['single']:.2f} (1 token) x{s['multi']:.2f} (more)"
-                           for node, s in info["scales"].items())
-        lines += [f"- `{profile}`: {scales}"]
+              "runs apart) in the same round as the configuration's measurement, with the per-run dispatch "
+              "re-derived from the anchor iterative generation; the profiles are saved beside the measured traces "
+              "as `profile-anchored-round<r>.yaml`. Scales:", ""]
+    for profile, rounds in anchoring.items():
+        for r, info in rounds.items():
+            scales = ", ".join(f"{node} x{s['single']:.2f} (1 token) x{s['multi']:.2f} (more)"
+                               for node, s in info["scales"].items())
+            lines += [f"- `{profile}`, round {r}: {scales}"]
     lines += ["",
               "![parity](parity.png)", "",
               f"![timelines](timeline_comparison.png)  \nTimelines of `{chosen}`.", "",
@@ -422,7 +438,7 @@ def _cmd_validate(args) -> int:
     summary = summarize(table)
     print(f"validation of {table['config'].nunique()} configurations written to {args.out}/validation.csv")
     for row in summary.itertuples(index=False):
-        print(f"  {row.metric}: median |error| {row.median:.3g} (worst {row.worst:.3g}) {row.error}; "
+        print(f"  {row.scope} {row.metric}: median |error| {row.median:.3g} (worst {row.worst:.3g}) {row.error}; "
               f"replaying measured acceptance: median {row.median_replay:.3g}; re-anchored in the job: median "
               f"{row.median_anchored:.3g} (worst {row.worst_anchored:.3g})")
     return 0

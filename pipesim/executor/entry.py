@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 
@@ -18,6 +19,8 @@ from .errors import ExecutorSetupError
 from .options import add_run_arguments, load_variants
 from .output import print_result, save_traces, write_files
 from .plan import make_plan
+
+ABORT_GRACE_S = 0.3  # a failing rank's message reaches mpiexec's output before MPI_Abort ends the job
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,5 +75,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"rank {rank}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
         if size > 1:
+            time.sleep(ABORT_GRACE_S)  # let mpiexec forward the message before the abort tears its pipes down
             comm.Abort(1)
         return 1

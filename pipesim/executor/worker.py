@@ -106,6 +106,7 @@ class Worker:
         self.backend.apply_kv_ops(msg.kv_ops)
         if self.fault:
             raise InjectedFault(f"injected fault at run {msg.run_id} (executor.fault_rank={self.rank})")
+        self._pump()  # a cancellation that came in while this run was received counts before the forward
         if not msg.computed or msg.run_id in self.cancelled:
             now = self.clock.now()
             self.records.append(Record("skip", now, now, self.name, msg.run_id, msg.n_tokens))

@@ -4,8 +4,10 @@ One SimPy process per pipeline stage (DistServe style) plus the head, which hold
 the strategy. The head works in PipeInfer's order of priority: returned predictions first, then launching runs
 (its own layers), then drafting one token at a time, so a draft never delays a verification by more than one
 draft step. Messages occupy one direction of a link (FIFO, latency + bytes/bandwidth); cancellations travel from
-the head to the last stage and backwards, stage by stage; a stage skips a cancelled run it has not started and
-aborts one in progress at the next layer boundary.
+the head to the last stage and backwards, stage by stage. As in the executor, a stage notices a cancellation
+when it next looks: an idle stage at its next poll, one dispatching a run before it starts the forward, one
+computing at its next layer boundary; only then does it pass the cancellation on. It skips a cancelled run it has
+not started and aborts one in progress at the layer boundary where it notices.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .acceptance import AcceptanceModel, OracleDraft, SyntheticTokens
 from .costs import CalibratedCostModel, NodeProfile, Payloads, RooflineCostModel
 from .host_cpu import SharedHosts
 from .network import Network
+from .polling import PollBackoff
 
 
 class SimulationError(RuntimeError):
@@ -48,7 +51,10 @@ class _Stage:
     layers: tuple[int, int]
     queue: deque = field(default_factory=deque)
     wakeup: simpy.Event | None = None
+    idle_since: float = 0.0
     cancelled: set[int] = field(default_factory=set)
+    unseen_cancels: list[int] = field(default_factory=list)  # arrived while busy; noticed at the next look
+    phase: str = "idle"  # idle, dispatch, compute, finishing (the layer in progress after an interrupt)
     current: int | None = None
     process: simpy.Process | None = None
 
@@ -127,6 +133,8 @@ class SimulationEngine:
         self.strategy = strategy
         self.env = simpy.Environment()
         self.hosts = self._shared_hosts()
+        self.polling = PollBackoff(**self.profile.poll) if self.profile is not None and self.profile.poll else None
+        self.head_idle_since = 0.0
         self.records: list[tuple] = []  # plain tuples in Record's field order (fast); Records at the end
         self._head_iterations = 0
         self.finished = self.env.event()
@@ -246,12 +254,26 @@ class SimulationEngine:
     def _deliver_to_stage(self, stage: _Stage, run: Run, computed_upstream: bool) -> None:
         stage.queue.append((run, computed_upstream))
         if stage.wakeup is not None and not stage.wakeup.triggered:
-            stage.wakeup.succeed()
+            self._wake(stage.wakeup, stage.idle_since)
 
     def _deliver_to_head(self, run: Run, early_token: int | None = None) -> None:
         self.head_inbox.append((run, early_token))
         if self.head_wakeup is not None and not self.head_wakeup.triggered:
-            self.head_wakeup.succeed()
+            self._wake(self.head_wakeup, self.head_idle_since)
+
+    def _wake(self, event: simpy.Event, idle_since: float) -> None:
+        """Wake a waiting process now, or (a calibrated profile's polling) at the probe that notices the message."""
+        now = self.env.now
+        noticed = self.polling.noticed(idle_since, now) if self.polling is not None else now
+        if noticed <= now:
+            event.succeed()
+            return
+
+        def wake(_timeout) -> None:
+            if not event.triggered:
+                event.succeed()
+
+        self.env.timeout(noticed - now).callbacks.append(wake)
 
     def _send_cancel(self, run_ids: tuple[int, ...]) -> None:
         now = self.env.now
@@ -264,13 +286,41 @@ class SimulationEngine:
                        lambda _e, s=last: self._cancel_at(s, run_ids))
 
     def _cancel_at(self, stage: _Stage, run_ids: tuple[int, ...]) -> None:
+        """A cancellation reaches ``stage``: an idle stage notices it at its next poll, a busy one when it looks."""
+        if stage.phase != "idle":
+            self._cancel_unseen(stage, run_ids)
+            return
+        now = self.env.now
+        noticed = self.polling.noticed(stage.idle_since, now) if self.polling is not None else now
+        if noticed <= now:
+            self._notice_cancels(stage, run_ids)
+            return
+
+        def probe(_timeout) -> None:
+            if stage.phase == "idle":
+                self._notice_cancels(stage, run_ids)
+            else:  # a run woke the stage first: it looks again before the forward or at a layer boundary
+                self._cancel_unseen(stage, run_ids)
+
+        self.env.timeout(noticed - now).callbacks.append(probe)
+
+    def _cancel_unseen(self, stage: _Stage, run_ids: tuple[int, ...]) -> None:
+        stage.unseen_cancels.extend(run_ids)
+        if stage.phase == "compute":  # stop at the next layer boundary to look
+            stage.phase = "finishing"
+            stage.process.interrupt()
+
+    def _notice_unseen(self, stage: _Stage) -> None:
+        if stage.unseen_cancels:
+            run_ids, stage.unseen_cancels = tuple(stage.unseen_cancels), []
+            self._notice_cancels(stage, run_ids)
+
+    def _notice_cancels(self, stage: _Stage, run_ids: tuple[int, ...]) -> None:
+        """The stage sees the cancellation: it records it and passes it on towards stage 1."""
         now = self.env.now
         for run_id in run_ids:
             self.records.append(("cancel_seen", now, now, self.node_names[stage.node], run_id, 0, 0.0, 0, 0, ""))
         stage.cancelled.update(run_ids)
-        if stage.current is not None and stage.current in stage.cancelled:
-            stage.current = None
-            stage.process.interrupt()
         if stage.index > 1:
             previous = self.stages[stage.index - 1]
             self._send(stage.node, previous.node, self.payloads.cancel(len(run_ids)), "cancel", -1,
@@ -314,35 +364,61 @@ class SimulationEngine:
         records = self.records
         cost_of = self.target_cost.stage_cost
         while True:
+            self._notice_unseen(stage)
             while not stage.queue:
                 stage.wakeup = env.event()
+                stage.idle_since = env.now
+                stage.phase = "idle"
                 yield stage.wakeup
+            stage.phase = "dispatch"
             run, computed_upstream = stage.queue.popleft()
+            if computed_upstream and run.run_id not in stage.cancelled:
+                cost = cost_of(node, stage.n_layers, run.n_tokens, run.positions[0], run.n_outputs if last else 0)
+                stage.current = run.run_id
+                yield from self._dispatch(stage.node, cost, run)
+                self._notice_unseen(stage)  # the executor looks once more before the forward
             if not computed_upstream or run.run_id in stage.cancelled:
+                stage.current = None
                 records.append(("skip", env.now, env.now, name, run.run_id, run.n_tokens, 0.0, 0, 0, ""))
                 self._forward(stage, run, computed=False)
                 continue
-            cost = cost_of(node, stage.n_layers, run.n_tokens, run.positions[0], run.n_outputs if last else 0)
-            stage.current = run.run_id
-            aborted = False
-            job = None
-            try:
-                yield from self._dispatch(stage.node, cost, run)
-                start = env.now
-                job = self.hosts.job(stage.node, cost.total - cost.dispatch + self._schedule_early_exit(stage, run, cost))
-                yield from job.run()
-            except simpy.Interrupt:
-                aborted = True
-                if job is not None and cost.per_layer > 0:  # finish the layer in progress
-                    done_layers = math.ceil(job.done / cost.per_layer - 1e-9)
-                    boundary = min(done_layers, stage.n_layers) * cost.per_layer
-                    if boundary > job.done:
-                        yield from self.hosts.compute(stage.node, boundary - job.done)
+            start = env.now
+            aborted = yield from self._compute(stage, cost, cost.total - cost.dispatch
+                                               + self._schedule_early_exit(stage, run, cost))
             stage.current = None
-            if job is not None:
-                note = f"stage{stage.index}:aborted" if aborted else f"stage{stage.index}"
-                records.append(("compute", start, env.now, name, run.run_id, run.n_tokens, 0.0, 0, 0, note))
+            note = f"stage{stage.index}:aborted" if aborted else f"stage{stage.index}"
+            records.append(("compute", start, env.now, name, run.run_id, run.n_tokens, 0.0, 0, 0, note))
             self._forward(stage, run, computed=not aborted)
+
+    def _compute(self, stage: _Stage, cost, work: float):
+        """The stage's forward of ``work`` seconds; returns True when a cancellation of it aborted it.
+
+        A cancellation arriving meanwhile interrupts it; the stage finishes the layer in progress, looks at what
+        arrived (passing it on), and stops there if its own run is cancelled, else goes on. As in the executor,
+        the last look is after the last layer: a cancellation arriving during the output head is seen only once
+        the run is complete (and its predictions are sent anyway).
+        """
+        done = 0.0
+        layers_end = stage.n_layers * cost.per_layer
+        while True:
+            stage.phase = "compute"
+            job = self.hosts.job(stage.node, work - done)
+            try:
+                yield from job.run()
+                return False
+            except simpy.Interrupt:
+                done += job.done
+            boundary = work
+            if cost.per_layer > 0 and done < layers_end - 1e-12:  # the next layer boundary
+                boundary = min(math.ceil(done / cost.per_layer - 1e-9) * cost.per_layer, layers_end)
+            if boundary > done:
+                yield from self.hosts.compute(stage.node, boundary - done)
+                done = boundary
+            self._notice_unseen(stage)
+            if done >= work - 1e-12:
+                return False
+            if stage.current in stage.cancelled:
+                return True
 
     def _dispatch(self, node: int, cost, run: Run):
         """A calibrated profile's per-run messaging and scheduling before the forward: busy, not computing."""
@@ -412,6 +488,7 @@ class SimulationEngine:
                     self._execute(strategy.on_draft(task.request.request_id, task.tokens))
             else:
                 self.head_wakeup = env.event()
+                self.head_idle_since = env.now
                 yield self.head_wakeup
 
 
