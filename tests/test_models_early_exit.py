@@ -211,17 +211,6 @@ FRESH_PROMPTS = (
 )
 
 
-NO_SHIPPED = "no SmolLM2 exit adapters are shipped yet (pipesim/data/exit_adapters/acceptance.json is absent)"
-
-
-def _has_shipped() -> bool:
-    try:
-        return bool(shipped_acceptance("smollm2"))
-    except FileNotFoundError:
-        return False
-
-
-@pytest.mark.skipif(not _has_shipped(), reason=NO_SHIPPED)
 def test_shipped_table_lists_files_that_exist():
     table = shipped_acceptance("smollm2")
     assert table and all(0 < alpha < 1 for alpha in table.values())
@@ -234,7 +223,6 @@ def test_shipped_table_lists_files_that_exist():
 
 
 @pytest.mark.smollm2
-@pytest.mark.skipif(not _has_shipped(), reason=NO_SHIPPED)
 @pytest.mark.skipif(
     SMOLLM2_PATH is None,
     reason="SmolLM2 GGUF not in the cache ($PIPESIM_CACHE or ~/.cache/pipesim): run `pipesim models fetch smollm2`",

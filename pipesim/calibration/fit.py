@@ -97,13 +97,17 @@ class StageFit:
         return stage_form(self, n_layers, n_tokens, context, n_outputs)
 
 
+def layer_form(c, n_tokens: int, context: int) -> float:
+    """The time of one layer for a run of ``n_tokens`` at ``context``, for coefficients ``c`` (a StageFit or a
+    profile's node)."""
+    if n_tokens == 1 and c.layer_single is not None:
+        return c.layer_single + c.layer_per_token_context * context
+    return c.layer_fixed + c.layer_per_token * n_tokens + c.layer_per_token_context * n_tokens * context
+
+
 def stage_form(c, n_layers: int, n_tokens: int, context: int, n_outputs: int) -> float:
     """The stage time of the fitted form for coefficients ``c`` (a StageFit or a profile's node)."""
-    if n_tokens == 1 and c.layer_single is not None:
-        per_layer = c.layer_single + c.layer_per_token_context * context
-    else:
-        per_layer = c.layer_fixed + c.layer_per_token * n_tokens + c.layer_per_token_context * n_tokens * context
-    t = c.overhead + n_layers * per_layer
+    t = c.overhead + n_layers * layer_form(c, n_tokens, context)
     if n_outputs == 1 and c.head_single is not None:
         t += c.head_single
     elif n_outputs:

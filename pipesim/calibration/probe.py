@@ -81,17 +81,16 @@ def _concurrent_samples(comm, rank: int, mates: Sequence[int], run: Callable[[in
     is done, so no timed call runs alone. Collective over ``comm``; ranks without host-mates only take part in
     the barriers.
     """
-    from mpi4py import MPI
-
     alone: list[dict] = []
     together: list[dict] = []
-    for turn in range(max(1, comm.allreduce(len(mates), op=MPI.MAX))):
-        if turn < len(mates) and rank == mates[turn]:
-            for n, context in CONCURRENT_POINTS:
-                run(n, context)  # warm-up (and the context is built)
-                seconds = _median_time(lambda n=n, context=context: run(n, context), repeats)
-                alone.append({"n_tokens": n, "context": context, "seconds": seconds})
-        _sleeping_barrier(comm, poll)
+
+    def time_alone() -> None:
+        for n, context in CONCURRENT_POINTS:
+            run(n, context)  # warm-up (and the context is built)
+            seconds = _median_time(lambda n=n, context=context: run(n, context), repeats)
+            alone.append({"n_tokens": n, "context": context, "seconds": seconds})
+
+    _in_turns(comm, rank, mates, poll, time_alone if mates else lambda: None)
     for n, context in CONCURRENT_POINTS:
         if mates:
             run(n, context)
@@ -119,6 +118,17 @@ def _sleep_overshoot(sleep: float = 50e-6, repeats: int = 200) -> float:
         time.sleep(sleep)
         late.append(time.perf_counter() - start - sleep)
     return max(0.0, statistics.median(late))
+
+
+def _in_turns(comm, rank: int, mates: Sequence[int], poll: float, work: Callable[[], None]) -> None:
+    """Ranks that share a host call ``work`` one after another while the others sleep in a barrier; a rank alone
+    on its host calls it in the first turn. Collective over ``comm``."""
+    from mpi4py import MPI
+
+    for turn in range(max(1, comm.allreduce(len(mates), op=MPI.MAX))):
+        if (not mates and turn == 0) or (turn < len(mates) and mates[turn] == rank):
+            work()
+        _sleeping_barrier(comm, poll)
 
 
 def _sleeping_barrier(comm, poll: float) -> None:
@@ -362,13 +372,12 @@ def run_probe(argv: Sequence[str] | None = None) -> int:
         poll = plan.executor.poll_interval_s
         mates = _host_mates(comm, rank)
         stage: list[dict] = []
-        for turn in range(max(1, comm.allreduce(len(mates), op=MPI.MAX))):
-            if (not mates and turn == 0) or (mates and turn < len(mates) and mates[turn] == rank):
-                if plan.real:
-                    stage = _real_stage_samples(plan, rank, tokens, contexts, args.repeats)
-                else:
-                    stage = _emulated_stage_samples(plan, rank, clock_now, tokens, contexts, args.repeats)
-            _sleeping_barrier(comm, poll)
+
+        def time_stage() -> None:
+            stage.extend(_real_stage_samples(plan, rank, tokens, contexts, args.repeats) if plan.real
+                         else _emulated_stage_samples(plan, rank, clock_now, tokens, contexts, args.repeats))
+
+        _in_turns(comm, rank, mates, poll, time_stage)
         runner = (_real_stage_runner(plan, rank, max(c for _, c in CONCURRENT_POINTS) + 64) if plan.real
                   else _emulated_stage_runner(plan, rank, clock_now))
         concurrent = _concurrent_samples(comm, rank, mates, runner, args.repeats, poll)

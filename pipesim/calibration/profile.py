@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from .fit import layer_form, stage_form
+
 PROFILE_FORMAT = "pipesim-hardware-profile/1"
 
 
@@ -33,14 +35,7 @@ class NodeCoefficients:
 
     def stage_time(self, n_layers: int, n_tokens: int, context: int, n_outputs: int) -> tuple[float, float]:
         """(total, per-layer) time of a run on a stage of this node (``dispatch`` not included)."""
-        from .fit import stage_form
-
-        total = stage_form(self, n_layers, n_tokens, context, n_outputs)
-        if n_tokens == 1 and self.layer_single is not None:
-            per_layer = self.layer_single + self.layer_per_token_context * context
-        else:
-            per_layer = self.layer_fixed + self.layer_per_token * n_tokens + self.layer_per_token_context * n_tokens * context
-        return total, per_layer
+        return stage_form(self, n_layers, n_tokens, context, n_outputs), layer_form(self, n_tokens, context)
 
     def draft_time(self, n_tokens: int, context: int) -> float:
         if self.draft_fixed is None:

@@ -20,8 +20,10 @@ measurement is its median-throughput round, so slow drift of the machine spreads
 
 from __future__ import annotations
 
+import copy
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ from ..metrics import compute_metrics
 from ..scenario import ScenarioError, load_scenario
 from ..sim import simulate
 from ..trace import Trace
+from .calibrate import add_residual_overhead
 from .profile import HardwareProfile
 
 METRICS = ("tokens_per_s", "ttft_s", "itl_p50_s", "itl_p99_s")
@@ -232,11 +235,6 @@ def anchor_profile(profile: HardwareProfile, profile_path: Path, anchors: list[d
 
     Writes the anchored profile to ``out`` and returns the scales (node -> {"single", "multi"}) and the dispatch.
     """
-    import copy
-    import statistics
-
-    from .calibrate import add_residual_overhead
-
     ratios: dict[tuple[str, bool], list[float]] = {}
     for entry in anchors:
         trace = entry["trace"]
@@ -296,18 +294,16 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
 def _summarize_scope(scope: str, table: pd.DataFrame) -> pd.DataFrame:
     out = []
     for family, part in table.groupby(table["metric"].str.split(".").str[0]):
-        if family == "node_utilization":
-            err = (part["predicted"] - part["measured"]).abs()
-            err_replay = (part["predicted_replay"] - part["measured"]).abs()
-            err_anchored = (part["predicted_anchored"] - part["measured"]).abs()
-            unit = "absolute"
-        else:
-            err, err_replay = part["rel_error"].abs(), part["rel_error_replay"].abs()
-            err_anchored, unit = part["rel_error_anchored"].abs(), "relative"
-        out.append({"scope": scope, "metric": family, "error": unit, "configs": part["config"].nunique(),
-                    "median": err.median(), "worst": err.max(), "median_replay": err_replay.median(),
-                    "worst_replay": err_replay.max(), "median_anchored": err_anchored.median(),
-                    "worst_anchored": err_anchored.max()})
+        absolute = family == "node_utilization"
+        row = {"scope": scope, "metric": family, "error": "absolute" if absolute else "relative",
+               "configs": part["config"].nunique()}
+        for suffix in ("", "_replay", "_anchored"):  # as calibrated, replaying acceptance, anchored in the job
+            if absolute:
+                err = (part[f"predicted{suffix}"] - part["measured"]).abs()
+            else:
+                err = part[f"rel_error{suffix}"].abs()
+            row[f"median{suffix}"], row[f"worst{suffix}"] = err.median(), err.max()
+        out.append(row)
     return pd.DataFrame(out)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import simpy
@@ -261,19 +262,24 @@ class SimulationEngine:
         if self.head_wakeup is not None and not self.head_wakeup.triggered:
             self._wake(self.head_wakeup, self.head_idle_since)
 
-    def _wake(self, event: simpy.Event, idle_since: float) -> None:
-        """Wake a waiting process now, or (a calibrated profile's polling) at the probe that notices the message."""
+    def _at_next_probe(self, idle_since: float, action: Callable[[], None]) -> None:
+        """Run ``action`` now, or (a calibrated profile's polling) at the probe with which a rank idle since
+        ``idle_since`` notices what has just arrived."""
         now = self.env.now
         noticed = self.polling.noticed(idle_since, now) if self.polling is not None else now
         if noticed <= now:
-            event.succeed()
-            return
+            action()
+        else:
+            self.env.timeout(noticed - now).callbacks.append(lambda _timeout: action())
 
-        def wake(_timeout) -> None:
+    def _wake(self, event: simpy.Event, idle_since: float) -> None:
+        """Wake a waiting process at the probe that notices the message."""
+
+        def wake() -> None:
             if not event.triggered:
                 event.succeed()
 
-        self.env.timeout(noticed - now).callbacks.append(wake)
+        self._at_next_probe(idle_since, wake)
 
     def _send_cancel(self, run_ids: tuple[int, ...]) -> None:
         now = self.env.now
@@ -290,19 +296,14 @@ class SimulationEngine:
         if stage.phase != "idle":
             self._cancel_unseen(stage, run_ids)
             return
-        now = self.env.now
-        noticed = self.polling.noticed(stage.idle_since, now) if self.polling is not None else now
-        if noticed <= now:
-            self._notice_cancels(stage, run_ids)
-            return
 
-        def probe(_timeout) -> None:
+        def probe() -> None:
             if stage.phase == "idle":
                 self._notice_cancels(stage, run_ids)
             else:  # a run woke the stage first: it looks again before the forward or at a layer boundary
                 self._cancel_unseen(stage, run_ids)
 
-        self.env.timeout(noticed - now).callbacks.append(probe)
+        self._at_next_probe(stage.idle_since, probe)
 
     def _cancel_unseen(self, stage: _Stage, run_ids: tuple[int, ...]) -> None:
         stage.unseen_cancels.extend(run_ids)
