@@ -132,8 +132,8 @@ class NetworkConfig(_Strict):
     latency: Duration = Field(0.0, description="one-way message latency, e.g. 50us")
     links: list[LinkOverride] = Field(default_factory=list)
     profile_links: Literal["add", "ignore"] = Field(
-        "add", description="with cluster.profile: add the profile's measured transport costs (MPI, polling) to "
-                           "every link, or ignore them")
+        "add", description="with cluster.profile: add the profile's measured MPI transport (latency, copies) to "
+                           "every link, or ignore it")
 
 
 class PlacementConfig(_Strict):

@@ -3,12 +3,13 @@
 Every rank times its own pipeline stage over a grid of (tokens in the run, context length), built exactly as the
 executor builds it (real torch layers, or emulated sleeps); the last rank also times its stage with the output
 head; the head times greedy sampling of returned predictions and the draft's steps; every pair of neighbouring
-ranks (the ring the pipeline uses) plays message ping-pong over several sizes with the executor's polling.
+ranks (the ring the pipeline uses) plays message ping-pong over several sizes, spinning (the transport alone).
 Ranks that share a host take turns for the stage grid (the others wait in a sleeping barrier), so the samples are
 solo costs; then every rank of such a host times a few runs while its host-mates compute too, which gives the
 node's concurrent slowdown. Each rank also times how late a short sleep ends (its polling reacts that much
-later). Finally a short iterative generation is measured, so the front end can attribute what the microbenchmarks
-miss (messaging, scheduling) to a per-run dispatch time. Rank 0 writes all raw samples as JSON.
+later). Finally a short iterative generation is measured (three times; the median one counts), so the front end
+can attribute what the microbenchmarks miss (messaging, scheduling) to a per-run dispatch time. Rank 0 writes all
+raw samples as JSON.
 
     mpiexec -n N python -m pipesim.calibration.probe SCENARIO --out raw.json [--set ...]
 """
@@ -30,6 +31,7 @@ import numpy as np
 DEFAULT_TOKENS = (1, 2, 4, 8, 16)
 DEFAULT_CONTEXTS = (0, 64, 192, 448)
 LINK_SIZES = (64, 4096, 65536, 524288, 2097152)
+ITERATIVE_REPEATS = 3  # measured iterative generations; the median one gives the per-run dispatch
 
 
 def _median_time(fn: Callable[[], Any], repeats: int) -> float:
@@ -110,13 +112,21 @@ def _concurrent_samples(comm, rank: int, mates: Sequence[int], run: Callable[[in
     return {"alone": alone, "together": together}
 
 
-def _sleep_overshoot(sleep: float = 50e-6, repeats: int = 200) -> float:
-    """Median time a short ``time.sleep`` ends late (timer slack): part of a waiting rank's reaction time."""
+def _sleep_overshoot(first: float, longest: float, repeats: int = 40) -> float:
+    """Median time a sleep of the polling schedule (first, 2·first, ... longest) ends late (timer slack and
+    wake-up): a waiting rank reacts that much later than its sleeps say."""
+    lengths = []
+    sleep = first
+    while sleep < longest:
+        lengths.append(sleep)
+        sleep = min(2 * sleep, longest)
+    lengths.append(longest)
     late = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        time.sleep(sleep)
-        late.append(time.perf_counter() - start - sleep)
+        for sleep in lengths:
+            start = time.perf_counter()
+            time.sleep(sleep)
+            late.append(time.perf_counter() - start - sleep)
     return max(0.0, statistics.median(late))
 
 
@@ -299,37 +309,43 @@ def _draft_samples(plan, clock_now, repeats: int) -> list[dict]:
 
 # -- links ---------------------------------------------------------------------------------------------
 
-def _ping_pong(comm, rank: int, a: int, b: int, poll: float, repeats: int) -> list[dict]:
-    """One-way times between ranks a and b (half the round trip), receivers polling as the executor does."""
+def _ping_pong(comm, rank: int, a: int, b: int, repeats: int) -> list[dict]:
+    """One-way times between ranks a and b (half the round trip), both spinning on Iprobe: the transport alone
+    (MPI and the copies). How late an idle rank notices a message is its polling, which the simulator models
+    apart (``PollBackoff``). Only ranks a and b call this; the first exchange of every size is a warm-up."""
     samples = []
     for size in LINK_SIZES:
         buffer = np.zeros(size, dtype=np.uint8)
         times = []
-        for _ in range(repeats):
-            comm.Barrier()
+        for i in range(repeats + 1):
             if rank == a:
                 start = time.perf_counter()
                 comm.Send(buffer, dest=b, tag=77)
-                _poll_recv(comm, buffer, b, poll)
-                times.append((time.perf_counter() - start) / 2)
-            elif rank == b:
-                _poll_recv(comm, buffer, a, poll)
+                _spin_recv(comm, buffer, b)
+                if i:
+                    times.append((time.perf_counter() - start) / 2)
+            else:
+                _spin_recv(comm, buffer, a)
                 comm.Send(buffer, dest=a, tag=77)
         if rank == a:
             samples.append({"nbytes": size, "seconds": statistics.median(times)})
     return samples
 
 
-def _poll_recv(comm, buffer, source: int, poll: float) -> None:
-    """Wait as the executor's messenger does: Iprobe, then sleeps backing off from 50 us to ``poll``."""
-    deadline = time.monotonic() + 60
-    pause = min(50e-6, poll)
+def _spin_recv(comm, buffer, source: int, limit: float = 60.0) -> None:
+    deadline = time.monotonic() + limit
     while not comm.Iprobe(source=source, tag=77):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"ping-pong: nothing from rank {source} in 60 s")
-        time.sleep(pause)
-        pause = min(2 * pause, poll)
+            raise TimeoutError(f"ping-pong: nothing from rank {source} in {limit:.0f} s")
     comm.Recv(buffer, source=source, tag=77)
+
+
+def _median_run(runs: list[dict] | None) -> dict | None:
+    """The generation of median throughput (the lower middle one of an even count)."""
+    if not runs:
+        return None
+    ranked = sorted(runs, key=lambda run: run["metrics"]["tokens_per_s"] or 0.0)
+    return ranked[(len(ranked) - 1) // 2]
 
 
 # -- main ----------------------------------------------------------------------------------------------
@@ -391,12 +407,14 @@ def run_probe(argv: Sequence[str] | None = None) -> int:
             b = (a + 1) % size
             if a == b:
                 continue
-            samples = _ping_pong(comm, rank, a, b, poll, max(args.repeats, 5))
-            if rank == a:
-                links[f"{plan.node_names[a]}->{plan.node_names[b]}"] = samples
+            if rank in (a, b):  # the pair spins; the other ranks sleep, so they do not take its cores
+                samples = _ping_pong(comm, rank, a, b, max(args.repeats, 5))
+                if rank == a:
+                    links[f"{plan.node_names[a]}->{plan.node_names[b]}"] = samples
+            _sleeping_barrier(comm, poll)
         report = {"rank": rank, "node": plan.node_names[rank], "host": MPI.Get_processor_name(),
                   "stage": stage, "host_mates": mates, "concurrent": concurrent, "links": links,
-                  "sleep_overshoot": _sleep_overshoot(), **head}
+                  "sleep_overshoot": _sleep_overshoot(MIN_SLEEP, poll), **head}
         reports = comm.gather(report, root=0)
         measured: dict[str, Any] = {}
         if args.iterative_tokens > 0:
@@ -405,21 +423,26 @@ def run_probe(argv: Sequence[str] | None = None) -> int:
             runtime = RankRuntime(comm, MPI.Wtime)
             runtime.sync(plan.executor.timeout_s)
             # iterative: what the microbenchmarks miss per run; speculative: draft steps and sampling in situ
-            strategies = ["iterative"] + (["speculative"] if scenario.models.draft is not None else [])
+            # the iterative generation ITERATIVE_REPEATS times: a shared machine's speed moves between runs, and
+            # the one of median throughput counts
+            strategies = ["iterative"] * ITERATIVE_REPEATS + (["speculative"] if scenario.models.draft is not None
+                                                              else [])
             for strategy in strategies:
                 generation = load_scenario(args.scenario, [*args.set, f"strategy.name={strategy}",
                                                            "executor.link_emulation=false",
                                                            f"workload.generate_tokens={args.iterative_tokens}"])
                 result = runtime.generate(make_plan(generation, size))
                 if rank == 0:
-                    measured[strategy] = {"metrics": result.metrics, "trace": result.trace.to_json()}
+                    measured.setdefault(strategy, []).append({"metrics": result.metrics,
+                                                              "trace": result.trace.to_json()})
         if rank == 0:
             raw = {"format": "pipesim-calibration-raw/1", "scenario": str(args.scenario), "sets": args.set,
                    "n_ranks": size, "real": plan.real, "model": plan.executor.model if plan.real else None,
                    "threads_per_rank": plan.executor.threads_per_rank, "repeats": args.repeats,
                    "poll": {"first": MIN_SLEEP, "longest": poll},
-                   "ranks": reports, "iterative": measured.get("iterative"),
-                   "speculative": measured.get("speculative")}
+                   "ranks": reports, "iterative": _median_run(measured.get("iterative")),
+                   "iterative_tokens_per_s": [m["metrics"]["tokens_per_s"] for m in measured.get("iterative", [])],
+                   "speculative": _median_run(measured.get("speculative"))}
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(raw))
         return 0

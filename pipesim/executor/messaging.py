@@ -117,7 +117,7 @@ class Messenger:
     def _receive_arrived(self) -> None:
         comm, status = self.comm, self._status
         seen_empty = self._last_empty_probe
-        while comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
+        while self._probe(comm, status):
             source, tag = status.Get_source(), status.Get_tag()
             if tag not in DATA_TAGS:
                 raise ProtocolError(f"rank {self.rank}: unexpected message with tag {tag} from rank {source}")
@@ -142,6 +142,13 @@ class Messenger:
             self.records.append(Record("transfer", t0, t1, link_name, run_id, 0, float(nbytes), note=note))
             self._incoming.setdefault(source, deque()).append(Envelope(tag, source, body, payload, due, request))
         self._last_empty_probe = self.clock.now()
+
+    @staticmethod
+    def _probe(comm: MPI.Comm, status: MPI.Status) -> bool:
+        """Is a message waiting? MPICH's Iprobe matches before it makes progress, so a message that came in while
+        this rank slept is only seen by a second call; one call per wake-up would notice it a whole sleep late."""
+        return (comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status)
+                or comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status))
 
     def _collect_ready(self, ignore_due: bool) -> None:
         now = self.clock.now()
