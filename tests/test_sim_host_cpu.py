@@ -120,6 +120,18 @@ def test_poll_backoff_probe_times():
         PollBackoff(first=1e-3, longest=1e-4)
 
 
+def test_a_message_held_by_link_emulation_is_taken_at_its_arrival():
+    poll = PollBackoff(first=1.0, longest=4.0)  # probes at 0, 1, 3, 7, 11, ...
+    assert poll.noticed(0.0, 3.5) == 7.0  # arriving between probes: seen at the next one
+    # MPI delivered it at 2 and the emulated link holds it until 3.5: found at the probe at 3, taken at 3 + first
+    assert poll.noticed_held(0.0, 2.0, 3.5) == 4.0
+    assert poll.noticed_held(0.0, 2.0, 3.2) == 4.0  # found just before it is due: a sleep is at least ``first``
+    assert poll.noticed_held(0.0, 2.0, 3.0) == 3.0  # found as it is due: taken at once
+    assert poll.noticed_held(0.0, 5.0, 6.0) == 7.0  # found after its arrival: taken when found
+    late = PollBackoff(first=1.0, longest=4.0, overshoot=0.25)  # probes at 0, 1.25, 3.5, 7.75, ...
+    assert late.noticed_held(0.0, 3.0, 5.0) == 5.25  # found at 3.5, sleeps until 5, wakes 0.25 late
+
+
 def test_polling_delays_idle_ranks_in_the_simulator(tmp_path):
     def profile(poll):
         nodes = {f"n{i}": NodeCoefficients(overhead=1e-4, layer_fixed=1e-3, layer_per_token=2e-4, head_fixed=2e-3,

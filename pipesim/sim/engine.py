@@ -7,7 +7,9 @@ draft step. Messages occupy one direction of a link (FIFO, latency + bytes/bandw
 the head to the last stage and backwards, stage by stage. As in the executor, a stage notices a cancellation
 when it next looks: an idle stage at its next poll, one dispatching a run before it starts the forward, one
 computing at its next layer boundary; only then does it pass the cancellation on. It skips a cancelled run it has
-not started and aborts one in progress at the layer boundary where it notices.
+not started and aborts one in progress at the layer boundary where it notices. With a calibrated profile's
+polling, idle ranks notice messages at their probe times; when the scenario runs the executor's link emulation,
+a rank finds a message as soon as MPI delivers it and sleeps until its emulated arrival (``PollBackoff``).
 """
 
 from __future__ import annotations
@@ -116,6 +118,8 @@ class SimulationEngine:
                     transport[(index[src], index[dst])] = (link.latency, link.bandwidth)
         self.network = Network(self.node_names, scenario.network.bandwidth, scenario.network.latency, overrides,
                                transport)
+        # with a profile's polling: the executor's link emulation holds a message MPI delivered until its arrival
+        self.held_messages = bool(self.profile is not None and self.profile.poll and scenario.executor.link_emulation)
         workload = scenario.workload
         self.tokens = SyntheticTokens(target.vocab_size, workload.seed)
         acc = scenario.acceptance
@@ -225,7 +229,10 @@ class SimulationEngine:
         link = self.network.link(src, dst)
         start, end, arrival = link.send(self.env.now, nbytes)
         self.records.append(("transfer", start, end, link.name, run_id, 0, nbytes, 0, 0, note))
-        event = self.env.timeout(arrival - self.env.now)
+        # the event's value: when MPI has delivered the message, if the executor's link emulation then holds it
+        # until ``arrival`` (a rank may find it earlier and sleep until then); None when it is there at arrival
+        delivered = self.env.now + self.network.transport_latency(src, dst) if self.held_messages else None
+        event = self.env.timeout(arrival - self.env.now, value=delivered)
         event.callbacks.append(deliver)
 
     def _forward(self, stage: _Stage, run: Run, computed: bool) -> None:
@@ -238,7 +245,8 @@ class SimulationEngine:
                 self._deliver_to_head(run)
                 return
             nbytes = self.payloads.predictions(run.n_outputs)
-            self._send(stage.node, 0, nbytes, "predictions", run.run_id, lambda _e, r=run: self._deliver_to_head(r))
+            self._send(stage.node, 0, nbytes, "predictions", run.run_id,
+                       lambda e, r=run: self._deliver_to_head(r, delivered=e.value))
             return
         if not computed and not run.kv_ops:
             return  # a cancelled run carrying no KV operations needs no header downstream
@@ -250,36 +258,43 @@ class SimulationEngine:
             nbytes = self.payloads.header(run.n_tokens, len(run.kv_ops))
             note = "header"
         self._send(stage.node, nxt.node, nbytes, note, run.run_id,
-                   lambda _e, r=run, c=computed, s=nxt: self._deliver_to_stage(s, r, c))
+                   lambda e, r=run, c=computed, s=nxt: self._deliver_to_stage(s, r, c, e.value))
 
-    def _deliver_to_stage(self, stage: _Stage, run: Run, computed_upstream: bool) -> None:
+    def _deliver_to_stage(self, stage: _Stage, run: Run, computed_upstream: bool,
+                          delivered: float | None = None) -> None:
         stage.queue.append((run, computed_upstream))
         if stage.wakeup is not None and not stage.wakeup.triggered:
-            self._wake(stage.wakeup, stage.idle_since)
+            self._wake(stage.wakeup, stage.idle_since, delivered)
 
-    def _deliver_to_head(self, run: Run, early_token: int | None = None) -> None:
+    def _deliver_to_head(self, run: Run, early_token: int | None = None, delivered: float | None = None) -> None:
         self.head_inbox.append((run, early_token))
         if self.head_wakeup is not None and not self.head_wakeup.triggered:
-            self._wake(self.head_wakeup, self.head_idle_since)
+            self._wake(self.head_wakeup, self.head_idle_since, delivered)
 
-    def _at_next_probe(self, idle_since: float, action: Callable[[], None]) -> None:
+    def _at_next_probe(self, idle_since: float, action: Callable[[], None], delivered: float | None = None) -> None:
         """Run ``action`` now, or (a calibrated profile's polling) at the probe with which a rank idle since
-        ``idle_since`` notices what has just arrived."""
+        ``idle_since`` notices what has just arrived (``delivered``: when MPI delivered a message that the
+        executor's link emulation held until now)."""
         now = self.env.now
-        noticed = self.polling.noticed(idle_since, now) if self.polling is not None else now
+        if self.polling is None:
+            noticed = now
+        elif delivered is not None and delivered < now:
+            noticed = self.polling.noticed_held(idle_since, delivered, now)
+        else:
+            noticed = self.polling.noticed(idle_since, now)
         if noticed <= now:
             action()
         else:
             self.env.timeout(noticed - now).callbacks.append(lambda _timeout: action())
 
-    def _wake(self, event: simpy.Event, idle_since: float) -> None:
+    def _wake(self, event: simpy.Event, idle_since: float, delivered: float | None = None) -> None:
         """Wake a waiting process at the probe that notices the message."""
 
         def wake() -> None:
             if not event.triggered:
                 event.succeed()
 
-        self._at_next_probe(idle_since, wake)
+        self._at_next_probe(idle_since, wake, delivered)
 
     def _send_cancel(self, run_ids: tuple[int, ...]) -> None:
         now = self.env.now
@@ -289,9 +304,9 @@ class SimulationEngine:
         if len(self.stages) > 1:
             last = self.stages[-1]
             self._send(0, last.node, self.payloads.cancel(len(run_ids)), "cancel", -1,
-                       lambda _e, s=last: self._cancel_at(s, run_ids))
+                       lambda e, s=last: self._cancel_at(s, run_ids, e.value))
 
-    def _cancel_at(self, stage: _Stage, run_ids: tuple[int, ...]) -> None:
+    def _cancel_at(self, stage: _Stage, run_ids: tuple[int, ...], delivered: float | None = None) -> None:
         """A cancellation reaches ``stage``: an idle stage notices it at its next poll, a busy one when it looks."""
         if stage.phase != "idle":
             self._cancel_unseen(stage, run_ids)
@@ -303,7 +318,7 @@ class SimulationEngine:
             else:  # a run woke the stage first: it looks again before the forward or at a layer boundary
                 self._cancel_unseen(stage, run_ids)
 
-        self._at_next_probe(stage.idle_since, probe)
+        self._at_next_probe(stage.idle_since, probe, delivered)
 
     def _cancel_unseen(self, stage: _Stage, run_ids: tuple[int, ...]) -> None:
         stage.unseen_cancels.extend(run_ids)
@@ -325,7 +340,7 @@ class SimulationEngine:
         if stage.index > 1:
             previous = self.stages[stage.index - 1]
             self._send(stage.node, previous.node, self.payloads.cancel(len(run_ids)), "cancel", -1,
-                       lambda _e, s=previous: self._cancel_at(s, run_ids))
+                       lambda e, s=previous: self._cancel_at(s, run_ids, e.value))
 
     def _schedule_early_exit(self, stage: _Stage, run: Run, cost) -> float:
         """SPEED: if the run's exit layer is on this stage, send the early prediction when that layer is done.
@@ -351,7 +366,7 @@ class SimulationEngine:
                 self._deliver_to_head(run, token)
             else:
                 self._send(stage.node, 0, self.payloads.header(1), "early-exit", run.run_id,
-                           lambda _e: self._deliver_to_head(run, token))
+                           lambda e: self._deliver_to_head(run, token, e.value))
 
         self.env.timeout(offset).callbacks.append(emit)
         return exit_head

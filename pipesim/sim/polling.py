@@ -5,6 +5,10 @@ sleeping 50 us at first and twice as long each time up to ``executor.poll_interv
 little late (the OS timer slack, ``overshoot``). A message arriving while it sleeps waits for the next probe. The
 longer a rank has been idle, the longer that wait: next to nothing in a busy PipeInfer pipeline, up to
 ``longest + overshoot`` for a rank that idles through every other stage's work (iterative decoding).
+
+With the executor's link emulation, MPI delivers a message at once but the executor holds it until its emulated
+arrival: the rank finds it at its first probe after MPI delivered it, then sleeps just until that arrival (and
+wakes ``overshoot`` late), so the emulated link time and the polling overlap instead of adding up.
 """
 
 from __future__ import annotations
@@ -41,3 +45,12 @@ class PollBackoff:
         step = self.longest + self.overshoot
         k = max(0, -int(-(arrival - t) // step))  # ceil((arrival - t) / step)
         return t + k * step
+
+    def noticed_held(self, idle_since: float, delivered: float, due: float) -> float:
+        """When a rank idle since ``idle_since`` takes a message that MPI ``delivered`` but the executor's link
+        emulation holds until ``due``: found at the first probe after delivery, then a sleep until ``due`` (at
+        least ``first``) if that probe came earlier."""
+        found = self.noticed(idle_since, delivered)
+        if found >= due:
+            return found
+        return max(due, found + self.first) + self.overshoot
