@@ -159,3 +159,30 @@ def test_summary_reports_all_configurations_and_each_compute_mode_apart():
     assert summary.loc[("all", "tokens_per_s"), "configs"] == 6
     assert summary.loc[("all", "node_utilization"), "worst"] == pytest.approx(0.05)  # absolute: 0.5 * 0.10
     assert summary.loc[("all", "node_utilization"), "worst_anchored"] == 0.0
+
+
+def test_the_iterative_check_recovers_dispatch_and_leaves_a_compute_misfit_alone(tmp_path):
+    from pipesim.calibration.calibrate import add_residual_overhead
+
+    def profile(name: str, scale: float, dispatch: float) -> HardwareProfile:
+        nodes = {f"n{i}": NodeCoefficients(overhead=1e-4 * scale, layer_fixed=1e-3 * scale,
+                                           layer_per_token=1e-4 * scale, head_fixed=2e-3 * scale,
+                                           head_per_output=5e-4 * scale, host=f"host{i}", dispatch=dispatch)
+                 for i in range(4)}
+        return HardwareProfile("llama-2-7b", nodes, {}, meta={"name": name})
+
+    for scale in (1.0, 1.3):  # the "measured" machine computes at the fitted speed, then 30% slower
+        truth = profile("truth", scale, 1.5e-3).save(tmp_path / f"truth{scale}.yaml")
+        scenario = load_scenario("pipesim/data/default.yaml", [f"cluster.profile={truth}", "strategy.name=iterative",
+                                                                 "workload.generate_tokens=24", "network.latency=0",
+                                                                 "network.bandwidth=1000TB/s"])
+        trace = SimulationEngine(scenario).run()  # stands in for the measured generation (no link emulation)
+        raw = {"iterative": {"metrics": compute_metrics(trace), "trace": trace.to_json()}, "sets": [],
+               "scenario": "pipesim/data/default.yaml"}
+        provisional = profile("fitted", 1.0, 0.0)
+        path = provisional.save(tmp_path / f"fitted{scale}.yaml")
+        check = add_residual_overhead(provisional, raw, path)
+        assert all(node.dispatch == pytest.approx(1.5e-3, rel=1e-6) for node in provisional.nodes.values()), scale
+        assert check["residual_per_token_s"] == pytest.approx(4 * 1.5e-3, rel=1e-6)
+        measured, simulated = check["compute_per_token_s"]["measured"], check["compute_per_token_s"]["simulated"]
+        assert measured / simulated == pytest.approx(scale, rel=1e-6)
