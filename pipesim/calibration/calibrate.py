@@ -190,9 +190,9 @@ def decode_time_split(trace) -> dict[str, float]:
     what is left (``other_s``: messaging, polling, dispatch), between its first and last committed token."""
     commits = sorted(r.t0 for r in trace.records if r.kind == "tokens")
     n_tokens = sum(r.n_tokens for r in trace.records if r.kind == "tokens")
-    first, last = commits[0], commits[-1]
-    if n_tokens < 2 or last <= first:
+    if n_tokens < 2 or commits[-1] <= commits[0]:
         raise ValueError("the iterative check needs a generation of at least 2 tokens")
+    first, last = commits[0], commits[-1]
     spans = sorted((max(r.t0, first), min(r.t1, last)) for r in trace.records
                    if r.kind == "compute" and r.t1 > first and r.t0 < last)
     covered, end = 0.0, first
@@ -200,8 +200,8 @@ def decode_time_split(trace) -> dict[str, float]:
         if b > end:
             covered += b - max(a, end)
             end = b
-    per_token = (last - first) / (n_tokens - 1)
-    return {"token_s": per_token, "compute_s": covered / (n_tokens - 1), "other_s": per_token - covered / (n_tokens - 1)}
+    per_token, compute = (last - first) / (n_tokens - 1), covered / (n_tokens - 1)
+    return {"token_s": per_token, "compute_s": compute, "other_s": per_token - compute}
 
 
 def calibrate(scenario: str, ranks: int, out: Path, sets: Sequence[str] = (), repeats: int = 5,
