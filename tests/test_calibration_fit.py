@@ -186,3 +186,17 @@ def test_the_iterative_check_recovers_dispatch_and_leaves_a_compute_misfit_alone
         assert check["residual_per_token_s"] == pytest.approx(4 * 1.5e-3, rel=1e-6)
         measured, simulated = check["compute_per_token_s"]["measured"], check["compute_per_token_s"]["simulated"]
         assert measured / simulated == pytest.approx(scale, rel=1e-6)
+
+
+def test_every_round_runs_its_configurations_between_anchors():
+    from pipesim.calibration.validate import Grid
+
+    grid = Grid(strategies=["iterative", "pipeinfer"], alphas=[0.3, 0.6], bandwidths=["1Gbit/s"], rounds=3)
+    schedule = grid.schedule(has_draft=True)
+    anchors = ["anchor iterative", "anchor speculative"]
+    configurations = [label for label, _ in grid.variants()]
+    for r in range(3):
+        labels = [label for i, label, _ in schedule if i == r]
+        assert labels[:2] == anchors and labels[-2:] == anchors
+        assert sorted(labels[2:-2]) == sorted(configurations)  # every configuration once, order rotated
+    assert [label for i, label, _ in schedule if i == 1][2:-2] != configurations

@@ -8,13 +8,13 @@ Predictions per configuration:
 - ``predicted_anchored``: the simulator with the profile re-anchored inside the validation job. A shared machine's
   speed drifts (on the 2-core development VM the same stage forward takes 30 ms in one process and 45 ms in
   another a minute later), so the executor job also runs short anchor generations (iterative, and speculative
-  when there is a draft) at the start of every round; each node's compute coefficients are scaled by the median
-  ratio of its anchor runs' measured to modelled stage times (1-token runs and longer runs apart) and the per-run
-  dispatch is re-derived from the anchor iterative generation. A configuration is predicted with the anchors of
-  the round it is measured in. The anchors are not configurations of the grid, and only the
-  speed level moves: the profile's shape, the network, the overlap of stages and the acceptance stay as fitted.
+  when there is a draft) at the start and at the end of every round; each node's compute coefficients are scaled
+  by the median ratio of its anchor runs' measured to modelled stage times (1-token runs and longer runs apart)
+  and the per-run dispatch is re-derived from the round's median anchor iterative generation. A configuration is
+  predicted with the anchors of the round it is measured in. The anchors are not configurations of the grid, and
+  only the speed level moves: the profile's shape, the network, the overlap of stages and the acceptance stay as fitted.
 
-Configurations run in ``rounds`` (each round in a rotated order, anchors first), and each configuration's
+Configurations run in ``rounds`` (each round in a rotated order between its anchors), and each configuration's
 measurement is its median-throughput round, so slow drift of the machine spreads over all configurations.
 """
 
@@ -79,13 +79,15 @@ class Grid:
         return [(f"anchor {s}", [f"strategy.name={s}", *common]) for s in strategies]
 
     def schedule(self, has_draft: bool) -> list[tuple[int, str, list[str]]]:
-        """(round, label, overrides) of every executor generation: per round the anchors, then the grid rotated."""
+        """(round, label, overrides) of every executor generation: per round the anchors, the grid rotated, and
+        the anchors again (the machine's speed moves within a round too, so anchors bracket it)."""
         grid, anchors = self.variants(), self.anchors(has_draft)
         out = []
         for r in range(self.rounds):
             shift = (r * len(grid)) // self.rounds
             out += [(r, label, sets) for label, sets in anchors]
             out += [(r, label, sets) for label, sets in grid[shift:] + grid[:shift]]
+            out += [(r, label, sets) for label, sets in anchors]
         return out
 
     def variants(self) -> list[tuple[str, list[str]]]:
@@ -272,7 +274,9 @@ def anchor_profile(profile: HardwareProfile, profile_path: Path, anchors: list[d
         node.dispatch = 0.0
     anchored.meta = {**profile.meta, "anchored_from": str(profile_path), "anchor_scales": scales}
     anchored.save(out)
-    iterative = next((e for e in anchors if e["trace"]["strategy"] == "iterative"), None)
+    iteratives = sorted((e for e in anchors if e["trace"]["strategy"] == "iterative"),
+                        key=lambda e: e["metrics"].get("tokens_per_s") or 0.0)
+    iterative = iteratives[(len(iteratives) - 1) // 2] if iteratives else None  # the median one
     dispatch = {}
     if iterative is not None:
         raw = {"iterative": iterative, "sets": profile.meta.get("sets", []), "scenario": profile.meta["scenario"]}
