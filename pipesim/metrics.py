@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
 from .trace import Trace
+
+T = TypeVar("T")
+
+
+def median_by_throughput(items: Sequence[T], metrics_of: Callable[[T], dict[str, Any]]) -> T:
+    """The item whose ``tokens_per_s`` is the median (the lower middle one of an even count; none counts as 0):
+    of repeated generations, the one a shared machine's drift moved least."""
+    ranked = sorted(items, key=lambda item: metrics_of(item).get("tokens_per_s") or 0.0)
+    return ranked[(len(ranked) - 1) // 2]
 
 
 def _busy_fraction(spans: list[tuple[float, float]], t0: float, t1: float) -> float:

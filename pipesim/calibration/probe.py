@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from ..metrics import median_by_throughput
+
 DEFAULT_TOKENS = (1, 2, 4, 8, 16)
 DEFAULT_CONTEXTS = (0, 64, 192, 448)
 LINK_SIZES = (64, 4096, 65536, 524288, 2097152)
@@ -340,12 +342,9 @@ def _spin_recv(comm, buffer, source: int, limit: float = 60.0) -> None:
     comm.Recv(buffer, source=source, tag=77)
 
 
-def _median_run(runs: list[dict] | None) -> dict | None:
-    """The generation of median throughput (the lower middle one of an even count)."""
-    if not runs:
-        return None
-    ranked = sorted(runs, key=lambda run: run["metrics"]["tokens_per_s"] or 0.0)
-    return ranked[(len(ranked) - 1) // 2]
+def _median_run(runs: list[dict]) -> dict | None:
+    """The generation of median throughput, or None when there was none."""
+    return median_by_throughput(runs, lambda run: run["metrics"]) if runs else None
 
 
 # -- main ----------------------------------------------------------------------------------------------
@@ -440,9 +439,9 @@ def run_probe(argv: Sequence[str] | None = None) -> int:
                    "n_ranks": size, "real": plan.real, "model": plan.executor.model if plan.real else None,
                    "threads_per_rank": plan.executor.threads_per_rank, "repeats": args.repeats,
                    "poll": {"first": MIN_SLEEP, "longest": poll},
-                   "ranks": reports, "iterative": _median_run(measured.get("iterative")),
+                   "ranks": reports, "iterative": _median_run(measured.get("iterative", [])),
                    "iterative_tokens_per_s": [m["metrics"]["tokens_per_s"] for m in measured.get("iterative", [])],
-                   "speculative": _median_run(measured.get("speculative"))}
+                   "speculative": _median_run(measured.get("speculative", []))}
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(raw))
         return 0

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from ..metrics import compute_metrics
+from ..metrics import compute_metrics, median_by_throughput
 from ..scenario import ScenarioError, load_scenario
 from ..sim import simulate
 from ..trace import Trace
@@ -177,7 +177,7 @@ def validate_profile(profile_path: Path, grid: Grid, out: Path, timeout: float =
     compute = profile.meta.get("compute", "real")
     for label, variant in grid.variants():
         config = f"{compute} {ranks} ranks, {label}"
-        round_index, entry = _median_round(runs[label])
+        round_index, entry = median_by_throughput(runs[label], lambda e: e[1]["metrics"])
         anchored_path = anchored_paths[round_index]
         measured_trace = Trace.from_json(entry["trace"])
         measured = compute_metrics(measured_trace)
@@ -217,12 +217,6 @@ def validate_profile(profile_path: Path, grid: Grid, out: Path, timeout: float =
 
 def _rel(value: float | None, measured: float) -> float:
     return (value - measured) / measured if measured and value is not None else np.nan
-
-
-def _median_round(entries: list[tuple[int, dict]]) -> tuple[int, dict]:
-    """(round, entry) whose throughput is the median (the lower middle one for an even count)."""
-    ranked = sorted(entries, key=lambda e: e[1]["metrics"].get("tokens_per_s") or 0.0)
-    return ranked[(len(ranked) - 1) // 2]
 
 
 def _spread(entries: list[dict]) -> float:
@@ -274,9 +268,8 @@ def anchor_profile(profile: HardwareProfile, profile_path: Path, anchors: list[d
         node.dispatch = 0.0
     anchored.meta = {**profile.meta, "anchored_from": str(profile_path), "anchor_scales": scales}
     anchored.save(out)
-    iteratives = sorted((e for e in anchors if e["trace"]["strategy"] == "iterative"),
-                        key=lambda e: e["metrics"].get("tokens_per_s") or 0.0)
-    iterative = iteratives[(len(iteratives) - 1) // 2] if iteratives else None  # the median one
+    iteratives = [e for e in anchors if e["trace"]["strategy"] == "iterative"]
+    iterative = median_by_throughput(iteratives, lambda e: e["metrics"]) if iteratives else None
     dispatch = {}
     if iterative is not None:
         raw = {"iterative": iterative, "sets": profile.meta.get("sets", []), "scenario": profile.meta["scenario"]}

@@ -118,8 +118,9 @@ class SimulationEngine:
                     transport[(index[src], index[dst])] = (link.latency, link.bandwidth)
         self.network = Network(self.node_names, scenario.network.bandwidth, scenario.network.latency, overrides,
                                transport)
-        # with a profile's polling: the executor's link emulation holds a message MPI delivered until its arrival
-        self.held_messages = bool(self.profile is not None and self.profile.poll and scenario.executor.link_emulation)
+        self.polling = PollBackoff(**self.profile.poll) if self.profile is not None and self.profile.poll else None
+        # with polling modelled: the executor's link emulation holds a message MPI delivered until its arrival
+        self.held_messages = self.polling is not None and scenario.executor.link_emulation
         workload = scenario.workload
         self.tokens = SyntheticTokens(target.vocab_size, workload.seed)
         acc = scenario.acceptance
@@ -138,7 +139,6 @@ class SimulationEngine:
         self.strategy = strategy
         self.env = simpy.Environment()
         self.hosts = self._shared_hosts()
-        self.polling = PollBackoff(**self.profile.poll) if self.profile is not None and self.profile.poll else None
         self.head_idle_since = 0.0
         self.records: list[tuple] = []  # plain tuples in Record's field order (fast); Records at the end
         self._head_iterations = 0
@@ -231,7 +231,7 @@ class SimulationEngine:
         self.records.append(("transfer", start, end, link.name, run_id, 0, nbytes, 0, 0, note))
         # the event's value: when MPI has delivered the message, if the executor's link emulation then holds it
         # until ``arrival`` (a rank may find it earlier and sleep until then); None when it is there at arrival
-        delivered = self.env.now + self.network.transport_latency(src, dst) if self.held_messages else None
+        delivered = self.env.now + link.transport if self.held_messages else None
         event = self.env.timeout(arrival - self.env.now, value=delivered)
         event.callbacks.append(deliver)
 

@@ -12,6 +12,7 @@ class LinkDirection:
     name: str
     bandwidth: float
     latency: float
+    transport: float = 0.0  # the part of ``latency`` that is the messaging layer's own (measured) latency
     free_at: float = 0.0
 
     def send(self, now: float, nbytes: float) -> tuple[float, float, float]:
@@ -48,22 +49,15 @@ class Network:
             bandwidth, latency = self.overrides.get(frozenset(key), (None, None))
             bandwidth = bandwidth if bandwidth is not None else self.bandwidth
             latency = latency if latency is not None else self.latency
+            extra_latency = 0.0
             if self.transport:
-                extra_latency, extra_per_byte = self._transport(src, dst)
+                extra = self.transport.get(key) or self.transport.get((dst, src))
+                extra_latency, extra_per_byte = (extra[0], 1.0 / extra[1]) if extra else self._default_transport
                 latency += extra_latency
                 bandwidth = 1.0 / (1.0 / bandwidth + extra_per_byte)
-            link = LinkDirection(f"{self.node_names[src]}->{self.node_names[dst]}", bandwidth, latency)
+            link = LinkDirection(f"{self.node_names[src]}->{self.node_names[dst]}", bandwidth, latency, extra_latency)
             self._links[key] = link
         return link
-
-    def _transport(self, src: int, dst: int) -> tuple[float, float]:
-        """(latency, seconds per byte) of the messaging layer between src and dst."""
-        extra = self.transport.get((src, dst)) or self.transport.get((dst, src))
-        return (extra[0], 1.0 / extra[1]) if extra else self._default_transport
-
-    def transport_latency(self, src: int, dst: int) -> float:
-        """The messaging layer's own latency between src and dst (0 without measured transport)."""
-        return self._transport(src, dst)[0] if self.transport else 0.0
 
     def transfer_time(self, src: int, dst: int, nbytes: float) -> float:
         """Unloaded cost of a message: latency + bytes / bandwidth."""
