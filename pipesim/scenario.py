@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from .executor.config import ExecutorConfig
+from .executor_config import ExecutorConfig
 from .models.catalog import QUANTIZATION_BITS, ModelSpec, get_model_spec
 from .units import parse_bandwidth, parse_duration, parse_rate
 

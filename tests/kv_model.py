@@ -23,7 +23,7 @@ from pipesim.scheduling import (
     Run,
     Strategy,
 )
-from pipesim.sim.acceptance import OracleDraft, SyntheticTokens
+from pipesim.world.acceptance import OracleDraft, SyntheticTokens
 
 
 class KVCacheModel:

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipesim.calibration.profile import HardwareProfile
 from pipesim.executor.emulation import cost_models, node_profiles
 from pipesim.scenario import load_scenario
+from pipesim.world.profile import HardwareProfile
 
 pytestmark = pytest.mark.mpi
 

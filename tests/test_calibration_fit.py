@@ -15,10 +15,10 @@ from pipesim.calibration.fit import (
     fit_stage,
     nonnegative_least_squares,
 )
-from pipesim.calibration.profile import HardwareProfile, LinkCoefficients, NodeCoefficients
 from pipesim.metrics import compute_metrics
 from pipesim.scenario import load_scenario
 from pipesim.sim import SimulationEngine
+from pipesim.world.profile import HardwareProfile, LinkCoefficients, NodeCoefficients
 
 
 def test_nnls_matches_lstsq_when_the_solution_is_positive_and_clips_otherwise():

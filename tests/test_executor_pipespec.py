@@ -24,7 +24,7 @@ from pipesim.scheduling.strategies.pipespec import (
     SendTokens,
     StartRound,
 )
-from pipesim.sim.acceptance import SyntheticTokens
+from pipesim.world.acceptance import SyntheticTokens
 
 from .test_executor_mpi import by_variant, run_job, run_pipesim
 

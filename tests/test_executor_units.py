@@ -34,8 +34,8 @@ from pipesim.executor.protocol import (
 from pipesim.models.fetch import find_model
 from pipesim.scenario import load_scenario
 from pipesim.scheduling import KVOp, RequestDraft
-from pipesim.sim.acceptance import AcceptanceModel, OracleDraft
-from pipesim.sim.costs import NodeProfile, RooflineCostModel
+from pipesim.world.acceptance import AcceptanceModel, OracleDraft
+from pipesim.world.costs import NodeProfile, RooflineCostModel
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "scenarios" / "local-tiny.yaml"
@@ -238,7 +238,7 @@ def test_mpiexec_is_found_next_to_python_first():
 
 
 def test_front_end_imports_neither_torch_nor_mpi4py():
-    code = ("import sys, pipesim.cli, pipesim.executor.commands, pipesim.executor.config; "
+    code = ("import sys, pipesim.cli, pipesim.executor.commands, pipesim.executor_config; "
             "pipesim.cli.build_parser(); "
             "bad = [m for m in ('torch', 'mpi4py') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

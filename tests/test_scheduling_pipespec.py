@@ -7,7 +7,7 @@ import random
 import pytest
 
 from pipesim.scheduling.strategies.pipespec import make_pipespec_chain
-from pipesim.sim.acceptance import SyntheticTokens
+from pipesim.world.acceptance import SyntheticTokens
 
 from .kv_model import drive_chain
 

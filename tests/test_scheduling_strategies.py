@@ -8,7 +8,7 @@ import pytest
 
 from pipesim.scheduling import KVPartitionPool, make_strategy
 from pipesim.scheduling.prefix import common_prefix_len
-from pipesim.sim.acceptance import AcceptanceModel, OracleDraft, SyntheticTokens
+from pipesim.world.acceptance import AcceptanceModel, OracleDraft, SyntheticTokens
 
 from .kv_model import drive
 

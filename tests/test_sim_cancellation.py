@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from pipesim.calibration.profile import HardwareProfile, NodeCoefficients
 from pipesim.scenario import load_scenario
 from pipesim.sim import simulate
+from pipesim.world.profile import HardwareProfile, NodeCoefficients
 
 LAYER_FIXED, LAYER_PER_TOKEN = 1e-3, 2e-4  # per layer of a run of n tokens: LAYER_FIXED + n * LAYER_PER_TOKEN
 

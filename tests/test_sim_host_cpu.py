@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import simpy
 
-from pipesim.calibration.profile import HardwareProfile, NodeCoefficients
 from pipesim.metrics import compute_metrics
 from pipesim.scenario import load_scenario
 from pipesim.sim import simulate
 from pipesim.sim.host_cpu import SharedHosts
 from pipesim.sim.polling import PollBackoff
+from pipesim.world.profile import HardwareProfile, NodeCoefficients
 
 
 def _finish_times(hosts_of, slowdown, jobs):

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ..scenario import ScenarioError, load_scenario
+from ..world.profile import HardwareProfile, LinkCoefficients, NodeCoefficients
 from .fit import DraftSample, LinkSample, StageSample, fit_draft, fit_link, fit_stage
-from .profile import HardwareProfile, LinkCoefficients, NodeCoefficients
 
 
 def probe_command(mpiexec: str, ranks: int, scenario: str, raw: Path, sets: Sequence[str], repeats: int,

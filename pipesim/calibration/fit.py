@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..world.profile import stage_form
+
 
 def nonnegative_least_squares(design: np.ndarray, target: np.ndarray, max_iter: int = 500) -> np.ndarray:
     """min ||A x - y||² subject to x >= 0 (Lawson-Hanson active set)."""
@@ -95,24 +97,6 @@ class StageFit:
 
     def predict(self, n_layers: int, n_tokens: int, context: int, n_outputs: int) -> float:
         return stage_form(self, n_layers, n_tokens, context, n_outputs)
-
-
-def layer_form(c, n_tokens: int, context: int) -> float:
-    """The time of one layer for a run of ``n_tokens`` at ``context``, for coefficients ``c`` (a StageFit or a
-    profile's node)."""
-    if n_tokens == 1 and c.layer_single is not None:
-        return c.layer_single + c.layer_per_token_context * context
-    return c.layer_fixed + c.layer_per_token * n_tokens + c.layer_per_token_context * n_tokens * context
-
-
-def stage_form(c, n_layers: int, n_tokens: int, context: int, n_outputs: int) -> float:
-    """The stage time of the fitted form for coefficients ``c`` (a StageFit or a profile's node)."""
-    t = c.overhead + n_layers * layer_form(c, n_tokens, context)
-    if n_outputs == 1 and c.head_single is not None:
-        t += c.head_single
-    elif n_outputs:
-        t += c.head_fixed + c.head_per_output * n_outputs
-    return t
 
 
 _COLUMNS = ("overhead", "layer_fixed", "layer_per_token", "layer_per_token_context", "head_fixed", "head_per_output",

@@ -219,7 +219,7 @@ def _emulated_stage_samples(plan, rank: int, clock_now, tokens: Sequence[int], c
                             repeats: int) -> list[dict]:
     from ..executor.emulation import EmulatedStage, cost_models, node_profiles
     from ..executor.protocol import RunMessage
-    from ..sim.acceptance import SyntheticTokens
+    from ..world.acceptance import SyntheticTokens
 
     scenario = plan.scenario
     start, end = plan.layer_ranges[rank]
@@ -241,7 +241,7 @@ def _emulated_stage_runner(plan, rank: int, clock_now) -> Callable[[int, int], N
     """One call of the emulated stage (a modelled sleep) for the concurrency measurement."""
     from ..executor.emulation import EmulatedStage, cost_models, node_profiles
     from ..executor.protocol import RunMessage
-    from ..sim.acceptance import SyntheticTokens
+    from ..world.acceptance import SyntheticTokens
 
     scenario = plan.scenario
     start, end = plan.layer_ranges[rank]

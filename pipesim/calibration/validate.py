@@ -38,8 +38,8 @@ from ..metrics import compute_metrics, median_by_throughput
 from ..scenario import ScenarioError, load_scenario
 from ..sim import simulate
 from ..trace import Trace
+from ..world.profile import HardwareProfile
 from .calibrate import add_residual_overhead
-from .profile import HardwareProfile
 
 METRICS = ("tokens_per_s", "ttft_s", "itl_p50_s", "itl_p99_s")
 
@@ -126,7 +126,7 @@ def replay_sequence(trace: Trace) -> list[int | None]:
 
 def _replay_overrides(trace: Trace, scenario) -> list[str]:
     """Acceptance overrides that replay the measured sequence; unchecked positions keep the i.i.d. draw."""
-    from ..sim.acceptance import AcceptanceModel
+    from ..world.acceptance import AcceptanceModel
 
     acc, workload = scenario.acceptance, scenario.workload
     prompt = int(trace.meta.get("prompt_tokens", workload.prompt_tokens))

@@ -4,7 +4,7 @@ A draft runs one forward step at a time (so the head can answer returned predict
 step costs comes from a *runner*: a real model with its own KV cache (``torch_backend.ModelRunner``), a sleep
 for the roofline cost of the scenario's draft model (``EmulatedRunner``), or nothing (``FreeRunner``). The
 oracle proposes the target's own greedy token at a position with the acceptance model's probability, otherwise
-a different one (``pipesim.sim.acceptance.OracleDraft``, decided per position from the seed), and uses its runner
+a different one (``pipesim.world.acceptance.OracleDraft``, decided per position from the seed), and uses its runner
 only for the cost; the model draft proposes its runner's greedy tokens.
 """
 
@@ -16,8 +16,8 @@ from typing import Protocol
 
 from ..scheduling import RequestDraft
 from ..scheduling.prefix import common_prefix_len
-from ..sim.acceptance import OracleDraft
-from ..sim.costs import NodeProfile
+from ..world.acceptance import OracleDraft
+from ..world.costs import NodeProfile
 from .emulation import sleep_until
 
 

@@ -15,9 +15,9 @@ from collections.abc import Callable
 import numpy as np
 
 from ..scenario import Scenario
-from ..sim.acceptance import SyntheticTokens
-from ..sim.costs import CalibratedCostModel, NodeProfile, RooflineCostModel
-from ..sim.network import Network
+from ..world.acceptance import SyntheticTokens
+from ..world.costs import CalibratedCostModel, NodeProfile, RooflineCostModel
+from ..world.network import Network
 from .protocol import PredictionMessage, RunMessage, predictions_from_ids
 
 SLEEP_SLICE = 0.05  # longest single sleep
@@ -46,7 +46,7 @@ def cost_models(scenario: Scenario) -> tuple:
     if scenario.cluster.profile is None:
         return (RooflineCostModel(target, models.kv_bytes),
                 RooflineCostModel(draft, models.kv_bytes) if draft else None, scenario.head.verify_overhead)
-    from ..calibration.profile import HardwareProfile
+    from ..world.profile import HardwareProfile
 
     profile = HardwareProfile.load(scenario.cluster.profile)
     return (CalibratedCostModel(target, profile, "target"),

@@ -15,8 +15,8 @@ import numpy as np
 
 from ..metrics import clean_for_json, compute_metrics
 from ..scheduling import make_strategy
-from ..sim.acceptance import AcceptanceModel, OracleDraft, SyntheticTokens
 from ..trace import Record, Trace
+from ..world.acceptance import AcceptanceModel, OracleDraft, SyntheticTokens
 from .backend import StageBackend
 from .clock import Clock, sync_clocks
 from .drafts import Drafter, EmulatedRunner, FreeRunner, ReferenceTokens
@@ -284,7 +284,7 @@ class RankRuntime:
 
             stage = self._models(plan).stage(level.model, start, end, j == 0, last)
             return TorchStage(stage, capacity, 1, scenario.head.return_mode, scenario.head.top_k)
-        from ..sim.costs import RooflineCostModel
+        from ..world.costs import RooflineCostModel
 
         spec = scenario.models.chain_specs()[level.index]
         tokens = SyntheticTokens(scenario.models.target_spec().vocab_size, scenario.workload.seed)

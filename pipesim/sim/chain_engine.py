@@ -49,7 +49,7 @@ class ChainSimulationEngine(SimulationEngine):
 
     def __init__(self, scenario: Scenario, max_events: int = 50_000_000) -> None:
         super().__init__(scenario, max_events)
-        from .costs import RooflineCostModel
+        from ..world.costs import RooflineCostModel
 
         specs = scenario.models.chain_specs()
         groups = scenario.chain_node_groups()

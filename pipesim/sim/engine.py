@@ -36,10 +36,10 @@ from ..scheduling import (
 )
 from ..scheduling.prefix import common_prefix_len
 from ..trace import Record, Trace
-from .acceptance import AcceptanceModel, OracleDraft, SyntheticTokens
-from .costs import CalibratedCostModel, NodeProfile, Payloads, RooflineCostModel
+from ..world.acceptance import AcceptanceModel, OracleDraft, SyntheticTokens
+from ..world.costs import CalibratedCostModel, NodeProfile, Payloads, RooflineCostModel
+from ..world.network import Network
 from .host_cpu import SharedHosts
-from .network import Network
 from .polling import PollBackoff
 
 
@@ -97,7 +97,7 @@ class SimulationEngine:
         self.layer_ranges = split_layers(target.n_layers, scenario.placement.layer_split, cluster.count)
         self.profile = None
         if cluster.profile is not None:
-            from ..calibration.profile import HardwareProfile
+            from ..world.profile import HardwareProfile
 
             self.profile = HardwareProfile.load(cluster.profile)
             self.target_cost = CalibratedCostModel(target, self.profile, "target")

@@ -9,14 +9,32 @@ from typing import Any
 
 import yaml
 
-from .fit import layer_form, stage_form
+
+def layer_form(c, n_tokens: int, context: int) -> float:
+    """The time of one layer for a run of ``n_tokens`` at ``context``, for coefficients ``c`` (a StageFit or a
+    profile's node)."""
+    if n_tokens == 1 and c.layer_single is not None:
+        return c.layer_single + c.layer_per_token_context * context
+    return c.layer_fixed + c.layer_per_token * n_tokens + c.layer_per_token_context * n_tokens * context
+
+
+def stage_form(c, n_layers: int, n_tokens: int, context: int, n_outputs: int) -> float:
+    """The stage time of the fitted form for coefficients ``c`` (a StageFit or a profile's node)."""
+    t = c.overhead + n_layers * layer_form(c, n_tokens, context)
+    if n_outputs == 1 and c.head_single is not None:
+        t += c.head_single
+    elif n_outputs:
+        t += c.head_fixed + c.head_per_output * n_outputs
+    return t
+
 
 PROFILE_FORMAT = "pipesim-hardware-profile/1"
 
 
 @dataclass
 class NodeCoefficients:
-    """Fitted costs of one node (seconds): see ``pipesim.calibration.fit`` for the forms."""
+    """Fitted costs of one node (seconds): ``layer_form`` and ``stage_form`` below (fitted by
+    ``pipesim.calibration.fit``)."""
 
     overhead: float = 0.0
     layer_fixed: float = 0.0
