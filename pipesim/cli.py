@@ -8,8 +8,12 @@ import sys
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
+from .calibration import calibrate, validate
+from .executor import commands as executor_commands
+from .metrics import print_metrics
+from .models import commands as model_commands
+from .reports import commands as report_commands
 from .scenario import STRATEGY_NAMES, Scenario, ScenarioError, load_scenario
 
 SET_HELP = ("override a scenario field, e.g. acceptance.alpha=0.5, network.bandwidth=100Mbit/s, "
@@ -30,23 +34,6 @@ def load_cli_scenario(name: str | None, sets: Sequence[str], strategy: str | Non
     return load_scenario(resolve_scenario_path(name), overrides)
 
 
-def _format_value(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={_format_value(v)}" for k, v in value.items())
-    return str(value)
-
-
-def print_metrics(metrics: dict[str, Any], file=sys.stdout) -> None:
-    """Metrics as an aligned two-column table."""
-    width = max(len(k) for k in metrics)
-    for key, value in metrics.items():
-        print(f"{key:<{width}}  {_format_value(value)}", file=file)
-
-
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from .metrics import clean_for_json, compute_metrics
     from .sim import simulate
@@ -54,6 +41,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     scenario = load_cli_scenario(args.scenario, args.set, args.strategy)
     trace = simulate(scenario)
+    for warning in trace.meta.get("warnings", []):
+        print(f"pipesim: note: {warning}", file=sys.stderr)
     metrics = clean_for_json(compute_metrics(trace))
     if args.trace:
         write_chrome_trace(trace, args.trace)
@@ -93,13 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", action="store_true", help="print one JSON object with the metrics")
     sim.set_defaults(func=_cmd_simulate)
 
-    for module in ("pipesim.models.commands", "pipesim.executor.commands", "pipesim.reports.commands",
-                   "pipesim.calibration.calibrate", "pipesim.calibration.validate"):
-        try:
-            register = __import__(module, fromlist=["register"]).register
-        except ImportError:
-            continue
-        register(sub)
+    for module in (model_commands, executor_commands, report_commands, calibrate, validate):
+        module.register(sub)  # a broken import is an error here, never a silently missing command
     return parser
 
 

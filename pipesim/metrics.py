@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -72,7 +73,7 @@ def compute_metrics(trace: Trace) -> dict[str, Any]:
     for r in trace.records:
         if r.kind == "compute":
             node_spans[r.where].append((r.t0, r.t1))
-            if r.note.startswith("stage"):
+            if r.what == "stage":
                 target_compute += r.t1 - r.t0
                 if r.run_id in invalid:
                     wasted_compute += r.t1 - r.t0
@@ -105,11 +106,11 @@ def compute_metrics(trace: Trace) -> dict[str, Any]:
         "link_utilization": {name: _busy_fraction(spans, t0, t1) for name, spans in sorted(link_spans.items())},
         "wasted_compute_fraction": wasted_compute / target_compute if target_compute > 0 else 0.0,
         "runs_launched": len(launched),
-        "runs_speculative": sum(1 for r in launched if r.note == "spec"),
+        "runs_speculative": sum(1 for r in launched if r.speculative),
         "runs_invalidated": len(invalid),
         "runs_cancelled": len({r.run_id for r in trace.records if r.kind == "cancel_sent"}),
         "stage_work_skipped": sum(1 for r in trace.records if r.kind == "skip"),
-        "stage_work_aborted": sum(1 for r in trace.records if r.kind == "compute" and r.note.endswith(":aborted")),
+        "stage_work_aborted": sum(1 for r in trace.records if r.kind == "compute" and r.aborted),
         "wall_s": t1 - t0,
     }
 
@@ -123,3 +124,20 @@ def clean_for_json(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def format_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={format_value(v)}" for k, v in value.items())
+    return str(value)
+
+
+def print_metrics(metrics: dict[str, Any], file=sys.stdout) -> None:
+    """Metrics as an aligned two-column table."""
+    width = max(len(k) for k in metrics)
+    for key, value in metrics.items():
+        print(f"{key:<{width}}  {format_value(value)}", file=file)

@@ -115,6 +115,9 @@ class ClusterConfig(_Strict):
     profile: str | None = Field(
         None, description="hardware profile from `pipesim calibrate` (fitted costs replace the roofline; "
                           "a relative path is looked up from the scenario file's folder too)")
+    chain_profiles: list[str | None] | None = Field(
+        None, description="pipespec: a hardware profile per draft model of models.chain (smallest first; null: "
+                          "roofline); cluster.profile is the target's")
 
 
 class LinkOverride(_Strict):
@@ -196,8 +199,7 @@ class StrategyConfig(_Strict):
                     "max_runs_in_flight": self.max_runs_in_flight, "n_partitions": self.n_partitions,
                     "early_cancellation": self.early_cancellation}
         if self.name in ("pipespec", "pipespec-sync"):
-            return {"lookahead": self.lookahead, "max_verify": self.max_verify,
-                    "synchronous": self.name == "pipespec-sync"}
+            return {"lookahead": self.lookahead, "max_verify": self.max_verify}
         if self.name == "speed":
             return {"exit_layer": self.exit_layer, "max_runs_in_flight": self.max_runs_in_flight,
                     "n_partitions": self.n_partitions, "early_cancellation": self.early_cancellation}
@@ -292,6 +294,9 @@ class Scenario(_Strict):
         for spec, group in zip(self.models.chain_specs(), groups, strict=True):
             if len(group) > spec.n_layers:
                 raise ValueError(f"{len(group)} nodes for {spec.name}, which has {spec.n_layers} layers")
+        profiles = self.cluster.chain_profiles
+        if profiles is not None and len(profiles) != n_models - 1:
+            raise ValueError(f"cluster.chain_profiles has {len(profiles)} entries for {n_models - 1} draft models")
         alphas = self.acceptance.chain_alphas
         if alphas and len(alphas) != n_models - 1:
             raise ValueError(f"acceptance.chain_alphas has {len(alphas)} values for {n_models - 1} draft models")
@@ -390,4 +395,13 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scena
             scenario.cluster.profile = str(beside)
     if profile is not None and not Path(scenario.cluster.profile).exists():
         raise ScenarioError(f"{path}: cluster.profile={profile!r}: file not found")
+    if scenario.cluster.chain_profiles:
+        resolved = []
+        for i, item in enumerate(scenario.cluster.chain_profiles):
+            if item is not None and not Path(item).is_absolute() and not Path(item).exists():
+                item = str(Path(path).parent / item) if (Path(path).parent / item).exists() else item
+            if item is not None and not Path(item).exists():
+                raise ScenarioError(f"{path}: cluster.chain_profiles[{i}]={item!r}: file not found")
+            resolved.append(item)
+        scenario.cluster.chain_profiles = resolved
     return scenario

@@ -1,17 +1,9 @@
-"""The trace: event records both engines write, and its export to Chrome/Perfetto trace JSON.
+"""The trace: the records both engines write, and its export to Chrome/Perfetto trace JSON.
 
-A record is a flat tuple (fast to append in the simulator's hot loop):
-``(kind, t0, t1, where, run_id, n_tokens, nbytes, checked, accepted, note)``. Kinds:
-
-- ``launch``     a run is launched at the head (note: prefill/decode/verify/spec)
-- ``compute``    a node computes (span); note ``stage<k>``, ``draft`` or ``verify``; ``:aborted`` when cut short
-- ``dispatch``   per-run messaging and scheduling a calibrated profile charges on a node (span): the node is busy
-                 but not computing, as in the executor, whose compute records cover the forward pass only
-- ``skip``       a stage skips a cancelled run it had not started
-- ``transfer``   a message occupies a link direction (span); note activations/header/predictions/cancel
-- ``cancel_sent`` / ``cancel_seen``  early cancellation leaving the head / reaching a stage
-- ``invalidate`` a run's result is no longer wanted (its compute counts as wasted)
-- ``tokens``     tokens committed at the head (n_tokens), with drafted tokens checked/accepted
+The record vocabulary (``Record``, ``RecordKind``: launch, compute, dispatch, skip, transfer, cancel_sent,
+cancel_seen, invalidate, tokens) lives in ``pipesim.scheduling.records``, next to the driver and the stage machine
+that emit most of it; a trace's JSON carries ``format`` (``TRACE_FORMAT``), and traces of format 1 (free-text
+notes) still load.
 """
 
 from __future__ import annotations
@@ -19,20 +11,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+from .scheduling.records import TRACE_FORMAT, Record, RecordKind, legacy_record
 
-class Record(NamedTuple):
-    kind: str
-    t0: float
-    t1: float
-    where: str
-    run_id: int = -1
-    n_tokens: int = 0
-    nbytes: float = 0.0
-    checked: int = 0
-    accepted: int = 0
-    note: str = ""
+__all__ = ["TRACE_FORMAT", "Record", "RecordKind", "Trace", "to_chrome_trace", "write_chrome_trace"]
 
 
 @dataclass
@@ -56,19 +39,36 @@ class Trace:
         """The records as a pandas DataFrame (one row per record)."""
         import pandas as pd
 
-        return pd.DataFrame.from_records(self.records, columns=Record._fields)
+        return pd.DataFrame.from_records([(str(r[0]), *r[1:]) for r in self.records], columns=Record._fields)
 
     def to_json(self) -> dict[str, Any]:
-        return {"engine": self.engine, "strategy": self.strategy, "scenario": self.scenario, "nodes": self.nodes,
-                "t_start": self.t_start, "t_end": self.t_end, "records": [list(r) for r in self.records],
+        return {"format": TRACE_FORMAT, "engine": self.engine, "strategy": self.strategy, "scenario": self.scenario,
+                "nodes": self.nodes, "t_start": self.t_start, "t_end": self.t_end,
+                "records": [[str(r[0]), *r[1:]] for r in self.records],
                 "output_tokens": self.output_tokens, "meta": self.meta}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Trace:
         return cls(engine=data["engine"], strategy=data["strategy"], scenario=data["scenario"],
                    nodes=list(data["nodes"]), t_start=data["t_start"], t_end=data["t_end"],
-                   records=[Record(*r) for r in data["records"]], output_tokens=list(data.get("output_tokens", [])),
+                   records=records_from_json(data), output_tokens=list(data.get("output_tokens", [])),
                    meta=dict(data.get("meta", {})))
+
+
+def records_from_json(data: dict[str, Any]) -> list[Record]:
+    """The records of a trace's JSON (either format)."""
+    if data.get("format", "pipesim-trace/1") == TRACE_FORMAT:
+        return [Record(RecordKind(r[0]), *r[1:]) for r in data["records"]]
+    return [legacy_record(r) for r in data["records"]]
+
+
+def record_label(r: Record) -> str:
+    """A short name for a record in a timeline: ``stage2``, ``stage2 (aborted)``, ``draft``, ``exit6``, ..."""
+    if r.what == "stage":
+        return f"stage{r.stage}" + (" (aborted)" if r.aborted else "")
+    if r.what == "exit":
+        return f"exit{r.stage}"
+    return r.what or str(r.kind)
 
 
 def to_chrome_trace(trace: Trace) -> dict[str, Any]:
@@ -94,12 +94,12 @@ def to_chrome_trace(trace: Trace) -> dict[str, Any]:
         if r.kind in ("compute", "transfer", "dispatch"):
             if r.nbytes:
                 args["bytes"] = r.nbytes
-            events.append({"ph": "X", "name": r.note or r.kind, "cat": r.kind, "pid": pid(r.where), "tid": 0,
+            events.append({"ph": "X", "name": record_label(r), "cat": str(r.kind), "pid": pid(r.where), "tid": 0,
                            "ts": ts, "dur": max((r.t1 - r.t0) * 1e6, 0.0), "args": args})
         else:
             if r.kind == "tokens":
                 args.update(checked=r.checked, accepted=r.accepted)
-            events.append({"ph": "i", "s": "t", "name": r.kind, "cat": r.kind, "pid": pid(r.where), "tid": 0,
+            events.append({"ph": "i", "s": "t", "name": str(r.kind), "cat": str(r.kind), "pid": pid(r.where), "tid": 0,
                            "ts": ts, "args": args})
     return {"traceEvents": events, "displayTimeUnit": "ms",
             "otherData": {"engine": trace.engine, "strategy": trace.strategy, "scenario": trace.scenario}}

@@ -1,9 +1,11 @@
-"""A reference engine for tests: drives a strategy step by step with a pure-Python KV cache model.
+"""A reference engine for tests: drives strategies through the shared ``HeadDriver`` with an exact KV cache model.
 
 It checks the scheduling core's KV-multibuffering protocol directly: every stage applies the KV operations and
 runs in launch order, and each computed run must see exactly the context it was drafted on (every earlier
-position once, with the right token). Cancelled runs are skipped or computed at random, returns and drafts are
-interleaved at random, so the check covers orders a real pipeline can produce.
+position once, with the right token). The engine interprets no action itself: the driver does, through the port
+below. Randomness chooses the event order a real pipeline can produce: whether the head takes its next work or
+a run in the pipeline completes first, whether a cancelled run in the pipeline is skipped or completes anyway
+(the cancel came late), when early exits and messages between the levels of a chain arrive.
 """
 
 from __future__ import annotations
@@ -12,17 +14,8 @@ import random
 from collections import deque
 from dataclasses import dataclass
 
-from pipesim.scheduling import (
-    CancelRuns,
-    EmitTokens,
-    Finish,
-    InvalidateRuns,
-    KVOp,
-    LaunchRun,
-    RequestDraft,
-    Run,
-    Strategy,
-)
+from pipesim.scheduling import KVOp, LaunchRun, Run, Strategy
+from pipesim.scheduling.driver import DRAFT, STAGE0, VERIFY, HeadDriver
 from pipesim.world.acceptance import OracleDraft, SyntheticTokens
 
 
@@ -62,82 +55,178 @@ class DriveResult:
     max_cells: int
 
 
-def drive(strategy: Strategy, tokens: SyntheticTokens, draft: OracleDraft, rng: random.Random,
-          max_steps: int = 2_000_000) -> DriveResult:
-    """Run ``strategy`` to completion against the synthetic target, checking every run's KV context."""
-    kv = KVCacheModel()
-    pipeline: deque[tuple[Run, tuple[int, ...]]] = deque()  # launched runs with the context they expect
-    cancelled: set[int] = set()
-    draft_request: RequestDraft | None = None
-    early_exits: deque[tuple[int, int]] = deque()  # SPEED: (run id, early prediction) not yet delivered
-    launched = n_cancelled = checked = max_cells = 0
-    output: list[int] = []
-    finished = False
+@dataclass
+class _DraftTask:
+    request: object
+    tokens: list[int]
+    done: bool = True
 
-    def execute(actions) -> None:
-        nonlocal draft_request, launched, n_cancelled, finished
+
+class _Head(HeadDriver):
+    """The driver of one pipeline, with the port of the reference engine (one FIFO stage holding the KV model)."""
+
+    def __init__(self, engine: _Engine, strategy: Strategy, level: int) -> None:
+        super().__init__(strategy, self, f"n{level}", 2, engine.records, level)
+        self.engine = engine
+        self.kv = KVCacheModel()
+        self.pipeline: deque[tuple[Run, bool]] = deque()  # runs that left the head: (run, computed)
+        self.contexts: dict[int, tuple[int, ...]] = {}  # the context each launched run expects
+        self.stage_cancelled: set[int] = set()
+
+    def execute(self, actions) -> None:
+        actions = list(actions)
         for action in actions:
             if isinstance(action, LaunchRun):
                 run = action.run
-                context = tuple(strategy.sequence) + tuple(getattr(strategy, "_drafted", ()))
-                pipeline.append((run, context[: run.first_position]))
-                launched += 1
+                context = tuple(self.strategy.sequence) + tuple(getattr(self.strategy, "_drafted", ()))
+                self.contexts[run.run_id] = context[: run.first_position]
+                self.engine.launched += 1
                 if "exit_layer" in run.meta:
-                    position = run.last_position + 1
-                    right = draft.acceptance.correct(position, 0)
-                    early_exits.append((run.run_id, tokens.token(position) if right else tokens.wrong(position)))
-            elif isinstance(action, RequestDraft):
-                draft_request = action
-            elif isinstance(action, CancelRuns):
-                cancelled.update(action.run_ids)
-                n_cancelled += len(action.run_ids)
-            elif isinstance(action, EmitTokens):
-                output.extend(action.tokens)
-            elif isinstance(action, Finish):
-                finished = True
-            else:
-                assert isinstance(action, InvalidateRuns)
+                    self.engine.early_exit_of(self, run)
+        super().execute(actions)
 
-    execute(strategy.start())
-    for _ in range(max_steps):
-        if finished:
-            break
-        if early_exits and rng.random() < 0.6:  # an early exit arrives before its run completes
-            run_id, token = early_exits.popleft()
-            if any(r.run_id == run_id for r, _ in pipeline):
-                execute(strategy.on_early_exit(run_id, token))
-            continue
-        do_draft = draft_request is not None and (not pipeline or rng.random() < 0.5)
-        if do_draft:
-            request, draft_request = draft_request, None
-            proposal = draft.propose(len(request.context), request.n_tokens, request.committed_len)
-            execute(strategy.on_draft(request.request_id, proposal))
-            continue
-        assert pipeline, "strategy stalled: nothing in flight and no draft requested"
-        run, context = pipeline.popleft()
+    # -- the port --------------------------------------------------------------------------------------
+    def now(self) -> float:
+        return float(self.engine.steps)
+
+    def drop(self, run: Run, send_header: bool) -> None:
+        self.pipeline.append((run, False))  # one stage models them all: its KV operations apply in any case
+
+    def send_cancel(self, run_ids: tuple[int, ...]) -> None:
+        self.stage_cancelled.update(run_ids)
+        self.engine.n_cancelled += len(run_ids)
+
+    def send_to_level(self, message) -> None:
+        self.engine.links.setdefault((self.level, message.to_level), deque()).append(message)
+        self.engine.rollbacks += type(message).__name__ == "SendRollback"
+
+    def begin_draft(self, request) -> _DraftTask:
+        return _DraftTask(request, self.engine.draft.propose(len(request.context), request.n_tokens,
+                                                             request.committed_len))
+
+    def end_draft(self, task) -> None:
+        pass
+
+    def finish(self) -> None:
+        self.engine.finished = True
+
+    # -- the pipeline ----------------------------------------------------------------------------------
+    def complete_next(self, rng: random.Random) -> None:
+        """The oldest run in the pipeline reaches the stage: KV operations, then compute (or skip)."""
+        run, computed = self.pipeline.popleft()
+        kv = self.kv
         for op in run.kv_ops:
             kv.apply(op)
-        if run.run_id in cancelled:
+        if not computed:
+            return
+        if run.run_id in self.stage_cancelled:
             # A cancelled run is skipped, or computed anyway (the cancel came late). Its context may be broken
             # (an earlier run of its chain was skipped), so it is not checked; it writes only its own partition.
             if rng.random() < 0.3:
                 kv.write(run)
-                execute(strategy.on_logits(run.run_id, tokens.predictions(run.positions[run.output_from:])))
-            continue
+                self.predictions_arrived(run.run_id, self.engine.predict(self, run), run.n_outputs)
+            return
+        context = self.contexts[run.run_id]
         expected = list(enumerate(context)) + list(zip(run.positions, run.tokens, strict=True))
         for i, position in enumerate(run.positions):
             seen = kv.visible(run.seq_ids, position) + [
                 (p, t) for p, t in zip(run.positions[:i], run.tokens[:i], strict=True)]
             assert sorted(seen) == expected[:position], (
-                f"run {run.run_id} token at {position} sees {sorted(seen)[-5:]} not {expected[:position][-5:]}")
-            checked += 1
+                f"level {self.level} run {run.run_id} token at {position} sees {sorted(seen)[-5:]} "
+                f"not {expected[:position][-5:]}")
+            self.engine.checked += 1
         kv.write(run)
-        max_cells = max(max_cells, len(kv.cells))
-        predictions = tokens.predictions(run.positions[run.output_from:])
-        execute(strategy.on_logits(run.run_id, predictions))
-    assert finished, "strategy did not finish"
+        self.engine.max_cells = max(self.engine.max_cells, len(kv.cells))
+        self.predictions_arrived(run.run_id, self.engine.predict(self, run), run.n_outputs)
+
+    def head_step(self) -> bool:
+        """The head takes its next work; False when it has none."""
+        work = self.next_work()
+        if work is None:
+            return False
+        kind, item = work
+        now = self.now()
+        if kind is VERIFY:
+            self.verify(item, now)
+        elif kind is STAGE0:
+            self.pipeline.append((item, True))
+            self.stage0_done(item, now)
+        else:
+            assert kind is DRAFT
+            self.draft_step_done(item, now, 1)
+        return True
+
+
+class _Engine:
+    def __init__(self, tokens: SyntheticTokens, draft: OracleDraft | None, accuracies: list[float],
+                 uniform) -> None:
+        self.tokens = tokens
+        self.draft = draft
+        self.accuracies = accuracies
+        self.uniform = uniform
+        self.records: list = []
+        self.links: dict[tuple[int, int], deque] = {}
+        self.early_exits: deque[tuple[_Head, int, int]] = deque()  # (head, run id, early prediction)
+        self.finished = False
+        self.steps = self.launched = self.n_cancelled = self.checked = self.max_cells = self.rollbacks = 0
+
+    def predict(self, head: _Head, run: Run) -> list[int]:
+        accuracy = self.accuracies[head.level]
+        out = []
+        for p in run.positions[run.output_from:]:
+            right = accuracy >= 1.0 or self.uniform(p + 1) < accuracy
+            out.append(self.tokens.token(p + 1) if right else self.tokens.wrong(p + 1))
+        return out
+
+    def early_exit_of(self, head: _Head, run: Run) -> None:
+        position = run.last_position + 1
+        right = self.draft.acceptance.correct(position, 0)
+        token = self.tokens.token(position) if right else self.tokens.wrong(position)
+        self.early_exits.append((head, run.run_id, token))
+
+    def run(self, heads: list[_Head], rng: random.Random, max_steps: int) -> None:
+        for head in heads:
+            head.start()
+        for _ in range(max_steps):
+            if self.finished:
+                return
+            self.steps += 1
+            if self.early_exits and rng.random() < 0.6:  # an early exit arrives before its run completes
+                head, run_id, token = self.early_exits.popleft()
+                in_flight = any(r.run_id == run_id for r in head.launch_queue) or any(
+                    r.run_id == run_id for r, _ in head.pipeline)
+                if in_flight:
+                    head.early_exit_arrived(run_id, token)
+                continue
+            busy_links = [key for key, queue in self.links.items() if queue]
+            if busy_links and rng.random() < 0.5:
+                src, dst = rng.choice(busy_links)
+                heads[dst].message_arrived(self.links[(src, dst)].popleft())
+                continue
+            head = rng.choice(heads)
+            if head.pipeline and rng.random() < 0.5:
+                head.complete_next(rng)
+                continue
+            if head.head_step():
+                continue
+            if head.pipeline:
+                head.complete_next(rng)
+                continue
+            idle = not any(h.pipeline or h.results or h.launch_queue or h.draft_task or h.messages for h in heads)
+            if idle and not any(self.links.values()) and not self.early_exits:
+                raise AssertionError("strategy stalled: nothing in flight, nothing to launch or draft")
+        assert self.finished, "strategy did not finish"
+
+
+def drive(strategy: Strategy, tokens: SyntheticTokens, draft: OracleDraft, rng: random.Random,
+          max_steps: int = 2_000_000) -> DriveResult:
+    """Run ``strategy`` to completion against the synthetic target, checking every run's KV context."""
+    engine = _Engine(tokens, draft, [1.0], lambda p: 0.0)
+    head = _Head(engine, strategy, 0)
+    engine.run([head], rng, max_steps)
+    output = head.output
     truth = [tokens.token(p) for p in range(strategy.prompt_len, strategy.prompt_len + len(output))]
-    return DriveResult(output, truth, launched, n_cancelled, checked, max_cells)
+    return DriveResult(output, truth, engine.launched, engine.n_cancelled, engine.checked, engine.max_cells)
 
 
 def drive_chain(levels, tokens: SyntheticTokens, accuracies: list[float], seed: int, rng: random.Random,
@@ -149,76 +238,13 @@ def drive_chain(levels, tokens: SyntheticTokens, accuracies: list[float], seed: 
     """
     import numpy as np
 
-    from pipesim.scheduling.strategies.pipespec import (
-        CancelLevelRun,
-        SendProgress,
-        SendRollback,
-        SendTokens,
-        StartRound,
-    )
-
     uniform = np.random.default_rng(seed).random(100_000)
-    n_levels = len(levels)
-    kvs = [KVCacheModel() for _ in levels]
-    in_flight: dict[int, tuple[Run, tuple[int, ...]]] = {}
-    cancelled: set[int] = set()
-    links: dict[tuple[int, int], deque] = {}
-    output: list[int] = []
-    finished = False
-    stats = {"runs": 0, "cancelled": 0, "rollbacks": 0}
-
-    def predict(level: int, position: int) -> int:
-        right = level == n_levels - 1 or uniform[position] < accuracies[level]
-        return tokens.token(position) if right else tokens.wrong(position)
-
-    def execute(level: int, actions) -> None:
-        nonlocal finished
-        for action in actions:
-            if isinstance(action, LaunchRun):
-                run = action.run
-                in_flight[level] = (run, tuple(levels[level].out))
-                stats["runs"] += 1
-            elif isinstance(action, SendTokens | SendRollback | SendProgress | StartRound):
-                stats["rollbacks"] += isinstance(action, SendRollback)
-                links.setdefault((level, action.to_level), deque()).append(action)
-            elif isinstance(action, CancelLevelRun):
-                cancelled.add(action.run_id)
-                stats["cancelled"] += 1
-            elif isinstance(action, EmitTokens):
-                output.extend(action.tokens)
-            elif isinstance(action, Finish):
-                finished = True
-
-    for i, level in enumerate(levels):
-        execute(i, level.start())
-    for _ in range(max_steps):
-        if finished:
-            break
-        busy_links = [key for key, queue in links.items() if queue]
-        if busy_links and (not in_flight or rng.random() < 0.5):
-            src, dst = rng.choice(busy_links)
-            execute(dst, levels[dst].on_message(links[(src, dst)].popleft()))
-            continue
-        assert in_flight, "chain stalled: no run in flight and no message under way"
-        level = rng.choice(sorted(in_flight))
-        run, context = in_flight.pop(level)
-        kv = kvs[level]
-        for op in run.kv_ops:
-            kv.apply(op)
-        if run.run_id in cancelled and rng.random() < 0.7:
-            execute(level, levels[level].on_result(run.run_id, ()))
-            continue
-        if run.run_id not in cancelled:
-            expected = list(enumerate(context[: run.first_position])) + list(
-                zip(run.positions, run.tokens, strict=True))
-            for i, position in enumerate(run.positions):
-                seen = kv.visible(run.seq_ids, position) + list(zip(run.positions[:i], run.tokens[:i], strict=True))
-                assert sorted(seen) == expected[:position], (
-                    f"level {level} run {run.run_id} at {position}: {sorted(set(seen) ^ set(expected[:position]))}")
-        kv.write(run)
-        predictions = [predict(level, p + 1) for p in run.positions[run.output_from:]]
-        execute(level, levels[level].on_result(run.run_id, predictions))
-    assert finished, "chain did not finish"
+    engine = _Engine(tokens, None, accuracies, lambda p: uniform[p])
+    heads = [_Head(engine, level, i) for i, level in enumerate(levels)]
+    engine.run(heads, rng, max_steps)
+    output = heads[-1].output
     prompt_len = levels[-1].prompt_len
     truth = [tokens.token(p) for p in range(prompt_len, prompt_len + len(output))]
+    stats = {"runs": engine.launched, "cancelled": sum(len(h.cancelled) for h in heads),
+             "rollbacks": engine.rollbacks}
     return output, truth, stats

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipesim.executor.emulation import cost_models, node_profiles
 from pipesim.scenario import load_scenario
+from pipesim.world.build import build_world
 from pipesim.world.profile import HardwareProfile
 
 pytestmark = pytest.mark.mpi
@@ -43,9 +43,9 @@ def test_calibrate_then_validate_in_emulated_mode(tmp_path):
     assert 0 <= profile.poll["overshoot"] < 0.05 and all(r["sleep_overshoot"] >= 0 for r in raw["ranks"])
     # emulated stages sleep for the scenario's modelled cost: the fitted profile must find that cost again
     scenario = load_scenario(SCENARIO, ["executor.compute=emulated"])
-    cost = cost_models(scenario)[0]
+    world = build_world(scenario)
     for n_tokens, context in [(1, 0), (8, 64)]:
-        modelled = cost.stage_cost(node_profiles(scenario)[0], 2, n_tokens, context, 0).total
+        modelled = world.target.cost.stage_cost(world.nodes[0], 2, n_tokens, context, 0).total
         fitted, _ = profile.nodes["n0"].stage_time(2, n_tokens, context, 0)
         # a sleep never ends early, and wakes late by at most a few ms even on a loaded machine
         assert 0.9 * modelled <= fitted <= modelled + 5e-3

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from pipesim.executor.chain import make_level, oracle_predictor
 from pipesim.executor.errors import ExecutorSetupError
 from pipesim.executor.plan import make_plan
 from pipesim.executor.protocol import TAG_CHAIN, decode_chain, describe, encode_chain
@@ -23,8 +22,9 @@ from pipesim.scheduling.strategies.pipespec import (
     SendRollback,
     SendTokens,
     StartRound,
+    make_level,
 )
-from pipesim.world.acceptance import SyntheticTokens
+from pipesim.world.acceptance import SyntheticTokens, level_predictor
 
 from .test_executor_mpi import by_variant, run_job, run_pipesim
 
@@ -49,18 +49,19 @@ def test_chain_messages_round_trip(message):
 
 def test_levels_draw_unique_run_ids():
     params = {"lookahead": 4, "max_verify": 8, "synchronous": False}
-    levels = [make_level(i, 3, [1, 2, 3], 10, params) for i in range(3)]
+    levels = [make_level(i, 3, [1, 2, 3], 10, **params) for i in range(3)]
     assert all(isinstance(level, PipeSpecLevel) for level in levels)
     ids = [next(level._run_ids) for level in levels for _ in range(4)]
     assert len(set(ids)) == len(ids)
-    assert isinstance(make_level(0, 2, [1], 5, {**params, "synchronous": True}), LockstepLevel)
+    assert isinstance(make_level(0, 2, [1], 5, **{**params, "synchronous": True}), LockstepLevel)
 
 
 def test_oracle_predictor_couples_the_levels():
     tokens = SyntheticTokens(256, 0)
     uniform = {p: (p % 10) / 10 for p in range(100)}.__getitem__
     run = Run(run_id=1, tokens=[0] * 5, positions=list(range(10, 15)), seq_ids=(0,), speculative=True, output_from=0)
-    low, high = oracle_predictor(tokens, uniform, 0.3)(run), oracle_predictor(tokens, uniform, 0.8)(run)
+    outputs = run.positions[run.output_from:]
+    low, high = level_predictor(tokens, uniform, 0.3)(outputs), level_predictor(tokens, uniform, 0.8)(outputs)
     for p, a, b in zip(range(11, 16), low, high, strict=True):
         assert (a == tokens.token(p)) == (uniform(p) < 0.3) and (b == tokens.token(p)) == (uniform(p) < 0.8)
         assert a in (tokens.token(p), tokens.wrong(p)) and (a == b or a == tokens.wrong(p))

@@ -161,7 +161,7 @@ def test_speed_acceptance_and_cancellations_follow_alpha(speed_job):
 def test_early_exits_come_from_the_rank_holding_the_exit_layer(speed_job):
     for k, node in ((1, "n0"), (2, "n1")):
         records = speed_job[speed_variant(0, k, 0.5)]["trace"]["records"]
-        exits = {r[3] for r in records if r[0] == "compute" and r[9] == f"exit{k}"}
+        exits = {r[3] for r in records if r[0] == "compute" and r[9] == "exit" and r[10] == k}
         assert exits == {node}, k
         early_transfers = [r for r in records if r[0] == "transfer" and r[9] == "early-exit"]
         assert bool(early_transfers) == (node == "n1")
@@ -222,7 +222,7 @@ def test_emulated_speed_on_8_ranks(tmp_path):
         assert entry["trace"]["meta"]["matches_reference"] is True, entry["variant"]
         assert entry["metrics"]["output_tokens"] == baseline
     for entry, node in zip(entries[1:], ("n2", "n0", "n5"), strict=True):
-        exits = {r[3] for r in entry["trace"]["records"] if r[0] == "compute" and r[9].startswith("exit")}
+        exits = {r[3] for r in entry["trace"]["records"] if r[0] == "compute" and r[9] == "exit"}
         assert exits == {node}, entry["variant"]
         assert entry["metrics"]["runs_speculative"] > 0
     assert entries[2]["metrics"]["runs_cancelled"] > 0

@@ -27,7 +27,7 @@ def test_a_computing_stage_notices_cancellations_at_layer_boundaries(tmp_path):
     trace = _trace(tmp_path)
     computes = defaultdict(list)
     for r in trace.records:
-        if r.kind == "compute" and r.note.startswith("stage"):
+        if r.kind == "compute" and r.what == "stage":
             computes[r.where].append(r)
     inside = 0
     for seen in (r for r in trace.records if r.kind == "cancel_seen"):
@@ -37,7 +37,7 @@ def test_a_computing_stage_notices_cancellations_at_layer_boundaries(tmp_path):
                 assert math.isclose(layers, round(layers), abs_tol=1e-6) and round(layers) >= 1, (seen, c)
                 inside += 1
     assert inside > 0  # the case happened
-    for c in (c for cs in computes.values() for c in cs if c.note.endswith(":aborted")):
+    for c in (c for cs in computes.values() for c in cs if c.aborted):
         layers = (c.t1 - c.t0) / (LAYER_FIXED + c.n_tokens * LAYER_PER_TOKEN)
         assert math.isclose(layers, round(layers), abs_tol=1e-6), c  # an abort stops at a layer boundary
 

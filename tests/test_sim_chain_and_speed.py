@@ -7,7 +7,6 @@ import pytest
 from pipesim.metrics import compute_metrics
 from pipesim.scenario import ScenarioError, load_scenario
 from pipesim.sim import simulate
-from pipesim.sim.chain_engine import ChainSimulationEngine
 
 CHAIN = "scenarios/pipespec-3model.yaml"
 PAPER = "scenarios/paper-8node-cpu.yaml"
@@ -52,10 +51,12 @@ def test_pipespec_approaches_the_draft_bound_as_alpha_goes_to_one():
     for alpha in [0.6, 0.9, 1.0]:
         scenario = chain(f"acceptance.chain_alphas=[{alpha},{alpha}]", "workload.generate_tokens=400",
                          "cluster.overrides=[{index: 0, memory_bandwidth: 50GB/s}]")  # a slow draft node
-        engine = ChainSimulationEngine(scenario)
-        rates.append(compute_metrics(engine.run())["tokens_per_s"])
-    draft = engine.levels[0]
-    step = draft.cost.stage_cost(engine.nodes[0], draft.cost.spec.n_layers, 1, 64 + 400, 1).total
+        rates.append(compute_metrics(simulate(scenario))["tokens_per_s"])
+    # the draft's one-token step at the last context, by hand: Llama-3.2-1B (16 layers, d 2048, 8 KV heads of 64,
+    # ffn 8192, vocab 128256) at f16, memory-bound at 50 GB/s (2.5 GFLOP per token at 400 TFLOP/s is 6 us)
+    d, kv, ffn, vocab, context = 2048, 512, 8192, 128256, 64 + 400
+    layer_bytes = 2 * (2 * d * d + 2 * d * kv + 3 * d * ffn) + 2 * kv * (context + 1) * 2
+    step = (16 * layer_bytes + 2 * d * vocab) / 50e9
     assert rates[0] < rates[1] < rates[2] <= 1 / step * 1.001
     assert rates[2] >= 0.97 / step
 
@@ -110,6 +111,42 @@ def test_speed_takes_alpha_by_exit_layer_from_the_table():
 
 def test_early_exit_inside_its_stage_counts_once_in_utilization():
     trace = simulate(paper("acceptance.alpha=0.9", "strategy.exit_layer=3"))  # the exit lies on the head's stage
-    exits = [r for r in trace.records if r.kind == "compute" and r.note.startswith("exit")]
+    exits = [r for r in trace.records if r.kind == "compute" and r.what == "exit"]
     assert exits and all(r.where == "n0" for r in exits)
     assert all(0 < u <= 1 + 1e-9 for u in compute_metrics(trace)["node_utilization"].values())
+
+
+def _profile(tmp_path, name: str, layer_fixed: float, layer_per_token: float, head: float) -> str:
+    from pipesim.world.profile import HardwareProfile, NodeCoefficients
+
+    nodes = {f"n{i}": NodeCoefficients(overhead=2e-4, layer_fixed=layer_fixed, layer_per_token=layer_per_token,
+                                       head_fixed=head, head_per_output=0.0) for i in range(6)}
+    return str(HardwareProfile("test", nodes).save(tmp_path / f"{name}.yaml"))
+
+
+def _stage_times(trace, level: int) -> list[tuple[float, int, int]]:
+    return [(r.t1 - r.t0, r.n_tokens, r.stage) for r in trace.records
+            if r.kind == "compute" and r.what == "stage" and r.level == level and not r.aborted]
+
+
+def test_a_chain_follows_its_profiles(tmp_path, capsys):
+    from pipesim import cli
+
+    target = _profile(tmp_path, "target", 1e-3, 1e-5, 4e-3)
+    trace = simulate(chain(f"cluster.profile={target}", "network.profile_links=ignore"))
+    # the 70B target over 4 nodes: 20 layers per stage; its last stage adds the head (one fixed cost)
+    for seconds, n_tokens, stage in _stage_times(trace, 2):
+        expected = 2e-4 + 20 * (1e-3 + 1e-5 * n_tokens) + (4e-3 if stage == 3 else 0.0)
+        assert seconds == pytest.approx(expected, rel=1e-9)
+    assert trace.meta["cost_models"][:2] == ["roofline", "roofline"] and trace.meta["warnings"]
+    # the drafts keep the roofline: the 1B draft's single-token step is memory-bound at 2.5 TB/s
+    draft_steps = [seconds for seconds, n_tokens, _ in _stage_times(trace, 0) if n_tokens == 1]
+    assert draft_steps and min(draft_steps) > 2 * 1.2e9 / 2.5e12 * 0.9 and max(draft_steps) < 2e-3
+    draft = _profile(tmp_path, "draft", 5e-4, 0.0, 1e-3)
+    calibrated = simulate(chain(f"cluster.profile={target}", f"cluster.chain_profiles=[{draft}, null]",
+                                "network.profile_links=ignore"))
+    for seconds, _n, _stage in _stage_times(calibrated, 0):  # 16 layers and the head on one node
+        assert seconds == pytest.approx(2e-4 + 16 * 5e-4 + 1e-3, rel=1e-9)
+    assert calibrated.meta["warnings"] == [w for w in calibrated.meta["warnings"] if "level 1" in w]
+    assert cli.main(["simulate", CHAIN, "--set", f"cluster.profile={target}", "--json"]) == 0
+    assert "cluster.chain_profiles" in capsys.readouterr().err

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..scenario import ScenarioError, load_scenario
+from ..trace import records_from_json
 from ..world.profile import HardwareProfile, LinkCoefficients, NodeCoefficients
 from .fit import DraftSample, LinkSample, StageSample, fit_draft, fit_link, fit_stage
 
@@ -72,7 +73,8 @@ def fit_profile(raw: dict[str, Any], command: str = "") -> tuple[HardwareProfile
             quality["links"][name] = vars(link.quality)
     _in_situ_head_costs(raw, nodes, quality)
     if raw.get("speculative"):
-        verify = [r[2] - r[1] for r in raw["speculative"]["trace"]["records"] if r[0] == "compute" and r[9] == "verify"]
+        verify = [r.t1 - r.t0 for r in records_from_json(raw["speculative"]["trace"])
+                  if r.kind == "compute" and r.what == "verify"]
         if verify:
             verify_overhead = statistics.median(verify)
     meta = {"command": command, "scenario": raw["scenario"], "sets": raw["sets"], "n_ranks": raw["n_ranks"],
@@ -119,13 +121,13 @@ def _in_situ_stage_samples(raw: dict[str, Any]) -> dict[str, list[StageSample]]:
             continue
         trace = generation["trace"]
         prompt = int(trace["meta"].get("prompt_tokens", 0))
-        prefills = {r[4] for r in trace["records"] if r[0] == "launch" and r[9] == "prefill"}
-        for r in trace["records"]:
-            kind, t0, t1, where, run_id, n_tokens, note = r[0], r[1], r[2], r[3], r[4], r[5], r[9]
-            if kind != "compute" or not note.startswith("stage") or note.endswith(":aborted") or where not in layers:
+        records = records_from_json(trace)
+        prefills = {r.run_id for r in records if r.kind == "launch" and r.what == "prefill"}
+        for r in records:
+            if r.kind != "compute" or r.what != "stage" or r.aborted or r.where not in layers:
                 continue
-            outputs = 0 if where != last else (1 if run_id in prefills else n_tokens)
-            out.setdefault(where, []).append(StageSample(layers[where], n_tokens, prompt, outputs, t1 - t0))
+            outputs = 0 if r.where != last else (1 if r.run_id in prefills else r.n_tokens)
+            out.setdefault(r.where, []).append(StageSample(layers[r.where], r.n_tokens, prompt, outputs, r.t1 - r.t0))
     return out
 
 
@@ -136,9 +138,9 @@ def _in_situ_head_costs(raw: dict[str, Any], nodes: dict[str, NodeCoefficients],
     if not generation:
         return
     by_batch: dict[int, list[float]] = {}
-    for r in generation["trace"]["records"]:
-        if r[0] == "compute" and r[9] == "draft":
-            by_batch.setdefault(int(r[5]), []).append(r[2] - r[1])
+    for r in records_from_json(generation["trace"]):
+        if r.kind == "compute" and r.what == "draft":
+            by_batch.setdefault(r.n_tokens, []).append(r.t1 - r.t0)
     samples = [DraftSample(n, 0, statistics.median(times)) for n, times in by_batch.items()]
     if len(samples) < 2:
         if len(samples) == 1 and samples[0].n_tokens == 1:

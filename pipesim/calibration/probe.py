@@ -217,15 +217,15 @@ def _forward(stage, kv, position: int, n: int, d_model: int, vocab: int, generat
 
 def _emulated_stage_samples(plan, rank: int, clock_now, tokens: Sequence[int], contexts: Sequence[int],
                             repeats: int) -> list[dict]:
-    from ..executor.emulation import EmulatedStage, cost_models, node_profiles
+    from ..executor.emulation import EmulatedStage
     from ..executor.protocol import RunMessage
-    from ..world.acceptance import SyntheticTokens
+    from ..world.build import build_world
 
     scenario = plan.scenario
+    world = build_world(scenario)
     start, end = plan.layer_ranges[rank]
     last = rank == plan.n_ranks - 1
-    synthetic = SyntheticTokens(scenario.models.target_spec().vocab_size, scenario.workload.seed)
-    stage = EmulatedStage(node_profiles(scenario)[rank], cost_models(scenario)[0], end - start, last, synthetic,
+    stage = EmulatedStage(world.nodes[rank], world.target.cost, end - start, last, world.tokens,
                           scenario.head.return_mode, scenario.head.top_k, clock_now)
     samples = []
     for context in contexts:
@@ -239,14 +239,14 @@ def _emulated_stage_samples(plan, rank: int, clock_now, tokens: Sequence[int], c
 
 def _emulated_stage_runner(plan, rank: int, clock_now) -> Callable[[int, int], None]:
     """One call of the emulated stage (a modelled sleep) for the concurrency measurement."""
-    from ..executor.emulation import EmulatedStage, cost_models, node_profiles
+    from ..executor.emulation import EmulatedStage
     from ..executor.protocol import RunMessage
-    from ..world.acceptance import SyntheticTokens
+    from ..world.build import build_world
 
     scenario = plan.scenario
+    world = build_world(scenario)
     start, end = plan.layer_ranges[rank]
-    synthetic = SyntheticTokens(scenario.models.target_spec().vocab_size, scenario.workload.seed)
-    stage = EmulatedStage(node_profiles(scenario)[rank], cost_models(scenario)[0], end - start, False, synthetic,
+    stage = EmulatedStage(world.nodes[rank], world.target.cost, end - start, False, world.tokens,
                           scenario.head.return_mode, scenario.head.top_k, clock_now)
 
     def run(n: int, context: int) -> None:
@@ -283,12 +283,12 @@ def _draft_samples(plan, clock_now, repeats: int) -> list[dict]:
         vocab = plan.draft.vocab_size
     elif ex.oracle_cost == "emulated":
         from ..executor.drafts import EmulatedRunner
-        from ..executor.emulation import cost_models, node_profiles
+        from ..world.build import build_world
 
-        draft_cost = cost_models(scenario)[1]
-        if draft_cost is None:
+        world = build_world(scenario)
+        if world.draft_cost is None:
             return []
-        runner = EmulatedRunner(draft_cost, node_profiles(scenario)[0], clock_now)
+        runner = EmulatedRunner(world.draft_cost, world.nodes[0], clock_now)
         vocab = scenario.models.draft_spec().vocab_size
     else:
         return []

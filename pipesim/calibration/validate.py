@@ -37,7 +37,7 @@ import yaml
 from ..metrics import compute_metrics, median_by_throughput
 from ..scenario import ScenarioError, load_scenario
 from ..sim import simulate
-from ..trace import Trace
+from ..trace import Trace, records_from_json
 from ..world.profile import HardwareProfile
 from .calibrate import add_residual_overhead
 
@@ -127,10 +127,10 @@ def replay_sequence(trace: Trace) -> list[int | None]:
 def _replay_overrides(trace: Trace, scenario) -> list[str]:
     """Acceptance overrides that replay the measured sequence; unchecked positions keep the i.i.d. draw."""
     from ..world.acceptance import AcceptanceModel
+    from ..world.build import acceptance_seed
 
-    acc, workload = scenario.acceptance, scenario.workload
-    prompt = int(trace.meta.get("prompt_tokens", workload.prompt_tokens))
-    iid = AcceptanceModel("iid", acc.alpha, prompt_len=prompt, seed=acc.seed + 7919 * workload.seed)
+    prompt = int(trace.meta.get("prompt_tokens", scenario.workload.prompt_tokens))
+    iid = AcceptanceModel("iid", scenario.acceptance_alpha(), prompt_len=prompt, seed=acceptance_seed(scenario))
     measured = replay_sequence(trace)
     horizon = len(measured) + 64  # speculation may look past the last committed token
     filled = [m if m is not None else int(iid.correct(prompt + i, 0))
@@ -239,10 +239,12 @@ def anchor_profile(profile: HardwareProfile, profile_path: Path, anchors: list[d
         nodes = trace["nodes"]
         prompt = int(meta.get("prompt_tokens", 0))
         context = prompt + int(entry["metrics"].get("generated_tokens") or 0) // 2  # records carry no positions
-        prefills = {r[4] for r in trace["records"] if r[0] == "launch" and r[9] == "prefill"}
-        for kind, t0, t1, where, run_id, n_tokens, *_, note in trace["records"]:
-            if kind != "compute" or not note.startswith("stage") or note.endswith(":aborted") or run_id in prefills:
+        records = records_from_json(trace)
+        prefills = {r.run_id for r in records if r.kind == "launch" and r.what == "prefill"}
+        for r in records:
+            if r.kind != "compute" or r.what != "stage" or r.aborted or r.run_id in prefills:
                 continue
+            t0, t1, where, n_tokens = r.t0, r.t1, r.where, r.n_tokens
             index = nodes.index(where)
             last = index == len(nodes) - 1
             modelled, _ = profile.node(where).stage_time(ranges[index][1] - ranges[index][0], n_tokens, context,

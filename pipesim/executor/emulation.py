@@ -1,7 +1,7 @@
 """Emulation on few cores: stages that sleep for their modelled cost, and links that delay messages.
 
-Emulated compute sleeps for the simulator's modelled time of a run on the stage's node (the roofline, or the
-fitted costs of ``cluster.profile``; layer by layer, so a cancelled run is aborted at a layer boundary) and
+Emulated compute sleeps for the simulator's modelled time of a run on the stage's node (the world's cost model:
+the roofline, or the fitted costs of ``cluster.profile``; layer by layer, so a cancelled run is aborted at a layer boundary) and
 answers with the synthetic target's greedy tokens, so outputs stay checkable. Link emulation delivers a message
 no earlier than its modelled arrival: each direction of each link is a FIFO of latency + bytes/bandwidth, exactly
 the simulator's ``Network``.
@@ -16,42 +16,11 @@ import numpy as np
 
 from ..scenario import Scenario
 from ..world.acceptance import SyntheticTokens
-from ..world.costs import CalibratedCostModel, NodeProfile, RooflineCostModel
-from ..world.network import Network
+from ..world.build import build_world
+from ..world.costs import NodeProfile
 from .protocol import PredictionMessage, RunMessage, predictions_from_ids
 
 SLEEP_SLICE = 0.05  # longest single sleep
-
-
-def node_profiles(scenario: Scenario) -> list[NodeProfile]:
-    """Every node's profile: the cluster template with per-node overrides (as the simulator builds them)."""
-    cluster = scenario.cluster
-    nodes = [NodeProfile(f"n{i}", cluster.flops, cluster.memory_bandwidth, cluster.overhead_per_run)
-             for i in range(cluster.count)]
-    for override in cluster.overrides:
-        base = nodes[override.index]
-        nodes[override.index] = NodeProfile(
-            base.name,
-            override.flops if override.flops is not None else base.flops,
-            override.memory_bandwidth if override.memory_bandwidth is not None else base.memory_bandwidth,
-            override.overhead_per_run if override.overhead_per_run is not None else base.overhead_per_run)
-    return nodes
-
-
-def cost_models(scenario: Scenario) -> tuple:
-    """(target cost, draft cost or None, verify overhead) as the simulator models them: the roofline, or the
-    fitted coefficients of ``cluster.profile``."""
-    models = scenario.models
-    target, draft = models.target_spec(), models.draft_spec()
-    if scenario.cluster.profile is None:
-        return (RooflineCostModel(target, models.kv_bytes),
-                RooflineCostModel(draft, models.kv_bytes) if draft else None, scenario.head.verify_overhead)
-    from ..world.profile import HardwareProfile
-
-    profile = HardwareProfile.load(scenario.cluster.profile)
-    return (CalibratedCostModel(target, profile, "target"),
-            CalibratedCostModel(draft, profile, "draft") if draft else None,
-            scenario.head.verify_overhead or profile.verify_overhead)
 
 
 def sleep_until(deadline: float, now: Callable[[], float]) -> None:
@@ -64,8 +33,9 @@ class LinkEmulator:
     """Modelled arrival of messages on the scenario's network (head-clock times)."""
 
     def __init__(self, scenario: Scenario, node_names: list[str]) -> None:
-        overrides = {frozenset(link.between): (link.bandwidth, link.latency) for link in scenario.network.links}
-        self.network = Network(node_names, scenario.network.bandwidth, scenario.network.latency, overrides)
+        self.network = build_world(scenario).network(measured_transport=False)
+        if self.network.node_names != list(node_names):
+            raise ValueError(f"link emulation for nodes {node_names} of a scenario with {self.network.node_names}")
 
     def arrival(self, src: int, dst: int, send_time: float, nbytes: float) -> tuple[float, float, float]:
         """(serialisation start, serialisation end, arrival) of a message sent at ``send_time``.

@@ -1,30 +1,23 @@
-"""The head rank: stage 0, the draft, and the scheduling core, driven with wall time and MPI messages.
+"""A pipeline's head rank: its first stage, the draft, and the shared ``HeadDriver``, on wall time and MPI.
 
-It executes the strategy's actions exactly as ``pipesim.sim.engine.SimulationEngine`` does and works in the
-same order of priority: returned predictions first, then launching runs through its own layers, then one draft
-step at a time (abandoning a draft the strategy no longer wants), so a draft never delays a verification by more
-than one draft step. Predictions are reduced to greedy ids (argmax of what returns) before the strategy sees them.
-SPEED's early predictions (from the rank holding a run's exit layer, or from the head's own stage) share the
-predictions' inbox, in arrival order; one asking the oracle (token -1) gets the simulator's oracle token.
+Every decision (the head's priority order, what to launch, skip or cancel, abandoning a draft no longer wanted)
+is the driver's; this module is the driver's port on real processes: the clock, MPI messages down the pipeline,
+messages to the other levels of a PipeSpec chain, and the draft's steps. Rank 0 is the head of the single
+pipeline of every one-model strategy; in a chain, each level's first rank heads that level's pipeline.
+Predictions are reduced to greedy ids (argmax of what returns) before the strategy sees them; an oracle level of
+a chain replaces them with the oracle's (``predict``). SPEED's early predictions (from the rank holding a run's
+exit layer, or from the head's own stage) arrive in the driver's results in arrival order; one asking the
+oracle (token -1) gets the simulator's oracle token.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..scheduling import (
-    CancelRuns,
-    EmitTokens,
-    Finish,
-    InvalidateRuns,
-    LaunchRun,
-    RequestDraft,
-    Run,
-    Strategy,
-)
+from ..scheduling import Run, Strategy
+from ..scheduling.driver import DRAFT, STAGE0, VERIFY, HeadDriver
 from ..trace import Record
 from .backend import StageBackend
 from .clock import Clock
@@ -34,23 +27,25 @@ from .errors import ExecutorTimeout, InjectedFault
 from .messaging import Messenger
 from .protocol import (
     TAG_CANCEL,
+    TAG_CHAIN,
     TAG_EARLY,
     TAG_PRED,
     TAG_RUN,
-    EarlyExitMessage,
     PredictionMessage,
     ProtocolError,
     RunMessage,
+    decode_chain,
     decode_early_exit,
     decode_predictions,
     encode_cancel,
+    encode_chain,
     encode_run,
 )
 
 
 @dataclass
 class HeadOutcome:
-    """What the head measured: the committed tokens and its clock at start and finish."""
+    """What a head measured: the committed tokens and its clock at start and finish."""
 
     output_tokens: list[int]
     t_start: float
@@ -59,161 +54,163 @@ class HeadOutcome:
 
 
 class Head:
-    """The loop of rank 0 for one generation."""
+    """The loop of a pipeline's head for one generation.
 
-    def __init__(self, strategy: Strategy, n_ranks: int, backend: StageBackend, drafter: Drafter | None,
-                 messenger: Messenger, clock: Clock, records: list[Record], node_name: str, deadline: float,
-                 verify_sleep: float = 0.0, fault: bool = False,
-                 early_oracle: Callable[[int], int] | None = None) -> None:
-        self.strategy = strategy
-        self.n_ranks = n_ranks
+    ``pipeline``: the ranks of its pipeline, itself first; ``level_heads``: the head rank of every level of a
+    chain (``[0]`` for a one-model strategy; the last is the target's).
+    """
+
+    def __init__(self, strategy: Strategy, pipeline: Sequence[int], level_heads: Sequence[int], level: int,
+                 backend: StageBackend, drafter: Drafter | None, messenger: Messenger, clock: Clock,
+                 records: list[Record], node_name: str, deadline: float, verify_sleep: float = 0.0,
+                 fault: bool = False, early_oracle: Callable[[int], int] | None = None,
+                 predict: Callable[[Run], list[int]] | None = None) -> None:
+        self.pipeline = list(pipeline)
+        self.level_heads = list(level_heads)
+        self.level = level
+        self.is_target = level == len(self.level_heads) - 1
         self.backend = backend
         self.drafter = drafter
         self.messenger = messenger
         self.clock = clock
-        self.records = records
         self.name = node_name
         self.deadline = deadline
         self.verify_sleep = verify_sleep
         self.fault = fault
         self.early_oracle = early_oracle  # SPEED: the oracle's early prediction for a position
-        self.inbox: deque[PredictionMessage | EarlyExitMessage] = deque()
-        self.launch_queue: deque[Run] = deque()
-        self.cancelled: set[int] = set()
-        self.awaiting: set[int] = set()  # runs sent down the pipeline whose predictions are still wanted
-        self.draft_task: DraftTask | None = None
-        self.output: list[int] = []
-        self.finished = False
-        self.max_partitions_used = 0
+        self.predict = predict  # an oracle level of a chain: its predictions for a run
+        self.runs: dict[int, Run] = {}  # runs that left the head, for the oracle's predictions
+        self.stopped = False  # FINISH from the target's head (chains)
+        self.driver = HeadDriver(strategy, self, node_name, len(self.pipeline), records, level)
 
     def run(self) -> HeadOutcome:
-        """Generate until the strategy finishes; then send STOP down the pipeline."""
+        """Generate until the strategy finishes; then stop the pipeline (the target's head tells the others)."""
+        driver = self.driver
         t_start = self.clock.now()
-        self._execute(self.strategy.start())
-        while not self.finished:
+        driver.start()
+        while not driver.finished and not self.stopped:
             if time.monotonic() > self.deadline:
-                raise ExecutorTimeout(f"generation did not finish in time ({len(self.output)} tokens so far)")
+                where = f"level {self.level}: " if len(self.level_heads) > 1 else ""
+                raise ExecutorTimeout(f"{where}generation did not finish in time ({len(driver.output)} tokens so far)")
             self._pump()
-            if self.inbox:
-                message = self.inbox.popleft()
-                if isinstance(message, EarlyExitMessage):
-                    self._on_early_exit(message)
-                else:
-                    self._on_predictions(message)
-            elif self.launch_queue:
-                self._launch(self.launch_queue.popleft())
-            elif self.draft_task is not None:
-                self._draft_step(self.draft_task)
-            elif self.awaiting:
-                self.messenger.wait(self.deadline, f"predictions of runs {sorted(self.awaiting)[:8]}")
+            if self.stopped:
+                break
+            work = driver.next_work()
+            if work is None:
+                what = driver.waiting_for()
+                if what is None:
+                    raise RuntimeError("scheduling stalled: no run in flight, nothing to launch or draft, not finished")
+                self.messenger.wait(self.deadline, f"level {self.level}: {what}" if len(self.level_heads) > 1
+                                    else what)
+                continue
+            kind, item = work
+            start = self.clock.now()
+            if kind is VERIFY:
+                if self.verify_sleep > 0:
+                    sleep_until(start + self.verify_sleep, self.clock.now)
+                driver.verify(item, start)
+            elif kind is STAGE0:
+                self._launch(item)
             else:
-                raise RuntimeError("scheduling stalled: no run in flight, nothing to launch or draft, not finished")
+                assert kind is DRAFT
+                batch = item.step()
+                driver.draft_step_done(item, start, batch)
         t_end = self.clock.now()
-        if self.n_ranks > 1:
-            self.messenger.send(1, TAG_RUN, encode_run(RunMessage.stop_message()))
-        return HeadOutcome(self.output, t_start, t_end, self.max_partitions_used)
+        if self.is_target:
+            for rank in self.level_heads[:-1]:
+                self.messenger.send(rank, TAG_CHAIN, encode_chain(None))
+        if len(self.pipeline) > 1:
+            self.messenger.send(self.pipeline[1], TAG_RUN, encode_run(RunMessage.stop_message()))
+        return HeadOutcome(driver.output, t_start, t_end, driver.max_partitions_used)
 
-    # -- actions ---------------------------------------------------------------------------------------
-    def _execute(self, actions) -> None:
-        now = self.clock.now()
-        records = self.records
-        for action in actions:
-            if isinstance(action, LaunchRun):
-                run = action.run
-                records.append(Record("launch", now, now, self.name, run.run_id, run.n_tokens, note=run.kind))
-                self.launch_queue.append(run)
-            elif isinstance(action, RequestDraft):
-                if self.drafter is None:
-                    raise RuntimeError(f"strategy {self.strategy.name!r} requested a draft but none is configured")
-                self.draft_task = self.drafter.begin(action)
-            elif isinstance(action, EmitTokens):
-                self.output.extend(action.tokens)
-                records.append(Record("tokens", now, now, self.name, -1, len(action.tokens),
-                                      checked=action.n_drafted_checked, accepted=action.n_drafted_accepted))
-            elif isinstance(action, InvalidateRuns):
-                for run_id in action.run_ids:
-                    records.append(Record("invalidate", now, now, self.name, run_id))
-            elif isinstance(action, CancelRuns):
-                self._send_cancel(action.run_ids, now)
-            elif isinstance(action, Finish):
-                self.finished = True
-        pool = getattr(self.strategy, "pool", None)
-        if pool is not None:
-            self.max_partitions_used = max(self.max_partitions_used, pool.n_used)
+    # -- the driver's port -----------------------------------------------------------------------------
+    def now(self) -> float:
+        return self.clock.now()
 
-    def _send_cancel(self, run_ids: tuple[int, ...], now: float) -> None:
-        for run_id in run_ids:
-            self.records.append(Record("cancel_sent", now, now, self.name, run_id))
-        self.cancelled.update(run_ids)
-        self.awaiting.difference_update(run_ids)
-        if self.n_ranks > 1:
-            self.messenger.send(self.n_ranks - 1, TAG_CANCEL, encode_cancel(run_ids))
+    def drop(self, run: Run, send_header: bool) -> None:
+        msg = RunMessage.of_run(run)
+        self.backend.apply_kv_ops(msg.kv_ops)
+        if self.fault:
+            raise InjectedFault(f"injected fault at run {run.run_id} (executor.fault_rank={self.pipeline[0]})")
+        if send_header:
+            self.messenger.send(self.pipeline[1], TAG_RUN, encode_run(msg.skipped()))
 
-    # -- work ------------------------------------------------------------------------------------------
+    def send_cancel(self, run_ids: tuple[int, ...]) -> None:
+        self.messenger.send(self.pipeline[-1], TAG_CANCEL, encode_cancel(run_ids))
+
+    def send_to_level(self, message) -> None:
+        self.messenger.send(self.level_heads[message.to_level], TAG_CHAIN, encode_chain(message))
+
+    def begin_draft(self, request) -> DraftTask:
+        if self.drafter is None:
+            raise RuntimeError(f"strategy {self.driver.strategy.name!r} requested a draft but none is configured")
+        return self.drafter.begin(request)
+
+    def end_draft(self, task: DraftTask) -> None:
+        """The runner keeps what it processed cached."""
+
+    def finish(self) -> None:
+        """The driver's ``finished`` ends the loop."""
+
+    # -- messages --------------------------------------------------------------------------------------
     def _pump(self) -> None:
         self.messenger.poll()
+        driver = self.driver
         while (envelope := self.messenger.take()) is not None:
             if envelope.tag == TAG_PRED:
-                self.inbox.append(decode_predictions(envelope.body, envelope.payload))
+                self._on_predictions(decode_predictions(envelope.body, envelope.payload))
             elif envelope.tag == TAG_EARLY:
-                self.inbox.append(decode_early_exit(envelope.body))
+                message = decode_early_exit(envelope.body)
+                token = message.token
+                if token < 0:
+                    if self.early_oracle is None:
+                        raise RuntimeError("an early exit asks the head's oracle, but none is configured")
+                    token = self.early_oracle(message.position)
+                driver.early_exit_arrived(message.run_id, token)
+            elif envelope.tag == TAG_CHAIN:
+                message = decode_chain(envelope.body)
+                if message is None:  # FINISH from the target's head
+                    self.stopped = True
+                else:
+                    driver.message_arrived(message)
             else:
-                raise ProtocolError(f"head: unexpected tag {envelope.tag} from rank {envelope.source}")
-
-    def _on_early_exit(self, message: EarlyExitMessage) -> None:
-        """SPEED: an early prediction (from a stage's real exit head, or -1: the oracle decides here)."""
-        token = message.token
-        if token < 0:
-            if self.early_oracle is None:
-                raise RuntimeError("an early exit asks the head's oracle, but none is configured")
-            token = self.early_oracle(message.position)
-        self._execute(self.strategy.on_early_exit(message.run_id, token))
+                raise ProtocolError(f"level {self.level} head: unexpected tag {envelope.tag} "
+                                    f"from rank {envelope.source}")
 
     def _on_predictions(self, message: PredictionMessage) -> None:
-        start = self.clock.now()
-        if self.verify_sleep > 0:
-            sleep_until(start + self.verify_sleep, self.clock.now)
-        self.awaiting.discard(message.run_id)
-        strategy = self.strategy
-        self._execute(strategy.on_logits(message.run_id, message.greedy()))
-        task = self.draft_task
-        if task is not None and not strategy.wants_draft(task.request.request_id):
-            self.draft_task = None
-            self._execute(strategy.on_draft(task.request.request_id, []))
-        self.records.append(Record("compute", start, self.clock.now(), self.name, message.run_id,
-                                   message.n_outputs, note="verify"))
+        run = self.runs.pop(message.run_id, None)
+        greedy = message.greedy()
+        if self.predict is not None and run is not None:
+            greedy = self.predict(run)
+        self.driver.predictions_arrived(message.run_id, greedy, message.n_outputs)
 
+    # -- work ------------------------------------------------------------------------------------------
     def _launch(self, run: Run) -> None:
         msg = RunMessage.of_run(run)
         self.backend.apply_kv_ops(msg.kv_ops)
         if self.fault:
-            raise InjectedFault(f"injected fault at run {run.run_id} (executor.fault_rank=0)")
-        if run.run_id in self.cancelled:
-            now = self.clock.now()
-            self.records.append(Record("skip", now, now, self.name, run.run_id, run.n_tokens))
-            if self.n_ranks > 1 and msg.kv_ops:  # only its KV operations matter downstream
-                self.messenger.send(1, TAG_RUN, encode_run(msg.skipped()))
-            return
+            raise InjectedFault(f"injected fault at run {run.run_id} (executor.fault_rank={self.pipeline[0]})")
         start = self.clock.now()
-        out = self.backend.forward(msg, None, self._keep_alive, self._exit_to_inbox(msg))
-        self.records.append(Record("compute", start, self.clock.now(), self.name, run.run_id, run.n_tokens,
-                                   note="stage0"))
-        if self.n_ranks == 1:
-            self.inbox.append(out)
+        out = self.backend.forward(msg, None, self._keep_alive, self._exit_to_results(msg))
+        self.driver.stage0_done(run, start)
+        self.runs[run.run_id] = run
+        if len(self.pipeline) == 1:
+            self._on_predictions(out)
         else:
-            self.messenger.send(1, TAG_RUN, encode_run(msg), out)
-            self.awaiting.add(run.run_id)
+            self.messenger.send(self.pipeline[1], TAG_RUN, encode_run(msg), out)
 
-    def _exit_to_inbox(self, msg: RunMessage):
-        """SPEED with the exit layer on the head's own stage: the early prediction goes to its own inbox."""
+    def _exit_to_results(self, msg: RunMessage):
+        """SPEED with the exit layer on the head's own stage: the early prediction goes to its own results."""
         if msg.exit_layer is None:
             return None
 
         def on_exit(token: int, seconds: float) -> None:
             now = self.clock.now()
-            self.records.append(Record("compute", now - seconds, now, self.name, msg.run_id, 1,
-                                       note=f"exit{msg.exit_layer}"))
-            self.inbox.append(EarlyExitMessage(msg.run_id, msg.positions[-1] + 1, token))
+            self.driver.records.append(Record("compute", now - seconds, now, self.name, msg.run_id, 1, what="exit",
+                                              stage=msg.exit_layer))
+            if token < 0:
+                token = self.early_oracle(msg.positions[-1] + 1)
+            self.driver.early_exit_arrived(msg.run_id, token)
 
         return on_exit
 
@@ -221,11 +218,3 @@ class Head:
         """Between the head's own layers: let MPI progress; the head never cancels its own current run."""
         self.messenger.progress()
         return False
-
-    def _draft_step(self, task: DraftTask) -> None:
-        start = self.clock.now()
-        batch = task.step()
-        self.records.append(Record("compute", start, self.clock.now(), self.name, -1, batch, note="draft"))
-        if task.done:
-            self.draft_task = None
-            self._execute(self.strategy.on_draft(task.request.request_id, task.tokens))

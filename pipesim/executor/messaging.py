@@ -139,7 +139,7 @@ class Messenger:
                 t0 = min(self.clock.to_local(sent_at), now)
                 t1, due = min(max(t0, seen_empty), now), now
             link_name = f"{self.node_names[source]}->{self.node_names[self.rank]}"
-            self.records.append(Record("transfer", t0, t1, link_name, run_id, 0, float(nbytes), note=note))
+            self.records.append(Record("transfer", t0, t1, link_name, run_id, 0, float(nbytes), what=note))
             self._incoming.setdefault(source, deque()).append(Envelope(tag, source, body, payload, due, request))
         self._last_empty_probe = self.clock.now()
 

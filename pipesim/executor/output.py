@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..metrics import print_metrics
 from ..trace import write_chrome_trace
 from .options import indexed_path
 
@@ -19,8 +20,6 @@ def print_result(metrics: dict[str, Any], variant: str, as_json: bool, file=sys.
             payload["variant"] = variant
         print(json.dumps(payload), file=file, flush=True)
         return
-    from ..cli import print_metrics
-
     label = f" [{variant}]" if variant else ""
     print(f"measured: scenario {metrics['scenario']!r}, strategy {metrics['strategy']}{label}", file=file)
     shown = {k: v for k, v in metrics.items() if k not in ("output_tokens", "output_text")}

@@ -72,10 +72,17 @@ class Plan:
     def chain(self) -> bool:
         return self.levels is not None
 
+    @property
+    def pipelines(self) -> list[LevelPlan]:
+        """One pipeline per model: a chain's levels, or the target over every rank."""
+        if self.levels is not None:
+            return self.levels
+        return [LevelPlan(0, list(range(self.n_ranks)), list(self.layer_ranges), self.layer_ranges[-1][1],
+                          self.target, True)]
+
     def level_of(self, rank: int) -> LevelPlan:
-        """The chain level that rank ``rank`` belongs to."""
-        assert self.levels is not None
-        return next(level for level in self.levels if rank in level.ranks)
+        """The pipeline (chain level) that rank ``rank`` belongs to."""
+        return next(level for level in self.pipelines if rank in level.ranks)
 
 
 def make_plan(scenario: Scenario, n_ranks: int) -> Plan:

@@ -1,8 +1,10 @@
-"""One rank of an executor job: clock sync, then each generation, then the gathered trace on the head.
+"""One rank of an executor job: clock sync, then each generation, then the gathered trace on rank 0.
 
-A generation goes: the head sends each worker a SETUP (KV cache size), each worker loads its stage and answers
-READY, the head starts its clock and runs the strategy; at the end every rank drains its messages, the workers
-send their records to the head, which shifts them into its own clock and builds the trace and metrics.
+A generation goes: rank 0 sends every other rank a SETUP (KV cache size), each rank loads its stage and answers
+READY, rank 0 tells the other pipelines' heads to GO (a PipeSpec chain has one pipeline per model); each
+pipeline's head runs its strategy through the shared driver, every other rank its stage; at the end every rank
+drains its messages and sends its records to rank 0, which shifts them into its own clock and builds the trace
+and metrics. One-model strategies and chains take the same path: a chain is only more pipelines.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from typing import Any
 import numpy as np
 
 from ..metrics import clean_for_json, compute_metrics
-from ..scheduling import make_strategy
+from ..scheduling import make_strategies
 from ..trace import Record, Trace
-from ..world.acceptance import AcceptanceModel, OracleDraft, SyntheticTokens
+from ..world.acceptance import SyntheticTokens, level_predictor
+from ..world.build import World, build_world
 from .backend import StageBackend
 from .clock import Clock, sync_clocks
 from .drafts import Drafter, EmulatedRunner, FreeRunner, ReferenceTokens
-from .emulation import EmulatedStage, LinkEmulator, cost_models, node_profiles
+from .emulation import EmulatedStage, LinkEmulator
 from .errors import ExecutorTimeout
 from .head import Head
 from .messaging import Messenger
@@ -39,14 +42,16 @@ class GenerationResult:
 
 @dataclass
 class _HeadSetup:
+    """What a pipeline's head needs beyond its stage."""
+
     prompt: list[int]
-    backend: StageBackend
-    drafter: Drafter | None
-    reference: list[int] | None
     tokenizer: Any
     stop_tokens: tuple[int, ...]
-    verify_sleep: float
+    reference: list[int] | None
+    drafter: Drafter | None = None
+    verify_sleep: float = 0.0
     early_oracle: Any = None
+    predict: Any = None
 
 
 def _wait_for(comm, source: int, tag: int, deadline: float, what: str, poll: float) -> None:
@@ -76,11 +81,70 @@ class RankRuntime:
             self.offsets = offsets
 
     def generate(self, plan: Plan) -> GenerationResult | None:
-        """Run one generation; the head returns its result, workers None."""
+        """Run one generation; rank 0 returns its result, the other ranks None."""
         deadline = time.monotonic() + plan.executor.timeout_s
-        if plan.chain:
-            return self._chain(plan, deadline)
-        return self._head(plan, deadline) if self.rank == 0 else self._worker(plan, deadline)
+        comm, ex, scenario = self.comm, plan.executor, plan.scenario
+        poll, rank = ex.poll_interval_s, self.rank
+        world = build_world(scenario)
+        level = plan.level_of(rank)
+        level_heads = [lv.ranks[0] for lv in plan.pipelines]
+        is_head = rank == level.ranks[0]
+        if level.model is not None:  # load the stage while rank 0 prepares (the KV cache size comes with SETUP)
+            j = level.ranks.index(rank)
+            start, end = level.layer_ranges[j]
+            self._models(plan).stage(level.model, start, end, j == 0, j == len(level.ranks) - 1)
+        prompt = tokenizer = store = None
+        if is_head:
+            prompt, tokenizer, store = self._head_setup(plan)
+        setup = np.zeros(2, dtype=np.int64)
+        if rank == 0:
+            capacity = len(prompt) + scenario.workload.generate_tokens + ex.kv_headroom
+            for peer in range(1, self.size):
+                comm.Send(np.asarray([capacity, plan.max_seqs], dtype=np.int64), dest=peer, tag=TAG_SETUP)
+        else:
+            _wait_for(comm, 0, TAG_SETUP, deadline, "SETUP", poll)
+            comm.Recv(setup, source=0, tag=TAG_SETUP)
+            capacity = int(setup[0])
+        backend = self._stage_backend(plan, world, capacity)
+        parts = self._head_parts(plan, world, level, prompt, tokenizer, store, capacity) if is_head else None
+        flag = np.ones(1, dtype=np.int64)
+        if rank == 0:
+            for peer in range(1, self.size):
+                _wait_for(comm, peer, TAG_READY, deadline, "READY (stage loaded)", poll)
+                comm.Recv(flag, source=peer, tag=TAG_READY)
+            for peer in level_heads[1:]:
+                comm.Send(flag, dest=peer, tag=TAG_GO)
+        else:
+            comm.Send(flag, dest=0, tag=TAG_READY)
+            if is_head:
+                _wait_for(comm, 0, TAG_GO, deadline, "GO (every rank ready)", poll)
+                comm.Recv(flag, source=0, tag=TAG_GO)
+
+        records: list[Record] = []
+        link = LinkEmulator(scenario, plan.node_names) if ex.link_emulation else None
+        messenger = Messenger(self.data_comm, self.clock, plan.node_names, records, link, poll)
+        fault = ex.fault_rank == rank
+        outcome = None
+        if is_head:
+            strategy = make_strategies(scenario.strategy.name, parts.prompt, scenario.workload.generate_tokens,
+                                       scenario.strategy.params(), parts.stop_tokens, len(plan.pipelines),
+                                       level.index if len(plan.pipelines) > 1 else None)[0]
+            head = Head(strategy, level.ranks, level_heads, level.index, backend, parts.drafter, messenger,
+                        self.clock, records, plan.node_names[rank], deadline, parts.verify_sleep, fault,
+                        parts.early_oracle, parts.predict)
+            outcome = head.run()
+        else:
+            Worker(rank, self.size, backend, messenger, self.clock, records, plan.node_names[rank], deadline,
+                   fault=fault, pipeline=level.ranks, level=level.index).run()
+        dropped = messenger.drain(deadline)
+        if rank != 0:
+            report = {"records": [tuple(r) for r in records], "kv_max_cells": getattr(backend, "max_cells", 0),
+                      "kv_final_cells": backend.kv_cells(), "dropped": dropped}
+            if outcome is not None and level.is_target:
+                report["outcome"] = (outcome.output_tokens, outcome.t_start, outcome.t_end)
+            self._send_report(report, deadline, poll)
+            return None
+        return self._trace(plan, parts, backend, records, outcome, dropped, capacity, deadline)
 
     # -- models ----------------------------------------------------------------------------------------
     def _models(self, plan: Plan):
@@ -94,19 +158,22 @@ class RankRuntime:
             self._store = ModelStore()
         return self._store
 
-    def _stage_backend(self, plan: Plan, capacity: int, max_seqs: int) -> StageBackend:
-        rank, n = self.rank, plan.n_ranks
-        start, end = plan.layer_ranges[rank]
-        scenario = plan.scenario
-        if plan.real:
+    def _stage_backend(self, plan: Plan, world: World, capacity: int) -> StageBackend:
+        """This rank's stage of its pipeline's model: real layers, or a modelled sleep (emulated compute, and the
+        oracle drafts of a chain without executor.chain_models)."""
+        rank, scenario = self.rank, plan.scenario
+        level = plan.level_of(rank)
+        j = level.ranks.index(rank)
+        start, end = level.layer_ranges[j]
+        first, last = j == 0, j == len(level.ranks) - 1
+        if level.model is not None:
             from .torch_backend import TorchStage
 
-            stage = self._models(plan).stage(plan.target, start, end, rank == 0, rank == n - 1)
-            return TorchStage(stage, capacity, max_seqs, scenario.head.return_mode, scenario.head.top_k,
-                              self._early_exit_head(plan, stage))
-        tokens = SyntheticTokens(scenario.models.target_spec().vocab_size, scenario.workload.seed)
-        return EmulatedStage(node_profiles(scenario)[rank], cost_models(scenario)[0], end - start, rank == n - 1,
-                             tokens, scenario.head.return_mode, scenario.head.top_k, self.clock.now, start)
+            stage = self._models(plan).stage(level.model, start, end, first, last)
+            early = self._early_exit_head(plan, stage) if plan.early_exit is not None else None
+            return TorchStage(stage, capacity, plan.max_seqs, scenario.head.return_mode, scenario.head.top_k, early)
+        return EmulatedStage(world.nodes[rank], world.pipelines[level.index].cost, end - start, last, world.tokens,
+                             scenario.head.return_mode, scenario.head.top_k, self.clock.now, start)
 
     def _early_exit_head(self, plan: Plan, stage):
         """SPEED with real early exits, on the rank holding the exit layer: the exit head (else None)."""
@@ -128,8 +195,7 @@ class RankRuntime:
         """The prompt, the tokenizer and (real compute) the model store, before any worker is told to load."""
         scenario, ex = plan.scenario, plan.executor
         if not plan.real:
-            tokens = SyntheticTokens(scenario.models.target_spec().vocab_size, scenario.workload.seed)
-            return [tokens.token(p) for p in range(scenario.workload.prompt_tokens)], None, None
+            return build_world(scenario).prompt(), None, None
         store = self._models(plan)
         tokenizer = store.tokenizer(plan.target)
         if ex.prompt is not None:
@@ -141,113 +207,103 @@ class RankRuntime:
             raise ValueError(f"executor.prompt={ex.prompt!r} encodes to no tokens")
         return prompt, tokenizer, store
 
-    def _head_parts(self, plan: Plan, prompt: list[int], tokenizer, store, capacity: int) -> _HeadSetup:
+    def _head_parts(self, plan: Plan, world: World, level, prompt: list[int], tokenizer, store,
+                    capacity: int) -> _HeadSetup:
+        """A pipeline head's prompt, stop tokens, reference continuation, draft, and oracles."""
         scenario, ex = plan.scenario, plan.executor
         n_generate = scenario.workload.generate_tokens
-        acc = scenario.acceptance
-        acceptance = AcceptanceModel(acc.model, scenario.acceptance_alpha(), acc.alphas, acc.sequence,
-                                     prompt_len=len(prompt), seed=acc.seed + 7919 * scenario.workload.seed)
+        acceptance = world.acceptance(prompt_len=len(prompt))
         stop_tokens: tuple[int, ...] = ()
         if ex.stop_at_eos and tokenizer is not None and tokenizer.eos_id is not None:
             stop_tokens = (tokenizer.eos_id,)
+        tokens, reference = world.tokens, None
         if not plan.real:
-            spec = scenario.models.target_spec()
-            synthetic = SyntheticTokens(spec.vocab_size, scenario.workload.seed)
-            reference = [synthetic.token(p) for p in range(len(prompt), len(prompt) + n_generate)]
-            oracle = OracleDraft(synthetic, acceptance)
-            verify_sleep = cost_models(scenario)[2]
-        else:
+            reference = [tokens.token(p) for p in range(len(prompt), len(prompt) + n_generate)]
+        elif plan.oracle:
             from .torch_backend import reference_continuation
 
-            reference = None
-            truth: list[int] = []
-            if plan.oracle:
-                full = store.full_model(plan.target)
-                # a run verified at the end may check drafted tokens past the last one generated
-                margin = max(scenario.strategy.gamma, scenario.strategy.micro_batch) + 1
-                key = (plan.target.key, tuple(prompt), n_generate + margin, stop_tokens)
-                if key not in self._references:
-                    self._references[key] = reference_continuation(full, prompt, n_generate + margin,
-                                                                   stop_tokens[0] if stop_tokens else None)
-                truth = self._references[key]
-                reference = truth[:n_generate]
-                if stop_tokens and stop_tokens[0] in reference:
-                    reference = reference[:reference.index(stop_tokens[0]) + 1]
-            oracle = OracleDraft(ReferenceTokens(prompt + truth, plan.target.vocab_size), acceptance)
-            verify_sleep = 0.0
-        backend = self._stage_backend(plan, capacity, plan.max_seqs)
-        drafter = None
+            # a run verified at the end may check drafted tokens past the last one generated
+            strategy = scenario.strategy
+            margin = max(strategy.gamma, strategy.micro_batch, strategy.lookahead + strategy.max_verify) + 2
+            key = (plan.target.key, tuple(prompt), n_generate + margin, stop_tokens)
+            if key not in self._references:
+                self._references[key] = reference_continuation(store.full_model(plan.target), prompt,
+                                                               n_generate + margin,
+                                                               stop_tokens[0] if stop_tokens else None)
+            truth = self._references[key]
+            tokens = ReferenceTokens(prompt + truth, plan.target.vocab_size)
+            reference = truth[:n_generate]
+            if stop_tokens and stop_tokens[0] in reference:
+                reference = reference[:reference.index(stop_tokens[0]) + 1]
+        parts = _HeadSetup(prompt, tokenizer, stop_tokens, reference,
+                           verify_sleep=0.0 if plan.real else world.verify_overhead)
+        oracle = world.oracle_draft(acceptance, tokens)
         if plan.uses_draft:
             if ex.draft == "model":
                 from .torch_backend import ModelRunner
 
-                drafter = Drafter(ModelRunner(store.full_model(plan.draft), capacity))
+                parts.drafter = Drafter(ModelRunner(store.full_model(plan.draft), capacity))
             else:
-                drafter = Drafter(self._oracle_runner(plan, store, capacity), oracle)
-        early_oracle = None
+                parts.drafter = Drafter(self._oracle_runner(plan, world, store, capacity), oracle)
         if plan.early_exit == "oracle":
             def early_oracle(position: int) -> int:  # as the simulator: right where the draft oracle would be
                 right = acceptance.correct(position, 0)
-                return oracle.tokens.token(position) if right else oracle.tokens.wrong(position)
-        return _HeadSetup(prompt, backend, drafter, reference, tokenizer, stop_tokens, verify_sleep, early_oracle)
+                return tokens.token(position) if right else tokens.wrong(position)
 
-    def _oracle_runner(self, plan: Plan, store, capacity: int):
-        scenario, cost = plan.scenario, plan.executor.oracle_cost
+            parts.early_oracle = early_oracle
+        if plan.chain and not level.is_target and plan.oracle:
+            predict = level_predictor(tokens, acceptance.uniform, world.pipelines[level.index].accuracy)
+            parts.predict = lambda run: predict(run.positions[run.output_from:])
+        return parts
+
+    def _oracle_runner(self, plan: Plan, world: World, store, capacity: int):
+        cost = plan.executor.oracle_cost
         if cost == "none":
             return FreeRunner()
         if cost == "model":
             from .torch_backend import ModelRunner
 
             return ModelRunner(store.full_model(plan.draft), capacity)
-        return EmulatedRunner(cost_models(scenario)[1], node_profiles(scenario)[0], self.clock.now)
+        return EmulatedRunner(world.draft_cost, world.nodes[0], self.clock.now)
 
-    def _head(self, plan: Plan, deadline: float) -> GenerationResult:
+    def _trace(self, plan: Plan, parts: _HeadSetup, backend, records, outcome, dropped, capacity, deadline):
+        """Rank 0: every rank's records in its clock, the target's output, the trace and its metrics."""
         scenario, ex = plan.scenario, plan.executor
-        comm, n = self.comm, plan.n_ranks
-        poll = ex.poll_interval_s
-        prompt, tokenizer, store = self._head_setup(plan)
-        capacity = len(prompt) + scenario.workload.generate_tokens + ex.kv_headroom
-        for peer in range(1, n):
-            comm.Send(np.asarray([capacity, plan.max_seqs], dtype=np.int64), dest=peer, tag=TAG_SETUP)
-        parts = self._head_parts(plan, prompt, tokenizer, store, capacity)
-        ready = np.zeros(1, dtype=np.int64)
-        for peer in range(1, n):
-            _wait_for(comm, peer, TAG_READY, deadline, "READY (stage loaded)", poll)
-            comm.Recv(ready, source=peer, tag=TAG_READY)
-
-        records: list[Record] = []
-        link = LinkEmulator(scenario, plan.node_names) if ex.link_emulation else None
-        messenger = Messenger(self.data_comm, self.clock, plan.node_names, records, link, poll)
-        strategy = make_strategy(scenario.strategy.name, prompt, scenario.workload.generate_tokens,
-                                 scenario.strategy.params(), stop_tokens=parts.stop_tokens)
-        head = Head(strategy, n, parts.backend, parts.drafter, messenger, self.clock, records, plan.node_names[0],
-                    deadline, verify_sleep=parts.verify_sleep, fault=ex.fault_rank == 0,
-                    early_oracle=parts.early_oracle)
-        outcome = head.run()
-        dropped = messenger.drain(deadline)
-
-        records, kv_max, kv_final, dropped = self._gather(parts.backend, records, deadline, poll, dropped)
+        target_head = plan.pipelines[-1].ranks[0]
+        reports: dict[int, dict] = {}
+        records, kv_max, kv_final, dropped = self._gather(backend, records, deadline, ex.poll_interval_s, dropped,
+                                                          reports)
+        if target_head == 0:
+            output, t_end = outcome.output_tokens, outcome.t_end
+        else:
+            output, _t_start, t_end = reports[target_head]["outcome"]
+            t_end -= self.offsets[target_head]
         # the simulator stops at Finish: work the stages still did afterwards is not part of the trace
-        after_end = sum(1 for r in records if r.t0 > outcome.t_end)
-        records = [r for r in records if r.t0 <= outcome.t_end]
-        output, reference = outcome.output_tokens, parts.reference
+        after_end = sum(1 for r in records if r.t0 > t_end)
+        records = [r for r in records if r.t0 <= t_end]
+        prompt, reference = parts.prompt, parts.reference
         meta = {
-            "ranks": n, "layer_ranges": plan.layer_ranges, "prompt_tokens": len(prompt), "prompt": prompt,
+            "ranks": plan.n_ranks, "layer_ranges": plan.layer_ranges, "prompt_tokens": len(prompt), "prompt": prompt,
             "compute": ex.compute, "link_emulation": ex.link_emulation, "model": ex.model if plan.real else None,
             "draft": ex.draft, "oracle_cost": ex.oracle_cost if ex.draft == "oracle" else None,
-            "early_exit": plan.early_exit,
-            "threads_per_rank": ex.threads_per_rank, "clock_offsets": list(self.offsets),
-            "kv_capacity": capacity, "kv_max_cells": kv_max, "kv_final_cells": kv_final,
-            "max_partitions_used": outcome.max_partitions_used, "messages_dropped_at_end": dropped,
-            "records_after_end": after_end, "reference_tokens": reference,
-            "matches_reference": None if reference is None else output == reference,
+            "early_exit": plan.early_exit, "threads_per_rank": ex.threads_per_rank,
+            "clock_offsets": list(self.offsets), "kv_capacity": capacity, "kv_max_cells": kv_max,
+            "kv_final_cells": kv_final, "max_partitions_used": outcome.max_partitions_used,
+            "messages_dropped_at_end": dropped, "records_after_end": after_end, "reference_tokens": reference,
+            "matches_reference": None if reference is None else list(output) == reference,
         }
-        trace = Trace(engine="measured", strategy=strategy.name, scenario=scenario.name, nodes=plan.node_names,
-                      t_start=outcome.t_start, t_end=outcome.t_end, records=records, output_tokens=output,
-                      meta=meta)
+        if plan.chain:
+            meta.update({
+                "chain": [[spec.name for spec in scenario.models.chain_specs()]],
+                "chain_nodes": [level.ranks for level in plan.levels],
+                "chain_models": [level.model.text if level.model is not None else None for level in plan.levels],
+                "chain_alphas": scenario.chain_alphas()})
+        trace = Trace(engine="measured", strategy=scenario.strategy.name, scenario=scenario.name,
+                      nodes=plan.node_names, t_start=outcome.t_start, t_end=t_end, records=records,
+                      output_tokens=list(output), meta=meta)
         metrics = compute_metrics(trace)
         metrics["output_tokens"] = list(output)
-        metrics["output_text"] = tokenizer.decode(output) if tokenizer is not None else None
+        metrics["output_text"] = parts.tokenizer.decode(list(output)) if parts.tokenizer is not None else None
         return GenerationResult(trace, clean_for_json(metrics))
 
     def _gather(self, backend, records: list[Record], deadline: float, poll: float, dropped: int,
@@ -256,7 +312,7 @@ class RankRuntime:
         (``reports``, if given, receives each rank's whole report)."""
         kv_max = [getattr(backend, "max_cells", 0)]
         kv_final = [backend.kv_cells()]
-        gathered = list(records)
+        gathered = [Record._make(r) for r in records]  # the driver and the stage machine write plain tuples
         for peer in range(1, self.size):
             _wait_for(self.comm, peer, TAG_RECORDS, deadline, "the trace records", poll)
             report = self.comm.recv(source=peer, tag=TAG_RECORDS)
@@ -269,127 +325,6 @@ class RankRuntime:
             dropped += report["dropped"]
         gathered.sort(key=lambda r: r.t0)
         return gathered, kv_max, kv_final, dropped
-
-    # -- PipeSpec chains -------------------------------------------------------------------------------
-    def _chain_stage(self, plan: Plan, capacity: int) -> StageBackend:
-        """This rank's stage of its level's model: real layers, or a modelled sleep (emulated compute, and
-        oracle drafts without executor.chain_models)."""
-        rank, scenario = self.rank, plan.scenario
-        level = plan.level_of(rank)
-        j = level.ranks.index(rank)
-        start, end = level.layer_ranges[j]
-        last = j == len(level.ranks) - 1
-        if level.model is not None:
-            from .torch_backend import TorchStage
-
-            stage = self._models(plan).stage(level.model, start, end, j == 0, last)
-            return TorchStage(stage, capacity, 1, scenario.head.return_mode, scenario.head.top_k)
-        from ..world.costs import RooflineCostModel
-
-        spec = scenario.models.chain_specs()[level.index]
-        tokens = SyntheticTokens(scenario.models.target_spec().vocab_size, scenario.workload.seed)
-        return EmulatedStage(node_profiles(scenario)[rank], RooflineCostModel(spec, scenario.models.kv_bytes),
-                             end - start, last, tokens, scenario.head.return_mode, scenario.head.top_k,
-                             self.clock.now, start)
-
-    def _chain_head_parts(self, plan: Plan, level) -> tuple[list[int], Any, Any, tuple[int, ...], list[int] | None]:
-        """(prompt, tokenizer, oracle predictor or None, stop tokens, reference) of a level head."""
-        scenario, ex = plan.scenario, plan.executor
-        prompt, tokenizer, store = self._head_setup(plan)
-        n_generate = scenario.workload.generate_tokens
-        stop_tokens: tuple[int, ...] = ()
-        if ex.stop_at_eos and tokenizer is not None and tokenizer.eos_id is not None:
-            stop_tokens = (tokenizer.eos_id,)
-        if not plan.oracle or (level.is_target and self.rank != 0):  # the target's own predictions stand
-            return prompt, tokenizer, None, stop_tokens, None
-        if plan.real:
-            from .torch_backend import reference_continuation
-
-            margin = scenario.strategy.lookahead + scenario.strategy.max_verify + 2
-            key = (plan.target.key, tuple(prompt), n_generate + margin, stop_tokens)
-            if key not in self._references:
-                self._references[key] = reference_continuation(store.full_model(plan.target), prompt,
-                                                               n_generate + margin,
-                                                               stop_tokens[0] if stop_tokens else None)
-            truth = self._references[key]
-            tokens = ReferenceTokens(prompt + truth, plan.target.vocab_size)
-            reference = truth[:n_generate]
-            if stop_tokens and stop_tokens[0] in reference:
-                reference = reference[:reference.index(stop_tokens[0]) + 1]
-        else:
-            tokens = SyntheticTokens(scenario.models.target_spec().vocab_size, scenario.workload.seed)
-            reference = [tokens.token(p) for p in range(len(prompt), len(prompt) + n_generate)]
-        predictor = None
-        if not level.is_target:  # the target's own predictions stand (real, or the synthetic truth)
-            from .chain import oracle_predictor
-
-            acc = scenario.acceptance
-            acceptance = AcceptanceModel(acc.model, acc.alpha, acc.alphas, acc.sequence, prompt_len=len(prompt),
-                                         seed=acc.seed + 7919 * scenario.workload.seed)
-            predictor = oracle_predictor(tokens, acceptance.uniform, scenario.chain_alphas()[level.index])
-        return prompt, tokenizer, predictor, stop_tokens, reference
-
-    def _chain(self, plan: Plan, deadline: float) -> GenerationResult | None:
-        """One generation of a PipeSpec chain on every rank (rank 0, level 0's head, gathers the trace)."""
-        from .chain import ChainHead, make_level
-
-        comm, ex, scenario = self.comm, plan.executor, plan.scenario
-        poll, rank = ex.poll_interval_s, self.rank
-        level = plan.level_of(rank)
-        level_heads = [lv.ranks[0] for lv in plan.levels]
-        is_head = rank == level.ranks[0]
-        if level.model is not None:  # load the stage while rank 0 prepares
-            j = level.ranks.index(rank)
-            start, end = level.layer_ranges[j]
-            self._models(plan).stage(level.model, start, end, j == 0, j == len(level.ranks) - 1)
-        parts = self._chain_head_parts(plan, level) if is_head else None
-        setup = np.zeros(2, dtype=np.int64)
-        if rank == 0:
-            capacity = len(parts[0]) + scenario.workload.generate_tokens + ex.kv_headroom
-            for peer in range(1, self.size):
-                comm.Send(np.asarray([capacity, 1], dtype=np.int64), dest=peer, tag=TAG_SETUP)
-        else:
-            _wait_for(comm, 0, TAG_SETUP, deadline, "SETUP", poll)
-            comm.Recv(setup, source=0, tag=TAG_SETUP)
-            capacity = int(setup[0])
-        backend = self._chain_stage(plan, capacity)
-        flag = np.ones(1, dtype=np.int64)
-        if rank == 0:
-            for peer in range(1, self.size):
-                _wait_for(comm, peer, TAG_READY, deadline, "READY (stage loaded)", poll)
-                comm.Recv(flag, source=peer, tag=TAG_READY)
-            for peer in level_heads[1:]:
-                comm.Send(flag, dest=peer, tag=TAG_GO)
-        else:
-            comm.Send(flag, dest=0, tag=TAG_READY)
-            if is_head:
-                _wait_for(comm, 0, TAG_GO, deadline, "GO (every rank ready)", poll)
-                comm.Recv(flag, source=0, tag=TAG_GO)
-
-        records: list[Record] = []
-        link = LinkEmulator(scenario, plan.node_names) if ex.link_emulation else None
-        messenger = Messenger(self.data_comm, self.clock, plan.node_names, records, link, poll)
-        outcome = None
-        fault = ex.fault_rank == rank
-        if is_head:
-            prompt, tokenizer, predictor, stop_tokens, reference = parts
-            machine = make_level(level.index, len(plan.levels), prompt, scenario.workload.generate_tokens,
-                                 scenario.strategy.params(), stop_tokens)
-            head = ChainHead(machine, level.index, level.ranks, level_heads, backend, messenger, self.clock,
-                             records, plan.node_names[rank], deadline, predictor, fault)
-            outcome = head.run()
-        else:
-            Worker(rank, self.size, backend, messenger, self.clock, records, plan.node_names[rank], deadline,
-                   fault=fault, pipeline=level.ranks).run()
-        dropped = messenger.drain(deadline)
-        if rank != 0:
-            report = {"records": [tuple(r) for r in records], "kv_max_cells": getattr(backend, "max_cells", 0),
-                      "kv_final_cells": backend.kv_cells(), "dropped": dropped}
-            if outcome is not None and level.is_target:
-                report["outcome"] = (outcome.output_tokens, outcome.t_start, outcome.t_end)
-            self._send_report(report, deadline, poll)
-            return None
-        return self._chain_trace(plan, parts, backend, records, outcome, dropped, capacity, deadline)
 
     def _send_report(self, report: dict, deadline: float, poll: float) -> None:
         request = self.comm.isend(report, dest=0, tag=TAG_RECORDS)
@@ -462,3 +397,4 @@ class RankRuntime:
                 raise ExecutorTimeout("timed out sending the trace records to the head")
             time.sleep(poll)
         return None
+

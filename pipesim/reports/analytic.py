@@ -1,7 +1,8 @@
-"""Closed forms for iterative and synchronous speculative pipelines, on the simulator's own costs.
+"""Closed forms for iterative and synchronous speculative pipelines, on the world the simulator is built from.
 
-Both use the engine's cost objects (``RooflineCostModel``, ``Payloads``, ``Network.transfer_time``, the same
-node profiles and layer split), so a difference from the simulation is a difference of dynamics (queueing,
+Both use the costs of ``pipesim.world.build_world`` (the cost model, the payloads, the network's unloaded
+transfer times, the node profiles and the layer split), so a difference from the simulation is a difference of
+dynamics (queueing,
 draft catch-up batches, sampling of acceptances, the truncated last verification), never of costs.
 
 - iterative: one run in flight, so the time per token is exactly the sum of stage times and unloaded link
@@ -16,7 +17,7 @@ import math
 from dataclasses import dataclass
 
 from ..scenario import Scenario
-from ..sim.engine import SimulationEngine
+from ..world.build import World, build_world
 
 
 def expected_tokens_per_verification(alpha: float, gamma: int) -> float:
@@ -28,39 +29,42 @@ def expected_tokens_per_verification(alpha: float, gamma: int) -> float:
 
 @dataclass
 class PipelineCosts:
-    """Unloaded costs of a scenario's pipeline, built exactly as the simulator builds them."""
+    """Unloaded costs of a scenario's (target) pipeline, from its world."""
 
-    engine: SimulationEngine
+    world: World
 
     @classmethod
     def of(cls, scenario: Scenario) -> PipelineCosts:
-        return cls(SimulationEngine(scenario))
+        return cls(build_world(scenario))
 
     @property
     def scenario(self) -> Scenario:
-        return self.engine.scenario
+        return self.world.scenario
 
     def pass_time(self, n_tokens: int, context: int, n_outputs: int, n_kv_ops: int = 0) -> float:
         """One run through every stage and back to the head, with no other run in the way."""
-        e = self.engine
-        n_stages = len(e.layer_ranges)
+        world = self.world
+        pipeline = world.target
+        network = world.network()
+        nodes = pipeline.nodes
+        n_stages = len(nodes)
         total = 0.0
-        for i, (start, end) in enumerate(e.layer_ranges):
+        for i, (node, (start, end)) in enumerate(zip(nodes, pipeline.layer_ranges, strict=True)):
             last = i == n_stages - 1
-            total += e.target_cost.stage_cost(e.nodes[i], end - start, n_tokens, context,
+            total += pipeline.cost.stage_cost(world.nodes[node], end - start, n_tokens, context,
                                               n_outputs if last else 0).total
             if not last:
-                total += e.network.transfer_time(i, i + 1, e.payloads.activations(n_tokens, n_kv_ops))
+                total += network.transfer_time(node, nodes[i + 1], pipeline.payloads.activations(n_tokens, n_kv_ops))
         if n_stages > 1:
-            total += e.network.transfer_time(n_stages - 1, 0, e.payloads.predictions(n_outputs))
-        return total + self.scenario.head.verify_overhead
+            total += network.transfer_time(nodes[-1], nodes[0], pipeline.payloads.predictions(n_outputs))
+        return total + world.verify_overhead
 
     def draft_step(self, n_tokens: int, context: int) -> float:
         """One draft-model step on the head."""
-        e = self.engine
-        if e.draft_cost is None:
+        world = self.world
+        if world.draft_cost is None:
             return 0.0
-        return e.draft_cost.model_cost(e.nodes[0], n_tokens, context)
+        return world.draft_cost.model_cost(world.nodes[0], n_tokens, context)
 
     def ttft(self) -> float:
         """Time to first token: the prompt's prefill pass (its last token's prediction returns)."""

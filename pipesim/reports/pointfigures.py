@@ -89,7 +89,7 @@ def cancelled_busy(trace: Trace) -> dict[str, float]:
     wall = trace.t_end - trace.t_start
     busy = dict.fromkeys(trace.nodes, 0.0)
     for r in trace.records:
-        if r.kind == "compute" and r.run_id in invalid and r.note.startswith("stage") and r.where in busy:
+        if r.kind == "compute" and r.run_id in invalid and r.what == "stage" and r.where in busy:
             busy[r.where] += r.t1 - r.t0
     return {node: value / wall if wall > 0 else 0.0 for node, value in busy.items()}
 

@@ -59,9 +59,9 @@ def window_counts(trace: Trace, length: float) -> tuple[int, int]:
 
 
 def _category(record, kinds: dict[int, str], invalid: set[int]) -> str:
-    if record.note == "draft":
+    if record.what == "draft":
         return "draft"
-    if record.note == "verify":
+    if record.what == "verify":
         return "verify"
     if record.run_id in invalid:
         return "cancelled"
@@ -70,7 +70,7 @@ def _category(record, kinds: dict[int, str], invalid: set[int]) -> str:
 
 
 def _draw(ax, trace: Trace, start: float, length: float) -> None:
-    kinds = {r.run_id: r.note for r in trace.records if r.kind == "launch"}
+    kinds = {r.run_id: r.what for r in trace.records if r.kind == "launch"}
     invalid = {r.run_id for r in trace.records if r.kind == "invalidate"}
     rows = {name: i for i, name in enumerate(trace.nodes)}
     spans: dict[tuple[int, str], list[tuple[float, float]]] = defaultdict(list)
@@ -83,7 +83,7 @@ def _draw(ax, trace: Trace, start: float, length: float) -> None:
         row = rows[r.where]
         if r.kind == "compute":
             spans[(row, _category(r, kinds, invalid))].append((r.t0 - start, max(r.t1 - r.t0, length * 1e-4)))
-            if r.note.endswith(":aborted"):
+            if r.aborted:
                 aborted.append((r.t1 - start, row))
         elif r.kind == "skip":
             skipped.append((r.t0 - start, row))

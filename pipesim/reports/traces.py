@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..scheduling.records import legacy_record
 from ..sim import simulate
 from ..trace import Record, Trace, write_chrome_trace
 from .outcome import config_key
@@ -77,7 +78,8 @@ def read_traces(out: Path) -> dict[str, tuple[dict[str, Any], Trace]]:
         if not path.is_file():
             continue
         frame = pd.read_parquet(path)
-        records = [Record(*row) for row in frame.itertuples(index=False, name=None)]
+        make = legacy_record if "note" in frame.columns else Record._make  # format 1: free-text notes
+        records = [make(row) for row in frame.itertuples(index=False, name=None)]
         trace = Trace(engine=entry["engine"], strategy=strategy, scenario=entry["scenario"],
                       nodes=list(entry["nodes"]), t_start=entry["t_start"], t_end=entry["t_end"], records=records,
                       meta=entry.get("meta", {}))

@@ -1,44 +1,38 @@
 """The SimPy engine: drives the shared scheduling core with simulated time and modelled costs.
 
-One SimPy process per pipeline stage (DistServe style) plus the head, which holds stage 0, the draft model and
-the strategy. The head works in PipeInfer's order of priority: returned predictions first, then launching runs
-(its own layers), then drafting one token at a time, so a draft never delays a verification by more than one
-draft step. Messages occupy one direction of a link (FIFO, latency + bytes/bandwidth); cancellations travel from
-the head to the last stage and backwards, stage by stage. As in the executor, a stage notices a cancellation
-when it next looks: an idle stage at its next poll, one dispatching a run before it starts the forward, one
-computing at its next layer boundary; only then does it pass the cancellation on. It skips a cancelled run it has
-not started and aborts one in progress at the layer boundary where it notices. With a calibrated profile's
-polling, idle ranks notice messages at their probe times; when the scenario runs the executor's link emulation,
-a rank finds a message as soon as MPI delivers it and sleeps until its emulated arrival (``PollBackoff``).
+The engine is a clock, a transport and a cost model; every decision is the scheduling package's. Each pipeline
+(the target's, or one per model of a PipeSpec chain) has a head process, which drives a ``HeadDriver`` (the
+strategy, the launch queue, the head's priority order) and spends the time its work costs, and one SimPy process
+per further stage (DistServe style), which drives a ``StageMachine``. Messages occupy one direction of a link
+(FIFO, latency + bytes/bandwidth); cancellations travel from the head to the last stage and back towards stage 1;
+messages between the levels of a chain travel between their heads.
+
+As in the executor, a stage notices a cancellation when it next looks: an idle stage at its next poll, one
+dispatching a run before it starts the forward, one computing at its next layer boundary; only then does it pass
+the cancellation on, and it aborts a run in progress at the layer boundary where it notices. With a calibrated
+profile's polling, idle ranks notice messages at their probe times; when the scenario runs the executor's link
+emulation, a rank finds a message as soon as MPI delivers it and sleeps until its emulated arrival
+(``PollBackoff``).
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import simpy
 
-from ..placement import split_layers
 from ..scenario import Scenario
-from ..scheduling import (
-    CancelRuns,
-    EmitTokens,
-    Finish,
-    InvalidateRuns,
-    LaunchRun,
-    RequestDraft,
-    Run,
-    Strategy,
-    make_strategy,
-)
+from ..scheduling import RequestDraft, Run, Strategy, make_strategies
+from ..scheduling.driver import DRAFT, STAGE0, VERIFY, HeadDriver
 from ..scheduling.prefix import common_prefix_len
-from ..trace import Record, Trace
-from ..world.acceptance import AcceptanceModel, OracleDraft, SyntheticTokens
-from ..world.costs import CalibratedCostModel, NodeProfile, Payloads, RooflineCostModel
-from ..world.network import Network
+from ..scheduling.records import COMPUTE, DISPATCH, TRANSFER, Record
+from ..scheduling.stage import ACTIVATIONS, HEADER, PREDICTIONS, StageMachine
+from ..trace import Trace
+from ..world.acceptance import level_predictor
+from ..world.build import Pipeline, World, build_world
+from ..world.network import LinkDirection
 from .host_cpu import SharedHosts
 from .polling import PollBackoff
 
@@ -49,21 +43,23 @@ class SimulationError(RuntimeError):
 
 @dataclass
 class _Stage:
+    """Simulated state of one stage of a pipeline (stage 0 is its head's own layers: no machine)."""
+
     index: int
     node: int
     layers: tuple[int, int]
-    queue: deque = field(default_factory=deque)
+    machine: StageMachine | None
     wakeup: simpy.Event | None = None
     idle_since: float = 0.0
-    cancelled: set[int] = field(default_factory=set)
     unseen_cancels: list[int] = field(default_factory=list)  # arrived while busy; noticed at the next look
     phase: str = "idle"  # idle, dispatch, compute, finishing (the layer in progress after an interrupt)
     current: int | None = None
     process: simpy.Process | None = None
+    to_next: LinkDirection | None = None  # the link to the next stage, once used
+    n_layers: int = 0
 
-    @property
-    def n_layers(self) -> int:
-        return self.layers[1] - self.layers[0]
+    def __post_init__(self) -> None:
+        self.n_layers = self.layers[1] - self.layers[0]
 
 
 @dataclass
@@ -74,103 +70,128 @@ class _DraftTask:
     context_start: int
     step: int = 0
 
+    @property
+    def done(self) -> bool:
+        return self.step >= len(self.tokens)
+
+
+class _Line:
+    """One pipeline in the simulation: its stages, its head's driver, and the port the driver talks through."""
+
+    def __init__(self, engine: SimulationEngine, pipeline: Pipeline, strategy: Strategy) -> None:
+        self.engine = engine
+        self.pipeline = pipeline
+        self.level = pipeline.level
+        self.head_node = pipeline.nodes[0]
+        self.records = engine.records
+        names = engine.node_names
+        n = pipeline.n_stages
+        self.stages = [_Stage(k, node, span, StageMachine(k, n, names[node], engine.records, pipeline.level)
+                              if k else None)
+                       for k, (node, span) in enumerate(zip(pipeline.nodes, pipeline.layer_ranges, strict=True))]
+        self.driver = HeadDriver(strategy, self, names[self.head_node], n, engine.records, pipeline.level)
+        self.wakeup: simpy.Event | None = None
+        self.idle_since = 0.0
+        self.draft_cache: tuple[int, ...] = ()
+        self.frame_bytes: dict[int, tuple[float, float]] = {}  # run id -> (header, with activations)
+        tokens = engine.world.tokens
+        if pipeline.is_target:
+            self.predict = tokens.predictions
+        else:  # a draft model of a chain
+            self.predict = level_predictor(tokens, engine.acceptance.uniform, pipeline.accuracy)
+
+    # -- the driver's port -----------------------------------------------------------------------------
+    def now(self) -> float:
+        return self.engine.env.now
+
+    def drop(self, run: Run, send_header: bool) -> None:
+        if send_header:
+            self.engine.forward(self, self.stages[0], run, HEADER)
+
+    def send_cancel(self, run_ids: tuple[int, ...]) -> None:
+        engine, last = self.engine, self.stages[-1]
+        engine.send(self.head_node, last.node, self.pipeline.payloads.cancel(len(run_ids)), "cancel", -1,
+                    lambda e: engine.cancel_at(self, last, run_ids, e.value), self.level)
+
+    def send_to_level(self, message) -> None:
+        engine = self.engine
+        target = engine.lines[message.to_level]
+        n_tokens = len(getattr(message, "tokens", getattr(message, "sequence", ())))
+
+        def deliver(event) -> None:
+            target.driver.message_arrived(message)
+            engine.wake_head(target, event.value)
+
+        engine.send(self.head_node, target.head_node, self.pipeline.payloads.level_message(n_tokens),
+                    type(message).__name__, -1, deliver, self.level)
+
+    def begin_draft(self, request: RequestDraft) -> _DraftTask:
+        context = request.context
+        cached = min(common_prefix_len(self.draft_cache, context), len(context) - 1)
+        tokens = self.engine.draft.propose(len(context), request.n_tokens, request.committed_len)
+        return _DraftTask(request, tokens, first_batch=len(context) - cached, context_start=cached)
+
+    def end_draft(self, task: _DraftTask) -> None:
+        """The draft model holds in its cache what the task's steps processed."""
+        context = task.request.context
+        self.draft_cache = context[:task.context_start] if task.step == 0 else context + tuple(task.tokens[:task.step - 1])
+
+    def finish(self) -> None:
+        if not self.engine.finished.triggered:
+            self.engine.finished.succeed()
+
 
 class SimulationEngine:
-    """Simulate one scenario with one strategy; ``run()`` returns the trace."""
+    """Simulate one scenario; ``run()`` returns the trace."""
 
-    def __init__(self, scenario: Scenario, max_events: int = 50_000_000) -> None:
+    def __init__(self, scenario: Scenario, max_events: int = 50_000_000, world: World | None = None) -> None:
         self.scenario = scenario
         self.max_events = max_events
-        target = scenario.models.target_spec()
-        draft = scenario.models.draft_spec()
-        cluster = scenario.cluster
-        self.nodes = [NodeProfile(f"n{i}", cluster.flops, cluster.memory_bandwidth, cluster.overhead_per_run)
-                      for i in range(cluster.count)]
-        for override in cluster.overrides:
-            base = self.nodes[override.index]
-            self.nodes[override.index] = NodeProfile(
-                base.name,
-                override.flops if override.flops is not None else base.flops,
-                override.memory_bandwidth if override.memory_bandwidth is not None else base.memory_bandwidth,
-                override.overhead_per_run if override.overhead_per_run is not None else base.overhead_per_run)
-        self.node_names = [node.name for node in self.nodes]
-        self.layer_ranges = split_layers(target.n_layers, scenario.placement.layer_split, cluster.count)
-        self.profile = None
-        if cluster.profile is not None:
-            from ..world.profile import HardwareProfile
-
-            self.profile = HardwareProfile.load(cluster.profile)
-            self.target_cost = CalibratedCostModel(target, self.profile, "target")
-            self.draft_cost = CalibratedCostModel(draft, self.profile, "draft") if draft else None
-        else:
-            self.target_cost = RooflineCostModel(target, scenario.models.kv_bytes)
-            self.draft_cost = RooflineCostModel(draft, scenario.models.kv_bytes) if draft else None
-        self.payloads = Payloads(target.d_model, target.vocab_size, scenario.models.activation_bytes,
-                                 scenario.head.return_mode, scenario.head.top_k)
-        overrides = {frozenset(link.between): (link.bandwidth, link.latency) for link in scenario.network.links}
-        transport = None
-        if self.profile is not None and scenario.network.profile_links == "add":
-            index = {name: i for i, name in enumerate(self.node_names)}
-            transport = {}
-            for key, link in self.profile.links.items():
-                src, _, dst = key.partition("->")
-                if src in index and dst in index:
-                    transport[(index[src], index[dst])] = (link.latency, link.bandwidth)
-        self.network = Network(self.node_names, scenario.network.bandwidth, scenario.network.latency, overrides,
-                               transport)
-        self.polling = PollBackoff(**self.profile.poll) if self.profile is not None and self.profile.poll else None
+        self.world = world if world is not None else build_world(scenario)
+        self.node_names = self.world.node_names
+        profile = self.world.profile
+        self.polling = PollBackoff(**profile.poll) if profile is not None and profile.poll else None
         # with polling modelled: the executor's link emulation holds a message MPI delivered until its arrival
         self.held_messages = self.polling is not None and scenario.executor.link_emulation
-        workload = scenario.workload
-        self.tokens = SyntheticTokens(target.vocab_size, workload.seed)
-        acc = scenario.acceptance
-        self.acceptance = AcceptanceModel(acc.model, scenario.acceptance_alpha(), acc.alphas, acc.sequence,
-                                          prompt_len=workload.prompt_tokens, seed=acc.seed + 7919 * workload.seed)
-        self.draft = OracleDraft(self.tokens, self.acceptance)
 
     # -- public ------------------------------------------------------------------------------------
-    def run(self, strategy: Strategy | None = None) -> Trace:
-        """Simulate until the strategy finishes; returns the trace (simulated seconds from 0)."""
-        scenario = self.scenario
-        prompt = [self.tokens.token(p) for p in range(scenario.workload.prompt_tokens)]
-        if strategy is None:
-            strategy = make_strategy(scenario.strategy.name, prompt, scenario.workload.generate_tokens,
-                                     scenario.strategy.params())
-        self.strategy = strategy
+    def run(self, strategies: list[Strategy] | Strategy | None = None) -> Trace:
+        """Simulate until the (target's) strategy finishes; returns the trace (simulated seconds from 0)."""
+        world, scenario = self.world, self.scenario
+        prompt = world.prompt()
+        if strategies is None:
+            strategies = make_strategies(scenario.strategy.name, prompt, scenario.workload.generate_tokens,
+                                         scenario.strategy.params(), n_levels=len(world.pipelines))
+        elif isinstance(strategies, Strategy):
+            strategies = [strategies]
         self.env = simpy.Environment()
-        self.hosts = self._shared_hosts()
-        self.head_idle_since = 0.0
+        self.network = world.network()
+        self.acceptance = world.acceptance()
+        self.draft = world.oracle_draft(self.acceptance)
+        self.hosts = SharedHosts(self.env, world.host_of, world.concurrent_slowdown)
         self.records: list[tuple] = []  # plain tuples in Record's field order (fast); Records at the end
         self._head_iterations = 0
         self.finished = self.env.event()
-        self.head_inbox: deque[tuple[Run, int | None]] = deque()  # (run, None) predictions, (run, token) early exit
-        self.head_wakeup: simpy.Event | None = None
-        self.launch_queue: deque[Run] = deque()
-        self.head_cancelled: set[int] = set()
-        self.draft_task: _DraftTask | None = None
-        self.draft_cache: tuple[int, ...] = ()
-        self.output_tokens: list[int] = []
-        self.stages = [_Stage(i, i, r) for i, r in enumerate(self.layer_ranges)]
-        for stage in self.stages[1:]:
-            stage.process = self.env.process(self._stage_loop(stage))
-        self.env.process(self._head_loop())
-        self._execute(strategy.start())
+        self.lines = [_Line(self, pipeline, strategy)
+                      for pipeline, strategy in zip(world.pipelines, strategies, strict=True)]
+        for line in self.lines:
+            for stage in line.stages[1:]:
+                stage.process = self.env.process(self._stage_loop(line, stage))
+            self.env.process(self._head_loop(line))
+        for line in self.lines:
+            line.driver.start()
         self._run_bounded()
-        records = list(map(Record._make, self.records))
-        return Trace(engine="simulated", strategy=strategy.name, scenario=scenario.name, nodes=self.node_names,
-                     t_start=0.0, t_end=self.env.now, records=records, output_tokens=self.output_tokens,
-                     meta={"layer_ranges": self.layer_ranges, "prompt_tokens": len(prompt)})
-
-    def _shared_hosts(self) -> SharedHosts:
-        """Nodes of the profile that share a host slow each other's compute (``concurrent_slowdown``)."""
-        hosts: list[str | None] = [None] * len(self.node_names)
-        slowdown = [1.0] * len(self.node_names)
-        if self.profile is not None:
-            for i, name in enumerate(self.node_names):
-                node = self.profile.nodes.get(name)
-                if node is not None:
-                    hosts[i], slowdown[i] = node.host or None, node.concurrent_slowdown
-        return SharedHosts(self.env, hosts, slowdown)
+        new = tuple.__new__
+        records = [new(Record, r) for r in self.records]
+        target = self.lines[-1].driver
+        meta = {"layer_ranges": list(world.target.layer_ranges), "prompt_tokens": len(prompt),
+                "cost_models": world.cost_sources(), "warnings": list(world.warnings)}
+        if len(self.lines) > 1:
+            meta["chain"] = [[pipeline.spec.name for pipeline in world.pipelines]]
+            meta["chain_nodes"] = [list(pipeline.nodes) for pipeline in world.pipelines]
+        return Trace(engine="simulated", strategy=scenario.strategy.name, scenario=scenario.name,
+                     nodes=self.node_names, t_start=0.0, t_end=self.env.now, records=records,
+                     output_tokens=list(target.output), meta=meta)
 
     def _run_bounded(self) -> None:
         try:
@@ -186,90 +207,58 @@ class SimulationEngine:
         if self._head_iterations > self.max_events:
             raise SimulationError(f"simulation exceeded {self.max_events} head steps without finishing")
 
-    # -- actions -----------------------------------------------------------------------------------
-    def _execute(self, actions) -> None:
-        now = self.env.now
-        records = self.records
-        for action in actions:
-            if isinstance(action, LaunchRun):
-                run = action.run
-                records.append(("launch", now, now, self.node_names[0], run.run_id, run.n_tokens, 0.0, 0, 0, run.kind))
-                self.launch_queue.append(run)
-            elif isinstance(action, RequestDraft):
-                self._start_draft(action)
-            elif isinstance(action, EmitTokens):
-                self.output_tokens.extend(action.tokens)
-                records.append(("tokens", now, now, self.node_names[0], -1, len(action.tokens), 0.0,
-                                action.n_drafted_checked, action.n_drafted_accepted, ""))
-            elif isinstance(action, InvalidateRuns):
-                for run_id in action.run_ids:
-                    records.append(("invalidate", now, now, self.node_names[0], run_id, 0, 0.0, 0, 0, ""))
-            elif isinstance(action, CancelRuns):
-                self._send_cancel(action.run_ids)
-            elif isinstance(action, Finish):
-                if not self.finished.triggered:
-                    self.finished.succeed()
-
-    def _start_draft(self, request: RequestDraft) -> None:
-        assert self.draft_cost is not None, "a draft was requested but the scenario has no draft model"
-        context = request.context
-        cached = min(common_prefix_len(self.draft_cache, context), len(context) - 1)
-        tokens = self.draft.propose(len(context), request.n_tokens, request.committed_len)
-        self.draft_task = _DraftTask(request, tokens, first_batch=len(context) - cached, context_start=cached)
-
-    def _draft_processed(self, task: _DraftTask) -> tuple[int, ...]:
-        """Tokens the draft model holds in its cache after ``task.step`` steps of a draft task."""
-        context = task.request.context
-        if task.step == 0:
-            return context[:task.context_start]
-        return context + tuple(task.tokens[:task.step - 1])
-
     # -- messaging ---------------------------------------------------------------------------------
-    def _send(self, src: int, dst: int, nbytes: float, note: str, run_id: int, deliver) -> None:
-        link = self.network.link(src, dst)
-        start, end, arrival = link.send(self.env.now, nbytes)
-        self.records.append(("transfer", start, end, link.name, run_id, 0, nbytes, 0, 0, note))
+    def send(self, src: int, dst: int, nbytes: float, what: str, run_id: int, deliver, level: int = 0) -> None:
+        self.send_on(self.network.link(src, dst), nbytes, what, run_id, deliver, level)
+
+    def send_on(self, link, nbytes: float, what: str, run_id: int, deliver, level: int = 0) -> None:
+        """A message on one direction of a link; ``deliver(event)`` runs at its arrival."""
+        env = self.env
+        now = env.now
+        start, end, arrival = link.send(now, nbytes)
+        self.records.append((TRANSFER, start, end, link.name, run_id, 0, nbytes, 0, 0, what, -1, level, False, False))
         # the event's value: when MPI has delivered the message, if the executor's link emulation then holds it
         # until ``arrival`` (a rank may find it earlier and sleep until then); None when it is there at arrival
-        delivered = self.env.now + link.transport if self.held_messages else None
-        event = self.env.timeout(arrival - self.env.now, value=delivered)
-        event.callbacks.append(deliver)
+        delivered = now + link.transport if self.held_messages else None
+        env.timeout(arrival - now, value=delivered).callbacks.append(deliver)
 
-    def _forward(self, stage: _Stage, run: Run, computed: bool) -> None:
-        """Send a run on from ``stage``: activations (or just the header if skipped) or predictions to the head."""
-        last = stage.index == len(self.stages) - 1
-        if last:
-            if not computed:
-                return
-            if stage.node == 0:  # a single-stage pipeline: the head holds everything
-                self._deliver_to_head(run)
-                return
-            nbytes = self.payloads.predictions(run.n_outputs)
-            self._send(stage.node, 0, nbytes, "predictions", run.run_id,
-                       lambda e, r=run: self._deliver_to_head(r, delivered=e.value))
+    def forward(self, line: _Line, stage: _Stage, run: Run, what: str | None) -> None:
+        """Send a run on from ``stage``: activations, a header, or predictions to the pipeline's head."""
+        if what is None:
             return
-        if not computed and not run.kv_ops:
-            return  # a cancelled run carrying no KV operations needs no header downstream
-        nxt = self.stages[stage.index + 1]
-        if computed:
-            nbytes = self.payloads.activations(run.n_tokens, len(run.kv_ops))
-            note = "activations"
-        else:
-            nbytes = self.payloads.header(run.n_tokens, len(run.kv_ops))
-            note = "header"
-        self._send(stage.node, nxt.node, nbytes, note, run.run_id,
-                   lambda e, r=run, c=computed, s=nxt: self._deliver_to_stage(s, r, c, e.value))
+        if what == PREDICTIONS:
+            if stage.node == line.head_node:  # a single-stage pipeline: the head holds everything
+                self._deliver_predictions(line, run)
+                return
+            self.send(stage.node, line.head_node, line.pipeline.payloads.predictions(run.n_outputs), PREDICTIONS,
+                      run.run_id, lambda e: self._deliver_predictions(line, run, e.value), line.level)
+            return
+        nxt = line.stages[stage.index + 1]
+        computed = what == ACTIVATIONS
+        sizes = line.frame_bytes.get(run.run_id)
+        if sizes is None:  # the same frame at every stage: its header alone, and with activations
+            payloads, counts = line.pipeline.payloads, (run.n_tokens, len(run.kv_ops), len(run.seq_ids),
+                                                        "exit_layer" in run.meta)
+            sizes = line.frame_bytes[run.run_id] = (payloads.header(*counts), payloads.activations(*counts))
+        if stage.to_next is None:
+            stage.to_next = self.network.link(stage.node, nxt.node)
+        self.send_on(stage.to_next, sizes[computed], what, run.run_id,
+                     lambda e: self._deliver_to_stage(nxt, run, computed, e.value), line.level)
 
     def _deliver_to_stage(self, stage: _Stage, run: Run, computed_upstream: bool,
                           delivered: float | None = None) -> None:
-        stage.queue.append((run, computed_upstream))
+        stage.machine.arrive(run, computed_upstream)
         if stage.wakeup is not None and not stage.wakeup.triggered:
             self._wake(stage.wakeup, stage.idle_since, delivered)
 
-    def _deliver_to_head(self, run: Run, early_token: int | None = None, delivered: float | None = None) -> None:
-        self.head_inbox.append((run, early_token))
-        if self.head_wakeup is not None and not self.head_wakeup.triggered:
-            self._wake(self.head_wakeup, self.head_idle_since, delivered)
+    def _deliver_predictions(self, line: _Line, run: Run, delivered: float | None = None) -> None:
+        line.driver.predictions_arrived(run.run_id, line.predict(run.positions[run.output_from:]), run.n_outputs)
+        if line.wakeup is not None and not line.wakeup.triggered:
+            self._wake(line.wakeup, line.idle_since, delivered)
+
+    def wake_head(self, line: _Line, delivered: float | None = None) -> None:
+        if line.wakeup is not None and not line.wakeup.triggered:
+            self._wake(line.wakeup, line.idle_since, delivered)
 
     def _at_next_probe(self, idle_since: float, action: Callable[[], None], delivered: float | None = None) -> None:
         """Run ``action`` now, or (a calibrated profile's polling) at the probe with which a rank idle since
@@ -296,17 +285,7 @@ class SimulationEngine:
 
         self._at_next_probe(idle_since, wake, delivered)
 
-    def _send_cancel(self, run_ids: tuple[int, ...]) -> None:
-        now = self.env.now
-        for run_id in run_ids:
-            self.records.append(("cancel_sent", now, now, self.node_names[0], run_id, 0, 0.0, 0, 0, ""))
-        self.head_cancelled.update(run_ids)
-        if len(self.stages) > 1:
-            last = self.stages[-1]
-            self._send(0, last.node, self.payloads.cancel(len(run_ids)), "cancel", -1,
-                       lambda e, s=last: self._cancel_at(s, run_ids, e.value))
-
-    def _cancel_at(self, stage: _Stage, run_ids: tuple[int, ...], delivered: float | None = None) -> None:
+    def cancel_at(self, line: _Line, stage: _Stage, run_ids: tuple[int, ...], delivered: float | None = None) -> None:
         """A cancellation reaches ``stage``: an idle stage notices it at its next poll, a busy one when it looks."""
         if stage.phase != "idle":
             self._cancel_unseen(stage, run_ids)
@@ -314,7 +293,7 @@ class SimulationEngine:
 
         def probe() -> None:
             if stage.phase == "idle":
-                self._notice_cancels(stage, run_ids)
+                self._notice_cancels(line, stage, run_ids)
             else:  # a run woke the stage first: it looks again before the forward or at a layer boundary
                 self._cancel_unseen(stage, run_ids)
 
@@ -326,23 +305,19 @@ class SimulationEngine:
             stage.phase = "finishing"
             stage.process.interrupt()
 
-    def _notice_unseen(self, stage: _Stage) -> None:
+    def _notice_unseen(self, line: _Line, stage: _Stage) -> None:
         if stage.unseen_cancels:
             run_ids, stage.unseen_cancels = tuple(stage.unseen_cancels), []
-            self._notice_cancels(stage, run_ids)
+            self._notice_cancels(line, stage, run_ids)
 
-    def _notice_cancels(self, stage: _Stage, run_ids: tuple[int, ...]) -> None:
-        """The stage sees the cancellation: it records it and passes it on towards stage 1."""
-        now = self.env.now
-        for run_id in run_ids:
-            self.records.append(("cancel_seen", now, now, self.node_names[stage.node], run_id, 0, 0.0, 0, 0, ""))
-        stage.cancelled.update(run_ids)
-        if stage.index > 1:
-            previous = self.stages[stage.index - 1]
-            self._send(stage.node, previous.node, self.payloads.cancel(len(run_ids)), "cancel", -1,
-                       lambda e, s=previous: self._cancel_at(s, run_ids, e.value))
+    def _notice_cancels(self, line: _Line, stage: _Stage, run_ids: tuple[int, ...]) -> None:
+        """The stage sees the cancellation; its machine says whether it passes it on towards stage 1."""
+        if stage.machine.see_cancels(run_ids, self.env.now):
+            previous = line.stages[stage.index - 1]
+            self.send(stage.node, previous.node, line.pipeline.payloads.cancel(len(run_ids)), "cancel", -1,
+                      lambda e: self.cancel_at(line, previous, run_ids, e.value), line.level)
 
-    def _schedule_early_exit(self, stage: _Stage, run: Run, cost) -> float:
+    def _schedule_early_exit(self, line: _Line, stage: _Stage, run: Run, cost) -> float:
         """SPEED: if the run's exit layer is on this stage, send the early prediction when that layer is done.
 
         Returns the extra time the stage spends on the exit head (final norm + output head on one token).
@@ -350,63 +325,71 @@ class SimulationEngine:
         exit_layer = run.meta.get("exit_layer")
         if exit_layer is None or not stage.layers[0] <= exit_layer < stage.layers[1]:
             return 0.0
-        node = self.nodes[stage.node]
-        exit_head = self.target_cost.output_head_time(node, 1)
+        node = self.world.nodes[stage.node]
+        exit_head = line.pipeline.cost.output_head_time(node, 1)
         offset = node.overhead_per_run + (exit_layer - stage.layers[0] + 1) * cost.per_layer + exit_head
         position = run.last_position + 1
         right = self.acceptance.correct(position, 0)
-        token = self.tokens.token(position) if right else self.tokens.wrong(position)
+        tokens = self.world.tokens
+        token = tokens.token(position) if right else tokens.wrong(position)
 
         def emit(_event) -> None:
             if stage.current != run.run_id:
                 return  # aborted before reaching the exit layer
-            self.records.append(("compute", self.env.now - exit_head, self.env.now, node.name, run.run_id, 1, 0.0, 0,
-                                 0, f"exit{exit_layer}"))
-            if stage.node == 0:
-                self._deliver_to_head(run, token)
+            now = self.env.now
+            self.records.append((COMPUTE, now - exit_head, now, node.name, run.run_id, 1, 0.0, 0, 0, "exit", exit_layer,
+                                 line.level, False, False))
+            if stage.node == line.head_node:
+                line.driver.early_exit_arrived(run.run_id, token)
+                self.wake_head(line)
             else:
-                self._send(stage.node, 0, self.payloads.header(1), "early-exit", run.run_id,
-                           lambda e: self._deliver_to_head(run, token, e.value))
+                def arrive(event) -> None:
+                    line.driver.early_exit_arrived(run.run_id, token)
+                    self.wake_head(line, event.value)
+
+                self.send(stage.node, line.head_node, line.pipeline.payloads.early_exit(), "early-exit", run.run_id,
+                          arrive, line.level)
 
         self.env.timeout(offset).callbacks.append(emit)
         return exit_head
 
     # -- processes ---------------------------------------------------------------------------------
-    def _stage_loop(self, stage: _Stage):
+    def _stage_loop(self, line: _Line, stage: _Stage):
         env = self.env
-        node = self.nodes[stage.node]
-        name = node.name
-        last = stage.index == len(self.stages) - 1
-        records = self.records
-        cost_of = self.target_cost.stage_cost
+        node = self.world.nodes[stage.node]
+        machine = stage.machine
+        queue = machine.queue
+        take, computes, skipped, finished = queue.popleft, machine.computes, machine.skipped, machine.finished
+        last = machine.is_last
+        cost_of = line.pipeline.cost.stage_cost
         while True:
-            self._notice_unseen(stage)
-            while not stage.queue:
+            self._notice_unseen(line, stage)
+            while not queue:
                 stage.wakeup = env.event()
                 stage.idle_since = env.now
                 stage.phase = "idle"
                 yield stage.wakeup
             stage.phase = "dispatch"
-            run, computed_upstream = stage.queue.popleft()
-            if computed_upstream and run.run_id not in stage.cancelled:
+            run, computed_upstream, _ = take()
+            compute = computes(run, computed_upstream)
+            if compute:
                 cost = cost_of(node, stage.n_layers, run.n_tokens, run.positions[0], run.n_outputs if last else 0)
-                stage.current = run.run_id
-                yield from self._dispatch(stage.node, cost, run)
-                self._notice_unseen(stage)  # the executor looks once more before the forward
-            if not computed_upstream or run.run_id in stage.cancelled:
-                stage.current = None
-                records.append(("skip", env.now, env.now, name, run.run_id, run.n_tokens, 0.0, 0, 0, ""))
-                self._forward(stage, run, computed=False)
+                stage.current = machine.current = run.run_id
+                if cost.dispatch > 0:
+                    yield from self._dispatch(stage.node, cost, run)
+                    self._notice_unseen(line, stage)  # the executor looks once more before the forward
+                    compute = computes(run, computed_upstream)
+            if not compute:
+                stage.current = machine.current = None
+                self.forward(line, stage, run, skipped(run, env.now))
                 continue
             start = env.now
-            aborted = yield from self._compute(stage, cost, cost.total - cost.dispatch
-                                               + self._schedule_early_exit(stage, run, cost))
+            aborted = yield from self._compute(line, stage, cost, cost.total - cost.dispatch
+                                               + self._schedule_early_exit(line, stage, run, cost))
             stage.current = None
-            note = f"stage{stage.index}:aborted" if aborted else f"stage{stage.index}"
-            records.append(("compute", start, env.now, name, run.run_id, run.n_tokens, 0.0, 0, 0, note))
-            self._forward(stage, run, computed=not aborted)
+            self.forward(line, stage, run, finished(run, start, env.now, aborted))
 
-    def _compute(self, stage: _Stage, cost, work: float):
+    def _compute(self, line: _Line, stage: _Stage, cost, work: float):
         """The stage's forward of ``work`` seconds; returns True when a cancellation of it aborted it.
 
         A cancellation arriving meanwhile interrupts it; the stage finishes the layer in progress, looks at what
@@ -430,10 +413,10 @@ class SimulationEngine:
             if boundary > done:
                 yield from self.hosts.compute(stage.node, boundary - done)
                 done = boundary
-            self._notice_unseen(stage)
+            self._notice_unseen(line, stage)
             if done >= work - 1e-12:
                 return False
-            if stage.current in stage.cancelled:
+            if stage.machine.must_abort():
                 return True
 
     def _dispatch(self, node: int, cost, run: Run):
@@ -444,74 +427,56 @@ class SimulationEngine:
         try:
             yield from self.hosts.compute(node, cost.dispatch)
         finally:
-            self.records.append(("dispatch", start, self.env.now, self.node_names[node], run.run_id, run.n_tokens,
-                                 0.0, 0, 0, ""))
+            self.records.append((DISPATCH, start, self.env.now, self.node_names[node], run.run_id, run.n_tokens,
+                                 0.0, 0, 0, "", -1, 0, False, False))
 
-    def _head_loop(self):
+    def _head_loop(self, line: _Line):
         env = self.env
-        head = self.nodes[0]
-        name = head.name
-        stage0 = self.stages[0]
-        single = len(self.stages) == 1
-        records = self.records
-        strategy = self.strategy
-        verify_overhead = self.scenario.head.verify_overhead or (self.profile.verify_overhead if self.profile else 0.0)
-        cost_of = self.target_cost.stage_cost
-        while not self.finished.triggered:
+        world = self.world
+        head = world.nodes[line.head_node]
+        stage0 = line.stages[0]
+        single = len(line.stages) == 1
+        driver = line.driver
+        verify_overhead = world.verify_overhead
+        cost_of = line.pipeline.cost.stage_cost
+        draft_cost = world.draft_cost
+        hosts, node = self.hosts, line.head_node
+        finished = self.finished
+        while not finished.triggered:
             self._tick()
-            if self.head_inbox:
-                run, early_token = self.head_inbox.popleft()
-                if early_token is not None:
-                    self._execute(strategy.on_early_exit(run.run_id, early_token))
-                    continue
+            work = driver.next_work()
+            if work is None:
+                line.wakeup = env.event()
+                line.idle_since = env.now
+                yield line.wakeup
+                continue
+            kind, item = work
+            start = env.now
+            if kind is VERIFY:
                 if verify_overhead > 0:
-                    start = env.now
-                    yield from self.hosts.compute(0, verify_overhead)
-                    records.append(("compute", start, env.now, name, run.run_id, run.n_outputs, 0.0, 0, 0, "verify"))
-                predictions = self.tokens.predictions(run.positions[run.output_from:])
-                self._execute(strategy.on_logits(run.run_id, predictions))
-                task = self.draft_task
-                if task is not None and not strategy.wants_draft(task.request.request_id):
-                    self.draft_task = None
-                    self.draft_cache = self._draft_processed(task)
-                    self._execute(strategy.on_draft(task.request.request_id, []))
-            elif self.launch_queue:
-                run = self.launch_queue.popleft()
-                if run.run_id in self.head_cancelled:
-                    records.append(("skip", env.now, env.now, name, run.run_id, run.n_tokens, 0.0, 0, 0, ""))
-                    if not single:
-                        self._forward(stage0, run, computed=False)
-                    continue
+                    yield from hosts.compute(node, verify_overhead)
+                driver.verify(item, start)
+            elif kind is STAGE0:
+                run = item
                 cost = cost_of(head, stage0.n_layers, run.n_tokens, run.positions[0], run.n_outputs if single else 0)
                 stage0.current = run.run_id
-                yield from self._dispatch(0, cost, run)
+                yield from self._dispatch(node, cost, run)
                 start = env.now
-                yield from self.hosts.compute(0, cost.total - cost.dispatch + self._schedule_early_exit(stage0, run, cost))
+                yield from hosts.compute(node, cost.total - cost.dispatch
+                                         + self._schedule_early_exit(line, stage0, run, cost))
                 stage0.current = None
-                records.append(("compute", start, env.now, name, run.run_id, run.n_tokens, 0.0, 0, 0, "stage0"))
-                self._forward(stage0, run, computed=True)
-            elif self.draft_task is not None:
-                task = self.draft_task
+                driver.stage0_done(run, start)
+                self.forward(line, stage0, run, PREDICTIONS if single else ACTIVATIONS)
+            else:
+                assert kind is DRAFT
+                task = item
                 batch = task.first_batch if task.step == 0 else 1
                 context = task.context_start if task.step == 0 else task.context_start + task.first_batch + task.step - 1
-                start = env.now
-                yield from self.hosts.compute(0, self.draft_cost.model_cost(head, batch, context))
-                records.append(("compute", start, env.now, name, -1, batch, 0.0, 0, 0, "draft"))
+                yield from hosts.compute(node, draft_cost.model_cost(head, batch, context))
                 task.step += 1
-                if task.step == len(task.tokens):
-                    self.draft_task = None
-                    self.draft_cache = self._draft_processed(task)
-                    self._execute(strategy.on_draft(task.request.request_id, task.tokens))
-            else:
-                self.head_wakeup = env.event()
-                self.head_idle_since = env.now
-                yield self.head_wakeup
+                driver.draft_step_done(task, start, batch)
 
 
 def simulate(scenario: Scenario) -> Trace:
-    """Simulate a scenario with its configured strategy (PipeSpec chains get the chain engine)."""
-    if scenario.strategy.name in ("pipespec", "pipespec-sync"):
-        from .chain_engine import ChainSimulationEngine
-
-        return ChainSimulationEngine(scenario).run()
+    """Simulate a scenario with its configured strategy."""
     return SimulationEngine(scenario).run()

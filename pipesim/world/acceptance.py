@@ -8,7 +8,7 @@ same position answers the same, as a deterministic greedy draft model would.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -85,3 +85,16 @@ class OracleDraft:
             right = self.acceptance.correct(position, position - committed_len)
             proposals.append(self.tokens.token(position) if right else self.tokens.wrong(position))
         return proposals
+
+
+def level_predictor(tokens, uniform: Callable[[int], float], accuracy: float) -> Callable[[Sequence[int]], list[int]]:
+    """A draft model of a PipeSpec chain as an oracle: its prediction after position p is the target's token where
+    the position's uniform is below the model's ``accuracy``, else the same wrong token for every wrong model (the
+    models are coupled: a more accurate model is right wherever a less accurate one is, as related models tend
+    to be). ``tokens``: ``SyntheticTokens`` or the executor's reference tokens."""
+
+    def predict(positions: Sequence[int]) -> list[int]:
+        return [tokens.token(p + 1) if accuracy >= 1.0 or uniform(p + 1) < accuracy else tokens.wrong(p + 1)
+                for p in positions]
+
+    return predict

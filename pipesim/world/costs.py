@@ -69,36 +69,55 @@ class RooflineCostModel:
         return self.stage_cost(node, self.spec.n_layers, n_tokens, context, n_outputs=1).total
 
 
+# The executor's frames (``pipesim.executor.protocol``): int64 values, a 3-value prefix (send time, payload
+# description), then the body; activations and logits travel as float32 payloads after the frame.
+_INT = 8
+_PREFIX = 3
+_RUN_HEAD = 6  # run_id, flags, n_tokens, output_from, n_seqs, n_ops
+_PRED_HEAD = 4  # run_id, mode, n_outputs, width
+_OP_VALUES = 5  # kind, seq, dst, p0, p1
+
+
 @dataclass(frozen=True)
 class Payloads:
-    """Message sizes in bytes, derived from the target's shape and the scenario's return mode."""
+    """Message sizes in bytes: the executor protocol's frames, for the model's shape and the return mode.
+
+    A run's frame holds its tokens and positions, its sequence ids and its KV operations (and SPEED's exit
+    layer); computed runs carry ``n_tokens x d_model`` activations of ``activation_bytes``. Predictions are full
+    float32 logits, top-k (an int64 id and a float32 value per candidate) or int64 greedy ids.
+    """
 
     d_model: int
     vocab_size: int
     activation_bytes: float = 4.0
     return_mode: str = "logits"
     top_k: int = 8
-    header_bytes: int = 64
-    per_token_header_bytes: int = 16
-    kv_op_bytes: int = 24
 
-    def activations(self, n_tokens: int, n_kv_ops: int = 0) -> float:
-        return self.header(n_tokens, n_kv_ops) + n_tokens * self.d_model * self.activation_bytes
+    def activations(self, n_tokens: int, n_kv_ops: int = 0, n_seqs: int = 1, exit_layer: bool = False) -> float:
+        return self.header(n_tokens, n_kv_ops, n_seqs, exit_layer) + n_tokens * self.d_model * self.activation_bytes
 
-    def header(self, n_tokens: int, n_kv_ops: int = 0) -> float:
-        return self.header_bytes + n_tokens * self.per_token_header_bytes + n_kv_ops * self.kv_op_bytes
+    def header(self, n_tokens: int, n_kv_ops: int = 0, n_seqs: int = 1, exit_layer: bool = False) -> float:
+        """A run's frame without activations (a run forwarded after a skip)."""
+        return _INT * (_PREFIX + _RUN_HEAD + 2 * n_tokens + n_seqs + _OP_VALUES * n_kv_ops + int(exit_layer))
 
     def predictions(self, n_outputs: int) -> float:
+        frame = _INT * (_PREFIX + _PRED_HEAD)
         if self.return_mode == "logits":
-            per_token = self.vocab_size * 4.0
-        elif self.return_mode == "topk":
-            per_token = self.top_k * 8.0
-        else:
-            per_token = 4.0
-        return self.header_bytes + n_outputs * per_token
+            return frame + n_outputs * self.vocab_size * 4.0
+        if self.return_mode == "topk":
+            return frame + n_outputs * min(self.top_k, self.vocab_size) * (_INT + 4.0)
+        return frame + n_outputs * _INT
 
     def cancel(self, n_runs: int) -> float:
-        return self.header_bytes + 8.0 * n_runs
+        return _INT * (_PREFIX + n_runs)
+
+    def early_exit(self) -> float:
+        """SPEED: an early prediction (run id, position, token)."""
+        return _INT * (_PREFIX + 3)
+
+    def level_message(self, n_tokens: int) -> float:
+        """A message between the levels of a PipeSpec chain carrying ``n_tokens`` token ids."""
+        return _INT * (_PREFIX + 6 + n_tokens)
 
 
 class CalibratedCostModel:

@@ -18,6 +18,8 @@ class Strategy(ABC):
     """
 
     name: str = "base"
+    one_run_in_flight: bool = False  # the driver holds messages from other levels while a run is in the pipeline
+    expects_messages: bool = False  # a level of a chain: it may wait for messages with no run in flight
 
     def __init__(self, prompt: Sequence[int], n_generate: int, stop_tokens: Sequence[int] = ()) -> None:
         if len(prompt) < 1:
@@ -48,6 +50,14 @@ class Strategy(ABC):
 
     def on_early_exit(self, run_id: int, token: int) -> list[Action]:
         """An early-exit prediction of the token after run ``run_id`` (SPEED); ignored by other strategies."""
+        return []
+
+    def on_message(self, message) -> list[Action]:
+        """A message from another level of a chain (PipeSpec)."""
+        raise NotImplementedError(f"strategy {self.name!r} takes no messages from other levels")
+
+    def on_dropped(self, run_id: int) -> list[Action]:
+        """A run this strategy cancelled was dropped before it left the head: no predictions will come."""
         return []
 
     def wants_draft(self, request_id: int) -> bool:

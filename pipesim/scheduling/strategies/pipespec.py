@@ -22,10 +22,11 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..actions import Action, EmitTokens, Finish, LaunchRun
+from ..actions import Action, CancelRuns, EmitTokens, Finish, InvalidateRuns, LaunchRun
 from ..prefix import common_prefix_len
 from ..runs import CANONICAL_SEQ, KVOp, Run
 from ..verification import verify_linear
+from .base import Strategy
 
 
 @dataclass(frozen=True)
@@ -65,16 +66,8 @@ class StartRound:
     sequence: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class CancelLevelRun:
-    """The level's in-flight run is stale: stages may abort it."""
-
-    level: int
-    run_id: int
-
-
 PipeSpecMessage = SendTokens | SendRollback | SendProgress | StartRound
-LevelAction = Action | PipeSpecMessage | CancelLevelRun
+LevelAction = Action | PipeSpecMessage
 
 
 @dataclass
@@ -85,8 +78,18 @@ class _InFlight:
     base: int  # len(out) at launch
 
 
-class _ChainLevel:
-    """What every level of a chain has: its sequence, its KV bookkeeping, one run in flight at a time."""
+class _ChainLevel(Strategy):
+    """What every level of a chain has: its sequence, its KV bookkeeping, one run in flight at a time.
+
+    A level speaks the Strategy contract: ``on_logits`` with its run's predictions, ``on_message`` with a message
+    from another level, ``on_dropped`` for a run it cancelled before it left the head; messages to other levels
+    are actions the engine routes by their ``to_level``. Its driver holds messages while its run is in the
+    pipeline (``one_run_in_flight``), as the reference's levels answer their neighbours between steps
+    (BradMcDanel/pipespec ``decoding.py``).
+    """
+
+    one_run_in_flight = True
+    expects_messages = True
 
     def __init__(self, level: int, n_levels: int, prompt: Sequence[int], n_generate: int, run_ids,
                  lookahead: int, max_verify: int, stop_tokens: Sequence[int]) -> None:
@@ -110,6 +113,21 @@ class _ChainLevel:
         self._processed = 0  # positions whose KV this level's cache holds
         self._pending_kv: list[KVOp] = []
         self._in_flight: _InFlight | None = None
+
+    @property
+    def sequence(self) -> list[int]:
+        """The level's sequence (prompt, verified tokens and its own last prediction)."""
+        return self.out
+
+    def on_logits(self, run_id: int, predictions: Sequence[int]) -> list[LevelAction]:
+        return self.on_result(run_id, predictions)
+
+    def on_dropped(self, run_id: int) -> list[LevelAction]:
+        return self.on_result(run_id, ())
+
+    def _cancel(self, run_id: int) -> list[LevelAction]:
+        """The level's in-flight run is stale: its result is not wanted, and stages may skip it."""
+        return [InvalidateRuns((run_id,)), CancelRuns((run_id,))]
 
     def _launch(self, candidates: tuple[int, ...]) -> list[LevelAction]:
         """One run: the level's unprocessed tokens plus ``candidates`` to verify."""
@@ -173,6 +191,8 @@ class _ChainLevel:
 class PipeSpecLevel(_ChainLevel):
     """One model of an asynchronous PipeSpec chain. ``run_ids`` is a counter shared by all levels."""
 
+    name = "pipespec"
+
     def __init__(self, level: int, n_levels: int, prompt: Sequence[int], n_generate: int, run_ids,
                  lookahead: int = 8, max_verify: int = 16, stop_tokens: Sequence[int] = ()) -> None:
         super().__init__(level, n_levels, prompt, n_generate, run_ids, lookahead, max_verify, stop_tokens)
@@ -230,7 +250,7 @@ class PipeSpecLevel(_ChainLevel):
                 return self._maybe_launch()  # already consistent with it (and at least as long)
             actions: list[LevelAction] = []
             if self._in_flight is not None:
-                actions.append(CancelLevelRun(self.level, self._in_flight.run.run_id))
+                actions.extend(self._cancel(self._in_flight.run.run_id))
             self._adopt(message.sequence)
             # candidates stay: upstream may already have drafted on the adopted sequence (messages on different
             # links race); any drafted on the old sequence are rejected by verification
@@ -259,6 +279,8 @@ class PipeSpecLevel(_ChainLevel):
 class LockstepLevel(_ChainLevel):
     """One model of the synchronous chain baseline: rounds started by the target, no overlap between levels."""
 
+    name = "pipespec-sync"
+
     def __init__(self, level: int, n_levels: int, prompt: Sequence[int], n_generate: int, run_ids,
                  lookahead: int = 8, max_verify: int = 16, stop_tokens: Sequence[int] = ()) -> None:
         super().__init__(level, n_levels, prompt, n_generate, run_ids, lookahead, max_verify, stop_tokens)
@@ -277,7 +299,7 @@ class LockstepLevel(_ChainLevel):
             actions: list[LevelAction] = []
             if self.out != list(message.sequence):
                 if self._in_flight is not None:
-                    actions.append(CancelLevelRun(self.level, self._in_flight.run.run_id))
+                    actions.extend(self._cancel(self._in_flight.run.run_id))
                 self._adopt(message.sequence)
             if self.is_first:
                 return [*actions, *(self._launch(()) if self._in_flight is None else [])]
@@ -324,9 +346,8 @@ def make_pipespec_chain(prompt: Sequence[int], n_generate: int, n_levels: int, l
                         stop_tokens: Sequence[int] = ()) -> list[_ChainLevel]:
     """The levels of a chain (level 0 the smallest draft, the last the target), sharing one run-id counter.
 
-    Engines call ``start()`` on every level, route each level's messages to the level they name (``to_level``),
-    and report each run's predictions with ``on_result`` (a run aborted after ``CancelLevelRun`` reports with no
-    predictions). ``synchronous=True`` builds the lockstep baseline.
+    Engines drive every level with its own ``HeadDriver`` and route each level's messages to the level they
+    name (``to_level``). ``synchronous=True`` builds the lockstep baseline.
     """
     if n_levels < 2:
         raise ValueError(f"a PipeSpec chain needs at least 2 models, got {n_levels}")
@@ -334,3 +355,12 @@ def make_pipespec_chain(prompt: Sequence[int], n_generate: int, n_levels: int, l
     cls = LockstepLevel if synchronous else PipeSpecLevel
     return [cls(i, n_levels, prompt, n_generate, run_ids, lookahead, max_verify, stop_tokens)
             for i in range(n_levels)]
+
+
+def make_level(level: int, n_levels: int, prompt: Sequence[int], n_generate: int, lookahead: int = 8,
+               max_verify: int = 16, synchronous: bool = False, stop_tokens: Sequence[int] = ()) -> _ChainLevel:
+    """One level of a chain on its own (an engine process per level): its run ids form the arithmetic progression
+    ``level + 1, level + 1 + n_levels, ...``, unique across the chain without a shared counter."""
+    cls = LockstepLevel if synchronous else PipeSpecLevel
+    return cls(level, n_levels, prompt, n_generate, itertools.count(level + 1, n_levels), lookahead, max_verify,
+               stop_tokens)

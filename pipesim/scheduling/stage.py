@@ -1,0 +1,95 @@
+"""The stage state machine: what a pipeline stage after the head does with runs and cancellations.
+
+Written once, driven by the simulator's stage processes and the executor's worker ranks (the engines only decide
+*when* a stage looks at what arrived, and what a forward costs). The rules, as PipeInfer's stages follow them
+(AutonomicPerfectionist/PipeInfer, ``ggml-mpi.c`` ``ggml_mpi_graph_compute_pre``/``_post`` and the cancellation
+probe in ``llama.cpp``):
+
+- runs arrive in launch order; a run's KV operations are applied before it, even when the run is then skipped;
+- a run cancelled before it starts, or not computed upstream, is skipped; it goes on as a header only, and only
+  if it carries KV operations (later stages have nothing else to do with it);
+- a stage that sees a cancellation records it and passes it on towards stage 1 (the head sent it to the last);
+- a run cancelled while it is computed is aborted at the next layer boundary and goes on as a header;
+- a computed run goes on as activations, or from the last stage as predictions to the pipeline's head.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .records import CANCEL_SEEN, COMPUTE, SKIP
+
+ACTIVATIONS = "activations"
+HEADER = "header"
+PREDICTIONS = "predictions"
+
+
+def forward_after_skip(run, is_last: bool) -> str | None:
+    """What a stage sends on for a run it did not compute: a header when it carries KV operations, else nothing."""
+    return HEADER if run.kv_ops and not is_last else None
+
+
+class StageMachine:
+    """One stage (``index`` >= 1 of ``n_stages``) of a pipeline; ``records`` receives its records.
+
+    Runs (``Run`` or the executor's ``RunMessage``: anything with ``run_id``, ``n_tokens`` and ``kv_ops``) are
+    queued by ``arrive``; the engine takes the next with ``take``, applies its KV operations, asks ``computes``,
+    and reports ``skipped`` or ``finished``, each of which answers what to send on (``ACTIVATIONS``, ``HEADER``,
+    ``PREDICTIONS`` or None). Records go to ``records`` as plain tuples in ``Record``'s field order.
+    """
+
+    __slots__ = ("index", "is_last", "passes_cancels", "where", "level", "records", "queue", "cancelled", "current")
+
+    def __init__(self, index: int, n_stages: int, where: str, records: list, level: int = 0) -> None:
+        if not 1 <= index < n_stages:
+            raise ValueError(f"stage index {index} is not a stage after the head of {n_stages} stages")
+        self.index = index
+        self.is_last = index == n_stages - 1
+        self.passes_cancels = index > 1  # cancellations travel from the last stage back to stage 1
+        self.where = where
+        self.level = level
+        self.records = records
+        self.queue: deque = deque()
+        self.cancelled: set[int] = set()
+        self.current: int | None = None
+
+    # -- events ----------------------------------------------------------------------------------------
+    def arrive(self, run, computed_upstream: bool, payload=None) -> None:
+        """A run (activations when ``computed_upstream``, else a header) arrived from the previous stage."""
+        self.queue.append((run, computed_upstream, payload))
+
+    def see_cancels(self, run_ids: tuple[int, ...], now: float) -> bool:
+        """The stage sees a cancellation; True when it must pass it on to the previous stage."""
+        records, where, level = self.records, self.where, self.level
+        for run_id in run_ids:
+            records.append((CANCEL_SEEN, now, now, where, run_id, 0, 0.0, 0, 0, "", -1, level, False, False))
+        self.cancelled.update(run_ids)
+        return self.passes_cancels
+
+    # -- decisions -------------------------------------------------------------------------------------
+    def take(self):
+        """The next queued (run, computed upstream, payload)."""
+        return self.queue.popleft()
+
+    def computes(self, run, computed_upstream: bool) -> bool:
+        """Whether the stage computes the run (else it skips it)."""
+        return computed_upstream and run.run_id not in self.cancelled
+
+    def must_abort(self) -> bool:
+        """At a layer boundary: the run in progress has been cancelled."""
+        return self.current in self.cancelled
+
+    # -- outcomes --------------------------------------------------------------------------------------
+    def skipped(self, run, now: float) -> str | None:
+        self.records.append((SKIP, now, now, self.where, run.run_id, run.n_tokens, 0.0, 0, 0, "", self.index,
+                             self.level, False, False))
+        return forward_after_skip(run, self.is_last)
+
+    def finished(self, run, t0: float, t1: float, aborted: bool) -> str | None:
+        """The forward ended (``aborted``: cut short at a layer boundary); records it, says what goes on."""
+        self.current = None
+        self.records.append((COMPUTE, t0, t1, self.where, run.run_id, run.n_tokens, 0.0, 0, 0, "stage", self.index,
+                             self.level, False, aborted))
+        if aborted:
+            return forward_after_skip(run, self.is_last)
+        return PREDICTIONS if self.is_last else ACTIVATIONS
