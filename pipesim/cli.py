@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=_cmd_simulate)
 
     for module in ("pipesim.models.commands", "pipesim.executor.commands", "pipesim.reports.commands",
-                   "pipesim.calibration.calibrate", "pipesim.calibration.validate"):
+                   "pipesim.calibration.calibrate", "pipesim.calibration.validate", "pipesim.plan"):
         try:
             register = __import__(module, fromlist=["register"]).register
         except ImportError:

@@ -77,8 +77,9 @@ _FLOOR_ASSUMED = "floor 150 us, fractions 0.8 / 0.18 assumed from the A100/H100 
 # -- CPU nodes -------------------------------------------------------------------------------------------------
 # Peak FP32 = sockets x cores x base clock x FP32 FLOP/cycle per core (two FMA units of the SIMD width; vendor
 # product pages). Peak memory bandwidth = sockets x channels x MT/s x 8 bytes. Sustained fractions: STREAM Triad
-# on dual-socket servers reaches about 75-80% of peak (McCalpin's STREAM results; vendors' tuning guides); 0.75
-# assumed. llama.cpp's CPU matmuls on quantized weights reach a small share of the FP32 peak: 0.3 assumed. A CPU
+# on dual-socket servers reaches about 75-80% of peak (McCalpin's STREAM results), but llama.cpp's threads span
+# both NUMA sockets without placing weights per socket, so about half the aggregate peak is assumed (0.5).
+# llama.cpp's CPU matmuls on quantized weights reach a small share of the FP32 peak: 0.3 assumed. A CPU
 # "layer floor" is thread synchronisation between the layer's ops, about 20 us assumed (ggml's barrier per op
 # x ~15 ops). Capacities are those of a typical configuration of the class (one DIMM per channel).
 
@@ -154,28 +155,28 @@ NODE_TYPES: dict[str, NodeType] = {n.name: n for n in [
         # Intel ARK: 14 cores, 2.6 GHz base, AVX2 with 2 FMA units -> 32 FP32 FLOP/cycle/core:
         # 2 x 14 x 2.6e9 x 32 = 2.33 TF; 4 channels DDR4-2400 per socket -> 2 x 4 x 2400e6 x 8 = 153.6 GB/s.
         {"fp32": 2.33 * T},
-        153.6 * GB, 256 * GB, 0.3, 0.75, 20e-6,
+        153.6 * GB, 256 * GB, 0.3, 0.5, 20e-6,
         ("Intel ARK E5-2690 v4", "CPU fractions assumed (see module comment)")),
     NodeType(
         "xeon-8380-2s", "cpu", "dual Xeon Platinum 8380 (Ice Lake, 2x40 cores), 512 GB DDR4-3200",
         # Intel ARK: 40 cores, 2.3 GHz base, AVX-512 with 2 FMA units -> 64 FP32 FLOP/cycle/core:
         # 2 x 40 x 2.3e9 x 64 = 11.8 TF; 8 channels DDR4-3200 per socket -> 409.6 GB/s.
         {"fp32": 11.8 * T},
-        409.6 * GB, 512 * GB, 0.3, 0.75, 20e-6,
+        409.6 * GB, 512 * GB, 0.3, 0.5, 20e-6,
         ("Intel ARK Xeon Platinum 8380", "CPU fractions assumed (see module comment)")),
     NodeType(
         "epyc-7763-2s", "cpu", "dual EPYC 7763 (Milan, 2x64 cores), 512 GB DDR4-3200",
         # AMD product page: 64 cores, 2.45 GHz base, AVX2 with 2 FMA units -> 32 FP32 FLOP/cycle/core:
         # 2 x 64 x 2.45e9 x 32 = 10.0 TF; 8 channels DDR4-3200 per socket -> 409.6 GB/s.
         {"fp32": 10.0 * T},
-        409.6 * GB, 512 * GB, 0.3, 0.75, 20e-6,
+        409.6 * GB, 512 * GB, 0.3, 0.5, 20e-6,
         ("AMD EPYC 7763 product page", "CPU fractions assumed (see module comment)")),
     NodeType(
         "epyc-9654-2s", "cpu", "dual EPYC 9654 (Genoa, 2x96 cores), 768 GB DDR5-4800",
         # AMD product page: 96 cores, 2.4 GHz base, AVX-512 on 2 x 256-bit FMA -> 32 FP32 FLOP/cycle/core:
         # 2 x 96 x 2.4e9 x 32 = 14.7 TF; 12 channels DDR5-4800 per socket -> 2 x 12 x 4800e6 x 8 = 921.6 GB/s.
         {"fp32": 14.7 * T},
-        921.6 * GB, 768 * GB, 0.3, 0.75, 20e-6,
+        921.6 * GB, 768 * GB, 0.3, 0.5, 20e-6,
         ("AMD EPYC 9654 product page", "CPU fractions assumed (see module comment)")),
 ]}
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..scenario import Scenario
 from ..world.acceptance import SyntheticTokens
-from ..world.costs import CalibratedCostModel, NodeProfile, RooflineCostModel
+from ..world.costs import CalibratedCostModel, NodeProfile, make_cost_model
 from ..world.network import Network
 from .protocol import PredictionMessage, RunMessage, predictions_from_ids
 
@@ -44,8 +44,8 @@ def cost_models(scenario: Scenario) -> tuple:
     models = scenario.models
     target, draft = models.target_spec(), models.draft_spec()
     if scenario.cluster.profile is None:
-        return (RooflineCostModel(target, models.kv_bytes),
-                RooflineCostModel(draft, models.kv_bytes) if draft else None, scenario.head.verify_overhead)
+        return (make_cost_model(target, scenario),
+                make_cost_model(draft, scenario, "draft") if draft else None, scenario.head.verify_overhead)
     from ..world.profile import HardwareProfile
 
     profile = HardwareProfile.load(scenario.cluster.profile)

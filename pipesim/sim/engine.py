@@ -37,7 +37,7 @@ from ..scheduling import (
 from ..scheduling.prefix import common_prefix_len
 from ..trace import Record, Trace
 from ..world.acceptance import AcceptanceModel, OracleDraft, SyntheticTokens
-from ..world.costs import CalibratedCostModel, NodeProfile, Payloads, RooflineCostModel
+from ..world.costs import CalibratedCostModel, NodeProfile, Payloads, make_cost_model
 from ..world.network import Network
 from .host_cpu import SharedHosts
 from .polling import PollBackoff
@@ -103,8 +103,8 @@ class SimulationEngine:
             self.target_cost = CalibratedCostModel(target, self.profile, "target")
             self.draft_cost = CalibratedCostModel(draft, self.profile, "draft") if draft else None
         else:
-            self.target_cost = RooflineCostModel(target, scenario.models.kv_bytes)
-            self.draft_cost = RooflineCostModel(draft, scenario.models.kv_bytes) if draft else None
+            self.target_cost = make_cost_model(target, scenario)
+            self.draft_cost = make_cost_model(draft, scenario, "draft") if draft else None
         self.payloads = Payloads(target.d_model, target.vocab_size, scenario.models.activation_bytes,
                                  scenario.head.return_mode, scenario.head.top_k)
         overrides = {frozenset(link.between): (link.bandwidth, link.latency) for link in scenario.network.links}
