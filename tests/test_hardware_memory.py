@@ -243,3 +243,31 @@ def test_hardware_list_and_plan_commands(capsys, tmp_path) -> None:
     assert main(["plan", str(path)]) == 0
     out = capsys.readouterr().out
     assert "step@64 (ms)" in out and "80.0 GB" in out
+
+
+def test_inline_shape_and_chain_entries() -> None:
+    doc = scenario()
+    doc["models"]["target"] = {"name": "mine", "n_layers": 10, "d_model": 1024, "n_heads": 16, "d_ffn": 4096,
+                               "vocab_size": 5000}
+    spec = scenario_from_dict(doc).models.target_spec()
+    assert spec.n_kv_heads == 16 and spec.params_per_layer == 4 * 1024 * 1024 + 3 * 1024 * 4096
+    doc["models"]["target"] = {"n_layers": 10, "d_model": 1024, "n_heads": 16, "d_ffn": 4096, "vocab": 5000}
+    with pytest.raises(ScenarioError, match="unknown field 'vocab'"):
+        scenario_from_dict(doc)
+    doc = scenario(strategy__name="pipespec")
+    doc["cluster"]["count"] = 3
+    doc["placement"] = {}
+    doc["models"]["chain"] = ["llama-3.2-1b:q4_k_m", "llama-3.1-8b"]
+    specs = scenario_from_dict(doc).models.chain_specs()
+    assert [s.name for s in specs] == ["llama-3.2-1b", "llama-3.1-8b", "llama-2-70b"]
+    assert specs[0].bytes_per_weight == pytest.approx(4.85 / 8) and specs[1].bytes_per_weight == 2.0
+
+
+def test_floor_cost_model_needs_a_floor() -> None:
+    doc = scenario()
+    del doc["cluster"]["hardware"]
+    doc["cluster"].update({"flops": "100T", "memory_bandwidth": "1TB/s", "cost_model": "floor"})
+    with pytest.raises(ScenarioError, match="cost_model=floor needs cluster.layer_floor"):
+        scenario_from_dict(doc)
+    doc["cluster"]["layer_floor"] = "100us"
+    assert scenario_from_dict(doc).cluster.layer_floor == pytest.approx(1e-4)
