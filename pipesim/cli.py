@@ -6,32 +6,15 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 
+from . import plan as plan_commands
 from .calibration import calibrate, validate
 from .executor import commands as executor_commands
 from .metrics import print_metrics
 from .models import commands as model_commands
 from .reports import commands as report_commands
-from .scenario import STRATEGY_NAMES, Scenario, ScenarioError, load_scenario
-
-SET_HELP = ("override a scenario field, e.g. acceptance.alpha=0.5, network.bandwidth=100Mbit/s, "
-            "network.latency=50us, workload.generate_tokens=256 (repeatable)")
-
-
-def resolve_scenario_path(name: str | None) -> Path:
-    """A scenario file path; ``None`` or ``default`` means the built-in default scenario."""
-    if name is None or name == "default":
-        return Path(str(resources.files("pipesim") / "data" / "default.yaml"))
-    return Path(name)
-
-
-def load_cli_scenario(name: str | None, sets: Sequence[str], strategy: str | None) -> Scenario:
-    overrides = list(sets)
-    if strategy:
-        overrides.append(f"strategy.name={strategy}")
-    return load_scenario(resolve_scenario_path(name), overrides)
+from .scenario import SET_HELP, STRATEGY_NAMES, ScenarioError, load_cli_scenario
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -82,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", action="store_true", help="print one JSON object with the metrics")
     sim.set_defaults(func=_cmd_simulate)
 
-    for module in (model_commands, executor_commands, report_commands, calibrate, validate):
+    for module in (model_commands, executor_commands, report_commands, calibrate, validate, plan_commands):
         module.register(sub)  # a broken import is an error here, never a silently missing command
     return parser
 

@@ -6,6 +6,8 @@ document, validates it, and turns every problem into one ``ScenarioError`` line 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,12 +23,16 @@ from pydantic import (
 )
 
 from .executor_config import ExecutorConfig
-from .models.catalog import QUANTIZATION_BITS, ModelSpec, get_model_spec
-from .units import parse_bandwidth, parse_duration, parse_rate
+from .hardware import get_network_preset, get_node_type
+from .models.catalog import QUANTIZATION_BITS, ModelSpec
+from .models.shapes import model_shape
+from .units import parse_bandwidth, parse_bytes, parse_duration, parse_rate
 
 Bandwidth = Annotated[float, BeforeValidator(parse_bandwidth), Field(gt=0, description="bytes/s or e.g. 1Gbit/s")]
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0, description="seconds or e.g. 50us")]
 FlopRate = Annotated[float, BeforeValidator(parse_rate), Field(gt=0, description="FLOP/s or e.g. 400G")]
+Bytes = Annotated[float, BeforeValidator(parse_bytes), Field(gt=0, description="bytes or e.g. 80GB, 80GiB")]
+ModelRef = str | dict[str, Any]
 STRATEGY_NAMES = ("iterative", "speculative", "pipeinfer", "speed", "pipespec", "pipespec-sync")
 CHAIN_STRATEGIES = ("pipespec", "pipespec-sync")
 
@@ -42,21 +48,23 @@ class _Strict(BaseModel):
 class ModelsConfig(_Strict):
     """Target and draft models (names from the catalog) and how they are stored."""
 
-    target: str = Field(description="target model name from the catalog, e.g. llama-2-70b")
+    target: ModelRef = Field(description="target model: a catalog name (e.g. llama-2-70b), a Hugging Face "
+                                          "config.json or GGUF file path, or an inline shape mapping")
     target_quantization: str | None = Field(None, description="weight quantization, e.g. q3_k_m (default f16)")
-    draft: str | None = Field(None, description="draft model name from the catalog, e.g. tinyllama-1.1b")
+    draft: ModelRef | None = Field(None, description="draft model, as target (e.g. tinyllama-1.1b)")
     draft_quantization: str | None = None
-    chain: list[str] | None = Field(
-        None, description="PipeSpec: draft models smallest first, 'name' or 'name:quantization' (default: [draft])")
+    chain: list[ModelRef] | None = Field(
+        None, description="PipeSpec: draft models smallest first, 'name' or 'name:quantization' or a file path or "
+                          "an inline shape (default: [draft])")
     kv_bytes: float = Field(2.0, gt=0, description="bytes per KV-cache element (f16: 2)")
     activation_bytes: float = Field(4.0, gt=0, description="bytes per activation element sent between stages")
 
     @field_validator("target", "draft")
     @classmethod
-    def _known_model(cls, name: str | None) -> str | None:
-        if name is not None:
-            get_model_spec(name)
-        return name
+    def _known_model(cls, ref: ModelRef | None) -> ModelRef | None:
+        if ref is not None:
+            model_shape(ref)
+        return ref
 
     @field_validator("target_quantization", "draft_quantization")
     @classmethod
@@ -66,50 +74,101 @@ class ModelsConfig(_Strict):
         return name
 
     def target_spec(self) -> ModelSpec:
-        spec = get_model_spec(self.target)
+        spec = model_shape(self.target)
         return spec.quantized(self.target_quantization) if self.target_quantization else spec
 
     @field_validator("chain")
     @classmethod
-    def _known_chain(cls, names: list[str] | None) -> list[str] | None:
-        for item in names or []:
-            name, _, quantization = item.partition(":")
-            get_model_spec(name)
-            if quantization and quantization.lower() not in QUANTIZATION_BITS:
-                raise ValueError(f"unknown quantization {quantization!r} in {item!r}")
-        return names
+    def _known_chain(cls, items: list[ModelRef] | None) -> list[ModelRef] | None:
+        for item in items or []:
+            _chain_entry_spec(item)
+        return items
 
     def chain_specs(self) -> list[ModelSpec]:
         """PipeSpec's models, smallest draft first and the target last."""
-        specs = []
-        for item in self.chain if self.chain is not None else [f"{self.draft}:{self.draft_quantization or ''}"]:
-            name, _, quantization = item.partition(":")
-            spec = get_model_spec(name)
-            specs.append(spec.quantized(quantization) if quantization else spec)
+        if self.chain is not None:
+            specs = [_chain_entry_spec(item) for item in self.chain]
+        else:
+            specs = [self.draft_spec()]
         return [*specs, self.target_spec()]
 
     def draft_spec(self) -> ModelSpec | None:
         if self.draft is None:
             return None
-        spec = get_model_spec(self.draft)
+        spec = model_shape(self.draft)
         return spec.quantized(self.draft_quantization) if self.draft_quantization else spec
 
 
+def _chain_entry_spec(item: ModelRef) -> ModelSpec:
+    """A chain entry: an inline shape, or 'ref' / 'ref:quantization' (ref a catalog name or a file path)."""
+    if isinstance(item, dict):
+        return model_shape(item)
+    ref, sep, quantization = item.rpartition(":")
+    if not sep or "/" in quantization or "." in quantization:
+        ref, quantization = item, ""
+    elif quantization and quantization.lower() not in QUANTIZATION_BITS:
+        raise ValueError(f"unknown quantization {quantization!r} in {item!r}")
+    spec = model_shape(ref)
+    return spec.quantized(quantization) if quantization else spec
+
+
+def _known_hardware(name: str | None) -> str | None:
+    if name is not None:
+        get_node_type(name)
+    return name
+
+
+def _fill_from_hardware(values: dict[str, Any], dtype: str | None) -> None:
+    """Fill the node figures a mapping leaves out from its ``hardware`` entry (unknown names are left to the
+    field validator, which names the field)."""
+    name = values.get("hardware")
+    if not isinstance(name, str):
+        return
+    try:
+        node = get_node_type(name)
+        flops = node.flops(dtype)
+    except ValueError:
+        return
+    for key, value in (("flops", flops), ("memory_bandwidth", node.sustained_bandwidth()), ("memory", node.memory),
+                       ("layer_floor", node.layer_floor)):
+        if values.get(key) is None:
+            values[key] = value
+
+
 class NodeOverride(_Strict):
-    """Per-node changes for heterogeneous clusters."""
+    """Per-node changes for heterogeneous clusters (``hardware`` fills what is not given)."""
 
     index: int = Field(ge=0)
+    hardware: str | None = Field(None, description="node type from `pipesim hardware list`")
     flops: FlopRate | None = None
     memory_bandwidth: Bandwidth | None = None
+    memory: Bytes | None = None
+    layer_floor: Duration | None = None
     overhead_per_run: Duration | None = None
+
+    @field_validator("hardware")
+    @classmethod
+    def _known_hardware(cls, name: str | None) -> str | None:
+        return _known_hardware(name)
 
 
 class ClusterConfig(_Strict):
-    """Nodes of the cluster: a template applied to ``count`` nodes, with optional per-node overrides."""
+    """Nodes of the cluster: a template applied to ``count`` nodes, with optional per-node overrides.
+
+    ``hardware`` names a node type of the catalog; it fills ``flops``, ``memory_bandwidth`` (sustained figures),
+    ``memory`` and ``layer_floor``, and explicit fields override it."""
 
     count: int = Field(ge=1, le=4096, description="number of nodes")
+    hardware: str | None = Field(None, description="node type from `pipesim hardware list`, e.g. h100-sxm")
+    compute_dtype: str | None = Field(None, description="dtype whose peak FLOP/s the hardware figure uses "
+                                                        "(default: fp16 on GPUs, fp32 on CPU nodes)")
     flops: FlopRate = Field(description="effective compute throughput of one node")
     memory_bandwidth: Bandwidth = Field(description="effective memory bandwidth of one node")
+    memory: Bytes | None = Field(None, description="memory capacity of one node; when known (given or from "
+                                                   "hardware) the placement must fit it")
+    layer_floor: Duration | None = Field(None, description="floor cost model: least time of one layer")
+    cost_model: Literal["roofline", "floor"] = Field(
+        "roofline", description="roofline, or floor: the roofline plus a per-layer minimum time (kernel launches)")
     overhead_per_run: Duration = Field(0.0, description="fixed time a node spends per run it evaluates")
     overrides: list[NodeOverride] = Field(default_factory=list)
     profile: str | None = Field(
@@ -119,24 +178,105 @@ class ClusterConfig(_Strict):
         None, description="pipespec: a hardware profile per draft model of models.chain (smallest first; null: "
                           "roofline); cluster.profile is the target's")
 
+    @field_validator("hardware")
+    @classmethod
+    def _known_hardware(cls, name: str | None) -> str | None:
+        return _known_hardware(name)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_hardware(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        dtype = data.get("compute_dtype")
+        _fill_from_hardware(data, dtype)
+        if data.get("flops") is None or data.get("memory_bandwidth") is None:
+            missing = "flops" if data.get("flops") is None else "memory_bandwidth"
+            if not data.get("hardware"):
+                raise ValueError(f"{missing} is needed, or hardware (a node type, e.g. h100-sxm; "
+                                 "see `pipesim hardware list`)")
+        overrides = data.get("overrides")
+        if isinstance(overrides, list):
+            data["overrides"] = [_filled_override(o, dtype) for o in overrides]
+        return data
+
+
+def _filled_override(override: Any, dtype: str | None) -> Any:
+    if not isinstance(override, dict):
+        return override
+    override = dict(override)
+    _fill_from_hardware(override, dtype)
+    return override
+
+
+def _known_preset(name: str | None) -> str | None:
+    if name is not None:
+        get_network_preset(name)
+    return name
+
+
+def _fill_from_preset(values: dict[str, Any]) -> None:
+    name = values.get("preset")
+    if not isinstance(name, str):
+        return
+    try:
+        preset = get_network_preset(name)
+    except ValueError:
+        return
+    for key, value in (("bandwidth", preset.bandwidth), ("latency", preset.latency)):
+        if values.get(key) is None:
+            values[key] = value
+
 
 class LinkOverride(_Strict):
     """Per-link changes: the link between two node indices (both directions)."""
 
     between: tuple[int, int]
+    preset: str | None = Field(None, description="interconnect from `pipesim hardware list`, e.g. nvlink4")
     bandwidth: Bandwidth | None = None
     latency: Duration | None = None
 
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, name: str | None) -> str | None:
+        return _known_preset(name)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            _fill_from_preset(data)
+        return data
+
 
 class NetworkConfig(_Strict):
-    """Interconnect: every link has this latency and bandwidth unless overridden."""
+    """Interconnect: every link has this latency and bandwidth unless overridden (``preset`` fills them)."""
 
+    preset: str | None = Field(None, description="interconnect from `pipesim hardware list`, e.g. ib-ndr, 10gbe")
     bandwidth: Bandwidth = Field(description="link bandwidth, e.g. 1Gbit/s")
     latency: Duration = Field(0.0, description="one-way message latency, e.g. 50us")
     links: list[LinkOverride] = Field(default_factory=list)
     profile_links: Literal["add", "ignore"] = Field(
         "add", description="with cluster.profile: add the profile's measured MPI transport (latency, copies) to "
                            "every link, or ignore it")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, name: str | None) -> str | None:
+        return _known_preset(name)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        _fill_from_preset(data)
+        if data.get("bandwidth") is None and not data.get("preset"):
+            raise ValueError("bandwidth is needed, or preset (e.g. 10gbe, ib-ndr; see `pipesim hardware list`)")
+        return data
 
 
 class PlacementConfig(_Strict):
@@ -256,6 +396,9 @@ class Scenario(_Strict):
                              f"(layers {min(exits)}..{max(exits)})")
         if self.strategy.name in CHAIN_STRATEGIES:
             self._check_chain()
+        if self.cluster.cost_model == "floor" and self.cluster.profile is None:
+            if self.cluster.layer_floor is None:
+                raise ValueError("cluster.cost_model=floor needs cluster.layer_floor or cluster.hardware")
         if self.strategy.name in ("speculative", "pipeinfer") and self.models.draft is None:
             raise ValueError(f"strategy.name={self.strategy.name!r} needs models.draft")
         if self.acceptance.model == "positional" and not self.acceptance.alphas:
@@ -350,6 +493,8 @@ def _format_validation_error(error: ValidationError, document: dict[str, Any]) -
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "missing":
             problems.append(f"{location}: missing required field")
+        elif location and isinstance(item.get("input"), dict):
+            problems.append(f"{location}: {message}")
         elif location:
             problems.append(f"{location}={item.get('input')!r}: {message}")
         else:
@@ -405,3 +550,24 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scena
             resolved.append(item)
         scenario.cluster.chain_profiles = resolved
     return scenario
+
+
+# -- as the commands take them ------------------------------------------------------------------------
+
+SET_HELP = ("override a scenario field, e.g. acceptance.alpha=0.5, network.bandwidth=100Mbit/s, "
+            "network.latency=50us, workload.generate_tokens=256 (repeatable)")
+
+
+def resolve_scenario_path(name: str | None) -> Path:
+    """A scenario file path; ``None`` or ``default`` means the built-in default scenario."""
+    if name is None or name == "default":
+        return Path(str(resources.files("pipesim") / "data" / "default.yaml"))
+    return Path(name)
+
+
+def load_cli_scenario(name: str | None, sets: Sequence[str], strategy: str | None) -> Scenario:
+    """A scenario as the commands take it: a path or ``default``, ``--set`` overrides, ``--strategy``."""
+    overrides = list(sets)
+    if strategy:
+        overrides.append(f"strategy.name={strategy}")
+    return load_scenario(resolve_scenario_path(name), overrides)

@@ -10,6 +10,8 @@ _TIME = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9, "min": 60.0}
 
 
 def _split(text: str) -> tuple[float, str]:
+    if not isinstance(text, str):
+        raise ValueError(f"expected a number or a string with a unit, got {text!r}")
     match = re.fullmatch(rf"\s*{_NUMBER}\s*([^\s]*)\s*", text)
     if not match:
         raise ValueError(f"cannot read {text!r} as a number with a unit")
@@ -61,3 +63,17 @@ def format_bandwidth(bytes_per_s: float) -> str:
         if bits >= scale:
             return f"{bits / scale:g} {name}"
     return f"{bits:g} bit/s"
+
+
+def parse_bytes(value: float | int | str) -> float:
+    """Bytes from a number or a string such as ``80GB``, ``80GiB``, ``512MB`` (decimal and binary prefixes)."""
+    if isinstance(value, int | float):
+        return float(value)
+    number, unit = _split(value)
+    match = re.fullmatch(r"([kKMGTP]?)(i?)B?", unit)
+    if not match or (not match.group(1) and match.group(2)):
+        raise ValueError(f"unknown size unit in {value!r} (use e.g. 80GB, 80GiB, 512MB)")
+    prefix, binary = match.groups()
+    if binary:
+        return number * 1024.0 ** (" KMGTP".index(prefix.upper()))
+    return number * _PREFIX[prefix]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from ..models.catalog import CATALOG
 from ..models.fetch import FETCHABLE, find_model
+from ..models.gguf_meta import read_gguf_metadata
 from .errors import ExecutorSetupError
-from .gguf_meta import read_gguf_metadata
 
 _FETCH_ALIASES = {"smollm2": "smollm2", "smollm2-135m": "smollm2", "smollm2-135m-instruct": "smollm2"}
 

@@ -48,8 +48,9 @@ def simulation_document(scenario: Scenario) -> dict[str, Any]:
 
 
 # What decides a simulated outcome, besides the scenario: these sources (relative to the package).
-_ENGINE_SOURCES = ("sim", "scheduling", "metrics.py", "trace.py", "scenario.py", "placement.py", "units.py",
-                   "models/catalog.py", "reports/outcome.py", "reports/analytic.py")
+_ENGINE_SOURCES = ("sim", "scheduling", "world", "metrics.py", "trace.py", "scenario.py", "placement.py", "units.py",
+                   "hardware.py", "models/catalog.py", "models/catalog_entries.py", "models/spec.py",
+                   "models/shapes.py", "reports/outcome.py", "reports/analytic.py")
 
 
 def code_fingerprint() -> str:
@@ -88,8 +89,8 @@ def resolved_fields(scenario: Scenario) -> dict[str, Any]:
         "micro_batch": scenario.strategy.micro_batch,
         "prompt_tokens": scenario.workload.prompt_tokens,
         "generate_tokens": scenario.workload.generate_tokens,
-        "target": scenario.models.target,
-        "draft": scenario.models.draft or "",
+        "target": scenario.models.target_spec().name,
+        "draft": scenario.models.draft_spec().name if scenario.models.draft is not None else "",
         "acceptance_seed": scenario.acceptance.seed,
         "workload_seed": scenario.workload.seed,
     }

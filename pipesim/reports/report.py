@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from . import departures
+from .configurations import configuration_table
 from .document import Block, Bullets, Code, Heading, Image, Paragraph, Table, to_html, to_markdown
 from .figures import FigureOut, heatmap_figure, throughput_figure, tuning_figure
 from .findings import headline, sentence
@@ -138,7 +139,13 @@ def _flatten(document: dict[str, Any], prefix: str = "") -> list[tuple[str, str]
     return out
 
 
-def build_blocks(view: StudyView, figures: list[FigureOut], pngs: dict[str, bytes], title: str) -> list[Block]:
+def _cost_model_name(study: dict[str, Any]) -> str:
+    cluster = (study.get("base_document") or {}).get("cluster") or {}
+    return "calibrated (profile)" if cluster.get("profile") else str(cluster.get("cost_model") or "roofline")
+
+
+def build_blocks(view: StudyView, figures: list[FigureOut], pngs: dict[str, bytes], title: str,
+                 full_table: Any = None) -> list[Block]:
     study = view.study
     blocks: list[Block] = [Heading(1, title)]
     if study.get("description"):
@@ -148,7 +155,8 @@ def build_blocks(view: StudyView, figures: list[FigureOut], pngs: dict[str, byte
         f"{n_points} simulated points over {len(view.axes)} axes "
         f"({', '.join(f'`{a.name}`' for a in view.axes)}); strategies: "
         f"{', '.join(strategy_label(s) for s in view.strategies)}. Throughput is the decode rate (tokens after the "
-        "first, per second); every number is simulated time from the roofline cost model, not a measurement."))
+        f"first, per second); every number is simulated time from the {_cost_model_name(study)} cost model, not a "
+        "measurement."))
     lead = sentence([headline(view.representative_means(), view.baseline, representative_where(view))])
     blocks += [Heading(2, "Findings"), Bullets([c for c in [lead, *(f.caption for f in figures)] if c])]
     replicates = [a for a in view.axes if a.is_replicate]
@@ -171,6 +179,8 @@ def build_blocks(view: StudyView, figures: list[FigureOut], pngs: dict[str, byte
                              "speculation commits (1-α^(γ+1))/(1-α) tokens per iteration of γ draft steps and one "
                              "pass of γ+1 tokens."),
                    table, Bullets(departures.explanations(view))]
+    if full_table is not None and (view.study.get("report", {}) or {}).get("configurations"):
+        blocks += configuration_table(full_table, view.meta)
     blocks += configuration_blocks(view.meta)
     blocks += [Heading(2, "Files"),
                Paragraph(f"`{RESULTS_CSV}`: one row per point (axis values, resolved fields, `config_key`, every "
@@ -198,7 +208,7 @@ def build_report(folder: str | Path, out: str | Path | None = None, title: str |
         pngs[figure.name] = _png(figure)
         (out / FIGURE_DIR / f"{figure.name}.png").write_bytes(pngs[figure.name])
     title = title or f"pipesim study: {view.study.get('name', folder.name)}"
-    blocks = build_blocks(view, figures, pngs, title)
+    blocks = build_blocks(view, figures, pngs, title, table)
     markdown, page = out / "report.md", out / "report.html"
     markdown.write_text(to_markdown(blocks))
     page.write_text(to_html(blocks, title))

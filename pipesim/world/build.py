@@ -16,7 +16,8 @@ from ..models.catalog import ModelSpec
 from ..placement import split_layers
 from ..scenario import CHAIN_STRATEGIES, Scenario
 from .acceptance import AcceptanceModel, OracleDraft, SyntheticTokens
-from .costs import CalibratedCostModel, NodeProfile, Payloads, RooflineCostModel, StageCost
+from .costs import NodeProfile, Payloads, StageCost, make_cost_model, scenario_nodes
+from .memory import check_memory_fit
 from .network import Network
 from .profile import HardwareProfile
 
@@ -116,18 +117,8 @@ class World:
 
 
 def node_profiles(scenario: Scenario) -> list[NodeProfile]:
-    """Every node's figures: the cluster template with per-node overrides."""
-    cluster = scenario.cluster
-    nodes = [NodeProfile(f"n{i}", cluster.flops, cluster.memory_bandwidth, cluster.overhead_per_run)
-             for i in range(cluster.count)]
-    for override in cluster.overrides:
-        base = nodes[override.index]
-        nodes[override.index] = NodeProfile(
-            base.name,
-            override.flops if override.flops is not None else base.flops,
-            override.memory_bandwidth if override.memory_bandwidth is not None else base.memory_bandwidth,
-            override.overhead_per_run if override.overhead_per_run is not None else base.overhead_per_run)
-    return nodes
+    """Every node's figures: the cluster template (or its hardware type) with per-node overrides."""
+    return scenario_nodes(scenario)
 
 
 def acceptance_seed(scenario: Scenario) -> int:
@@ -135,8 +126,8 @@ def acceptance_seed(scenario: Scenario) -> int:
     return scenario.acceptance.seed + 7919 * scenario.workload.seed
 
 
-def _cost(spec: ModelSpec, kv_bytes: float, profile: HardwareProfile | None, role: str) -> CostModel:
-    return CalibratedCostModel(spec, profile, role) if profile is not None else RooflineCostModel(spec, kv_bytes)
+def _cost(spec: ModelSpec, scenario: Scenario, profile: HardwareProfile | None, role: str) -> CostModel:
+    return make_cost_model(spec, scenario, role, profile)
 
 
 def _payloads(spec: ModelSpec, scenario: Scenario) -> Payloads:
@@ -157,13 +148,15 @@ def _chain_pipelines(scenario: Scenario, target_profile: HardwareProfile | None,
         profile = target_profile if is_target else (HardwareProfile.load(path) if path else None)
         pipelines.append(Pipeline(
             i, spec, tuple(group), tuple(split_layers(spec.n_layers, None, len(group))),
-            _cost(spec, scenario.models.kv_bytes, profile, "target"), _payloads(spec, scenario), accuracies[i],
+            _cost(spec, scenario, profile, "target"), _payloads(spec, scenario), accuracies[i],
             path or "roofline", is_target))
     return pipelines
 
 
 def build_world(scenario: Scenario) -> World:
-    """The world of ``scenario`` (loads its calibrated profiles, if any)."""
+    """The world of ``scenario`` (loads its calibrated profiles, if any); a placement that does not fit a node's
+    memory (where known: ``cluster.memory`` or ``cluster.hardware``) raises ``MemoryFitError``."""
+    check_memory_fit(scenario)
     models, cluster = scenario.models, scenario.cluster
     target = models.target_spec()
     draft = models.draft_spec()
@@ -175,9 +168,9 @@ def build_world(scenario: Scenario) -> World:
     else:
         ranges = split_layers(target.n_layers, scenario.placement.layer_split, cluster.count)
         pipelines = [Pipeline(0, target, tuple(range(cluster.count)), tuple(ranges),
-                              _cost(target, models.kv_bytes, profile, "target"), _payloads(target, scenario), 1.0,
+                              _cost(target, scenario, profile, "target"), _payloads(target, scenario), 1.0,
                               cluster.profile or "roofline")]
-        draft_cost = _cost(draft, models.kv_bytes, profile, "draft") if draft else None
+        draft_cost = _cost(draft, scenario, profile, "draft") if draft else None
     verify_overhead = scenario.head.verify_overhead or (profile.verify_overhead if profile is not None else 0.0)
     host_of: list[str | None] = [None] * len(nodes)
     slowdown = [1.0] * len(nodes)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from ..models.catalog import ModelSpec
 
@@ -33,15 +35,22 @@ class RooflineCostModel:
     Weights are read once per run, so a run of n tokens costs far less than n single-token runs while
     memory-bound. Attention reads the KV cache of the context (``kv_bytes`` per element) and costs
     4·d_model FLOPs per token and attended position. The last stage adds the output head for the tokens whose
-    predictions return to the head.
+    predictions return to the head. A mixture-of-experts layer charges each token the FLOPs of its active experts
+    and reads the weights of the experts some token of the run routes to (uniform routing).
     """
 
     def __init__(self, spec: ModelSpec, kv_bytes: float = 2.0) -> None:
         self.spec = spec
         self.kv_bytes = kv_bytes
         self._layer_weight_bytes = spec.params_per_layer * spec.bytes_per_weight
-        self._layer_flops_per_token = 2.0 * spec.params_per_layer
+        self._layer_flops_per_token = 2.0 * spec.active_params_per_layer
         self._head_weight_bytes = spec.output_head_params * spec.bytes_per_weight
+
+    def layer_weight_bytes(self, n_tokens: int) -> float:
+        """Weight bytes one layer reads for a run of ``n_tokens`` tokens."""
+        if self.spec.n_experts <= 1:
+            return self._layer_weight_bytes
+        return self.spec.touched_params_per_layer(n_tokens) * self.spec.bytes_per_weight
 
     def layer_time(self, node: NodeProfile, n_tokens: int, context: int) -> float:
         """One layer for a run of ``n_tokens`` tokens after ``context`` cached positions."""
@@ -49,7 +58,7 @@ class RooflineCostModel:
         attended = context + n_tokens  # positions attended by the last token (causal within the run)
         flops = n_tokens * (self._layer_flops_per_token + 4.0 * spec.d_model * (context + (n_tokens + 1) / 2))
         kv_read = 2.0 * spec.kv_dim * attended * self.kv_bytes
-        return max(flops / node.flops, (self._layer_weight_bytes + kv_read) / node.memory_bandwidth)
+        return max(flops / node.flops, (self.layer_weight_bytes(n_tokens) + kv_read) / node.memory_bandwidth)
 
     def output_head_time(self, node: NodeProfile, n_outputs: int) -> float:
         flops = 2.0 * self.spec.output_head_params * n_outputs
@@ -67,6 +76,77 @@ class RooflineCostModel:
     def model_cost(self, node: NodeProfile, n_tokens: int, context: int) -> float:
         """A whole model on one node (e.g. a draft step producing one token after a batch of n tokens)."""
         return self.stage_cost(node, self.spec.n_layers, n_tokens, context, n_outputs=1).total
+
+
+class FloorCostModel(RooflineCostModel):
+    """The roofline plus a floor: each layer costs at least a fixed time however few tokens a run has.
+
+    time of a layer = floor(node) + max(FLOPs / FLOP/s, bytes / (B/s)), with the node's sustained figures (the
+    hardware catalog's peak x fraction) and its per-layer floor (kernel launches and synchronisation of the
+    layer's ops, which a roofline has not). The output head costs an eighth of a layer's floor on top of its
+    roofline (two of a layer's ~16 kernels: the final norm and the matmul). So a single-token step is floor +
+    weights / bandwidth, a multi-token verification costs about the same until the FLOPs of the run catch up
+    with the weight reads, and a long prefill is compute-bound.
+
+    Published measurements it reproduces (llama.cpp CUDA, one GPU, batch 1; XiongjieDai/GPU-Benchmarks-on-LLM-
+    Inference, README, Dec 2023 snapshot): with the catalog's ``a100-80gb`` and ``h100-pcie`` figures (fitted
+    to these), Llama-2-7B q4_0 / f16 and 70B q4_0 generate at 136 / 73 / 26 tokens/s on the A100 80GB
+    (measured 136.24 / 73.83 / 25.68) and 135 / 77 / 28 on the H100 PCIe (measured 133.77 / 83.32 / 25.88);
+    prompt evaluation of 7B f16 (512 tokens) runs at about 5100 and 7400 tokens/s (measured 5105.77 and 7367).
+    ``tests/test_hardware_costs.py`` checks these against the published numbers.
+    """
+
+    HEAD_FLOOR_SHARE = 1.0 / 8.0
+
+    def __init__(self, spec: ModelSpec, kv_bytes: float = 2.0, layer_floors: Mapping[str, float] | None = None,
+                 default_floor: float = 0.0) -> None:
+        super().__init__(spec, kv_bytes)
+        self.layer_floors = dict(layer_floors or {})
+        self.default_floor = default_floor
+
+    def floor(self, node: NodeProfile) -> float:
+        """The per-layer floor of a node (by name; nodes not listed get the default)."""
+        return self.layer_floors.get(node.name, self.default_floor)
+
+    def layer_time(self, node: NodeProfile, n_tokens: int, context: int) -> float:
+        return self.floor(node) + super().layer_time(node, n_tokens, context)
+
+    def output_head_time(self, node: NodeProfile, n_outputs: int) -> float:
+        return self.HEAD_FLOOR_SHARE * self.floor(node) + super().output_head_time(node, n_outputs)
+
+
+def scenario_nodes(scenario: Any) -> list[NodeProfile]:
+    """Every node's profile: the cluster template with per-node overrides (as both engines build them)."""
+    cluster = scenario.cluster
+    nodes = [NodeProfile(f"n{i}", cluster.flops, cluster.memory_bandwidth, cluster.overhead_per_run)
+             for i in range(cluster.count)]
+    for o in cluster.overrides:
+        base = nodes[o.index]
+        nodes[o.index] = NodeProfile(base.name, o.flops if o.flops is not None else base.flops,
+                                     o.memory_bandwidth if o.memory_bandwidth is not None else base.memory_bandwidth,
+                                     o.overhead_per_run if o.overhead_per_run is not None else base.overhead_per_run)
+    return nodes
+
+
+def layer_floors(scenario: Any) -> dict[str, float]:
+    """Per node name (``n0``, ``n1``, ...), the layer floor a scenario gives it (cluster default, overrides)."""
+    cluster = scenario.cluster
+    floors = {f"n{i}": cluster.layer_floor or 0.0 for i in range(cluster.count)}
+    for override in cluster.overrides:
+        if override.layer_floor is not None:
+            floors[f"n{override.index}"] = override.layer_floor
+    return floors
+
+
+def make_cost_model(spec: ModelSpec, scenario: Any, role: str = "target", profile: Any = None):
+    """The cost model a scenario selects for one model: the fitted ``profile`` (``cluster.profile``) if given,
+    else ``cluster.cost_model`` (``roofline``, the default, or ``floor``). The one place that chooses."""
+    if profile is not None:
+        return CalibratedCostModel(spec, profile, role)
+    kv_bytes = scenario.models.kv_bytes
+    if scenario.cluster.cost_model == "floor":
+        return FloorCostModel(spec, kv_bytes, layer_floors(scenario))
+    return RooflineCostModel(spec, kv_bytes)
 
 
 # The executor's frames (``pipesim.executor.protocol``): int64 values, a 3-value prefix (send time, payload

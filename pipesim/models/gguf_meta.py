@@ -19,13 +19,16 @@ class ArrayInfo(int):
     """An array value, kept as its length."""
 
 
-def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
-    """Metadata of a GGUF file: scalars and strings as values, arrays as ``ArrayInfo`` (their length)."""
+def read_gguf_metadata(path: str | Path, tensor_names: bool = False) -> dict[str, Any]:
+    """Metadata of a GGUF file: scalars and strings as values, arrays as ``ArrayInfo`` (their length).
+
+    ``tensor_names=True`` adds the names of the file's tensors (from the tensor index, no data read) under the
+    key ``"tensors"``."""
     path = Path(path)
     with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
         if data[:4] != b"GGUF":
             raise ValueError(f"not a GGUF file: {path} (starts with {bytes(data[:4])!r})")
-        version, _n_tensors, n_kv = struct.unpack_from("<IQQ", data, 4)
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", data, 4)
         if version < 2:
             raise ValueError(f"GGUF version {version} of {path} is not supported (need >= 2)")
         at = 24
@@ -56,6 +59,14 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
             key, at = string(at)
             (kind,) = struct.unpack_from("<I", data, at)
             metadata[key], at = value(kind, at + 4)
+        if tensor_names:
+            names = []
+            for _ in range(n_tensors):
+                name, at = string(at)
+                (n_dims,) = struct.unpack_from("<I", data, at)
+                at += 4 + 8 * n_dims + 4 + 8  # dims, type, offset
+                names.append(name)
+            metadata["tensors"] = names
         return metadata
 
 
