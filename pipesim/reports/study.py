@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,10 @@ class Study:
 
     def points(self) -> list[Point]:
         """Every point of the cartesian product of the axes, validated, in study order."""
-        points = []
+        return list(self.iter_points())
+
+    def iter_points(self) -> Iterator[Point]:
+        """The points one at a time, in study order (a sweep of any size holds only the ones in flight)."""
         combos = itertools.product(*[range(len(axis)) for axis in self.axes])
         for index, combo in enumerate(combos):
             labels: dict[str, str] = {}
@@ -117,8 +121,7 @@ class Study:
                 labels[axis.name] = axis.labels[i]
                 overrides.update(axis.settings[i])
             scenario = self._build(overrides, "point " + ", ".join(f"{k}={v}" for k, v in labels.items()))
-            points.append(Point(index, labels, overrides, scenario))
-        return points
+            yield Point(index, labels, overrides, scenario)
 
     def base_scenario(self) -> Scenario:
         return self._build({}, "base scenario")
