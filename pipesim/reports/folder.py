@@ -109,6 +109,7 @@ def write_atomic(target: Path, write: Callable[[Path], None]) -> None:
     """Write ``target`` through ``write(temporary_path)`` under a unique name, then rename it into place."""
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX)
     os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())  # mkstemp makes it private; the result is an ordinary file
     temporary = Path(name)
     try:
         write(temporary)
@@ -116,6 +117,12 @@ def write_atomic(target: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(target: Path, document: dict[str, Any]) -> None:
