@@ -26,8 +26,10 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -123,11 +125,15 @@ class Study:
             scenario = self._build(overrides, "point " + ", ".join(f"{k}={v}" for k, v in labels.items()))
             yield Point(index, labels, overrides, scenario)
 
+    @cached_property
+    def _base_pickle(self) -> bytes:
+        return pickle.dumps(self.base_document, protocol=pickle.HIGHEST_PROTOCOL)
+
     def base_scenario(self) -> Scenario:
         return self._build({}, "base scenario")
 
     def _build(self, overrides: dict[str, Any], where: str) -> Scenario:
-        document = copy.deepcopy(self.base_document)
+        document = pickle.loads(self._base_pickle)  # a deep copy, several times faster than copy.deepcopy
         try:
             apply_settings(document, overrides)
             if COUNT_KEY in overrides and SPLIT_KEY not in overrides and SPLIT_KEY not in self.spec.set:
