@@ -130,16 +130,13 @@ def paused_gc() -> Iterator[None]:
 
 
 def evaluate(document: dict[str, Any]) -> dict[str, Any]:
-    """Simulate one resolved scenario document; returns its outcome columns (never raises). Metrics only: the
-    trace is reduced to its metric columns and dropped before the next point (sweeps keep no records; the
-    engine still builds them while it simulates)."""
+    """Simulate one resolved scenario document; returns its outcome columns (never raises)."""
     started = time.perf_counter()
     try:
         scenario = scenario_from_dict(document)
         with paused_gc():
             trace = simulate(scenario)
         outcome = metric_columns(trace)
-        del trace
         outcome.update(analytic_columns(scenario, outcome.get("acceptance_rate")))
         outcome["error"] = ""
     except Exception as error:  # a failed point is recorded, not fatal: the rest of the sweep goes on

@@ -9,6 +9,7 @@ order a single in-memory table of every row would have, with types promoted to f
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -68,10 +69,7 @@ class TableWriter:
 
     def discard(self) -> None:
         """Delete the parts (after publishing, or to give up)."""
-        for path in self.parts:
-            path.unlink(missing_ok=True)
-        if self.parts_dir.is_dir():
-            self.parts_dir.rmdir()
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
         self.parts = []
 
     def _conformed(self, schema: pa.Schema) -> Iterable[pa.Table]:
