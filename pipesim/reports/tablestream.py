@@ -21,6 +21,8 @@ import pyarrow.parquet as pq
 
 from .folder import PARTS_PREFIX, write_atomic
 
+ROW_GROUP_ROWS = 4096  # rows per row group of the published table (a few MB in memory while it is written)
+
 
 def ordered_columns(columns: Iterable[str]) -> list[str]:
     """Columns in first-seen order, with the per-node ``util.nK`` columns sorted by K before ``util_mean``."""
@@ -53,10 +55,15 @@ class TableWriter:
 
     def schema(self) -> pa.Schema:
         """The schema of the published table: every part's columns, types promoted to fit them all."""
-        schemas = [pq.read_schema(path) for path in self.parts]
-        unified = pa.unify_schemas(schemas, promote_options="permissive")
-        order = ordered_columns(name for schema in schemas for name in schema.names)
-        return pa.schema([unified.field(name) for name in order])
+        unified: pa.Schema | None = None
+        names: dict[str, None] = {}
+        for path in self.parts:  # one schema at a time: holding every part's grows with the table
+            schema = pq.read_schema(path)
+            names.update(dict.fromkeys(schema.names))
+            unified = schema if unified is None else pa.unify_schemas([unified, schema],
+                                                                        promote_options="permissive")
+        assert unified is not None
+        return pa.schema([unified.field(name) for name in ordered_columns(names)])
 
     def publish(self, parquet: Path, csv: Path) -> bool:
         """Merge the parts into ``parquet`` and ``csv`` (each replaced atomically); False if there are none."""
@@ -80,9 +87,19 @@ class TableWriter:
             yield pa.Table.from_arrays(columns, schema=schema)
 
     def _write_parquet(self, path: Path, schema: pa.Schema) -> None:
+        """Parts gathered into row groups of about ``ROW_GROUP_ROWS`` rows: the writer keeps the metadata of
+        every column chunk until it closes, which for one small row group per part grows with the table."""
         with pq.ParquetWriter(path, schema) as writer:
+            group: list[pa.Table] = []
+            rows = 0
             for table in self._conformed(schema):
-                writer.write_table(table)
+                group.append(table)
+                rows += len(table)
+                if rows >= ROW_GROUP_ROWS:
+                    writer.write_table(pa.concat_tables(group))
+                    group, rows = [], 0
+            if group:
+                writer.write_table(pa.concat_tables(group))
 
     def _write_csv(self, path: Path, schema: pa.Schema) -> None:
         with open(path, "w", newline="") as handle:
