@@ -53,8 +53,8 @@ def run(points: int, tokens: int, jobs: int | None) -> dict:
         started = time.perf_counter()
         result = run_sweep(study, folder, jobs=jobs, progress=False, traces=False)
         wall = time.perf_counter() - started
-    assert result is not None
-    table = result.table
+        assert result is not None
+        table = result.table  # read from the folder: the sweep streams it there
     per_strategy = table.groupby("strategy")["sim_runtime_s"].agg(["mean", "max"]).round(4).to_dict("index")
     return {"points": len(table), "simulated": result.simulated, "failed": result.failed, "jobs": result.workers,
             "backend": result.backend, "wall_s": round(wall, 2), "points_per_s": round(len(table) / wall, 1),

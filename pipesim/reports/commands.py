@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -12,7 +13,9 @@ SWEEP_DESCRIPTION = """\
 Run every point of a study (a base scenario plus axes of values, cartesian product) through the simulator,
 in parallel over local cores, or over MPI ranks when launched under mpiexec (mpiexec -n 8 pipesim sweep ...).
 Writes results.parquet and results.csv (one row per point), sweep.json, and the traces of one representative
-point per strategy into --out. Points already in --out (same configuration hash) are not simulated again."""
+point per strategy into --out. Points already in --out (same configuration hash) are not simulated again, so
+an interrupted sweep resumes where it stopped. One sweep writes a folder at a time; a folder that holds another
+study is refused (use another --out, or --force to replace it)."""
 
 REPORT_DESCRIPTION = """\
 Turn a sweep folder into report.html (self-contained, figures embedded) and report.md (figures beside it).
@@ -28,21 +31,32 @@ def _positive_int(text: str) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    from concurrent.futures import BrokenExecutor
+
     from .study import load_study, parse_set_options
     from .sweep import run_sweep
 
     study = load_study(args.study, parse_set_options(args.set))
-    result = run_sweep(study, args.out, jobs=args.jobs, force=args.force, progress=not args.quiet,
-                       traces=not args.no_traces)
+    try:
+        result = run_sweep(study, args.out, jobs=args.jobs, force=args.force, progress=not args.quiet,
+                           traces=not args.no_traces)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, SIGTERM, SIGHUP: workers are ended, finished points kept
+        signum = getattr(interrupt, "signum", signal.SIGINT)
+        print(f"pipesim: interrupted ({signal.Signals(signum).name}); the finished points are kept in {args.out}: "
+              "run the same command again to resume", file=sys.stderr)
+        return 128 + signum
+    except BrokenExecutor as error:
+        print(f"pipesim: error: a sweep worker process died ({error}); the finished points are kept in "
+              f"{args.out}: run the same command again to resume", file=sys.stderr)
+        return 1
     if result is None:  # an MPI worker rank: it served tasks, the root reports
         return 0
     unique = result.simulated + result.reused
-    print(f"{study.name}: {len(result.table)} points ({unique} distinct configurations: {result.simulated} "
+    print(f"{study.name}: {result.points} points ({unique} distinct configurations: {result.simulated} "
           f"simulated, {result.reused} reused), {result.failed} failed, {result.wall_s:.1f} s "
           f"({result.backend} x{result.workers}) -> {result.out}/results.parquet")
     if result.failed:
-        errors = result.table.loc[result.table["error"].fillna("") != "", "error"]
-        for message in sorted(set(errors))[:5]:
+        for message in sorted(result.errors):
             print(f"  failed: {message}", file=sys.stderr)
         return 1
     return 0
@@ -66,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="local worker processes (default: the cores available; 1 runs in this process)")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field of the study's base scenario, e.g. workload.generate_tokens=32")
-    sweep.add_argument("--force", action="store_true", help="simulate every point even if already in --out")
+    sweep.add_argument("--force", action="store_true", help="simulate every point even if already in --out, and replace another study's results there")
     sweep.add_argument("--no-traces", action="store_true", help="do not keep representative traces")
     sweep.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     sweep.set_defaults(func=_cmd_sweep)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+
+PARENT_POLL_S = 0.2  # how often a local worker checks that the sweep process is still there
 
 # Environment variables that MPI launchers set in every rank (Open MPI, MPICH/Hydra and PMIx, MVAPICH).
 _WORLD_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE")
@@ -43,6 +48,22 @@ class SerialExecutor(Executor):
         return future
 
 
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)  # the sweep process is gone (killed): nobody wants this worker's results
+
+
+def worker_init(parent: int) -> None:
+    """Set up a local worker process: it ends when the sweep process ends, however that happens (``kill -9``
+    included), and leaves SIGINT (Ctrl-C, sent to the whole terminal group) to the sweep process, which ends
+    the workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
+
+
 @dataclass
 class Backend:
     """An executor and what it is: ``executor`` is None on MPI worker ranks (they only serve tasks)."""
@@ -50,6 +71,23 @@ class Backend:
     executor: Executor | None
     kind: str  # "serial" | "processes" | "mpi"
     workers: int
+
+    def worker_pids(self) -> list[int]:
+        """The pids of local worker processes (none for the serial and MPI backends)."""
+        processes = getattr(self.executor, "_processes", None) or {}
+        return [p.pid for p in list(processes.values()) if p.pid is not None]
+
+    def terminate(self) -> None:
+        """Stop now: drop queued tasks and end local workers mid-task (an interrupted sweep)."""
+        if self.executor is None or isinstance(self.executor, SerialExecutor):
+            return
+        processes = list((getattr(self.executor, "_processes", None) or {}).values())
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        for process in processes:  # ProcessPoolExecutor has no public way to stop running tasks (before 3.14)
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join(timeout=5)
 
 
 @contextmanager
@@ -70,5 +108,5 @@ def open_backend(jobs: int | None = None) -> Iterator[Backend]:
     if jobs <= 1:
         yield Backend(SerialExecutor(), "serial", 1)
         return
-    with ProcessPoolExecutor(max_workers=jobs) as executor:
+    with ProcessPoolExecutor(max_workers=jobs, initializer=worker_init, initargs=(os.getpid(),)) as executor:
         yield Backend(executor, "processes", jobs)

@@ -26,7 +26,10 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +111,10 @@ class Study:
 
     def points(self) -> list[Point]:
         """Every point of the cartesian product of the axes, validated, in study order."""
-        points = []
+        return list(self.iter_points())
+
+    def iter_points(self) -> Iterator[Point]:
+        """The points one at a time, in study order (a sweep of any size holds only the ones in flight)."""
         combos = itertools.product(*[range(len(axis)) for axis in self.axes])
         for index, combo in enumerate(combos):
             labels: dict[str, str] = {}
@@ -117,14 +123,17 @@ class Study:
                 labels[axis.name] = axis.labels[i]
                 overrides.update(axis.settings[i])
             scenario = self._build(overrides, "point " + ", ".join(f"{k}={v}" for k, v in labels.items()))
-            points.append(Point(index, labels, overrides, scenario))
-        return points
+            yield Point(index, labels, overrides, scenario)
+
+    @cached_property
+    def _base_pickle(self) -> bytes:
+        return pickle.dumps(self.base_document, protocol=pickle.HIGHEST_PROTOCOL)
 
     def base_scenario(self) -> Scenario:
         return self._build({}, "base scenario")
 
     def _build(self, overrides: dict[str, Any], where: str) -> Scenario:
-        document = copy.deepcopy(self.base_document)
+        document = pickle.loads(self._base_pickle)  # a deep copy, several times faster than copy.deepcopy
         try:
             apply_settings(document, overrides)
             if COUNT_KEY in overrides and SPLIT_KEY not in overrides and SPLIT_KEY not in self.spec.set:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pandas as pd
 from ..scheduling.records import legacy_record
 from ..sim import simulate
 from ..trace import Record, Trace, write_chrome_trace
+from .folder import write_atomic, write_json_atomic
 from .outcome import config_key
 from .study import STRATEGY_KEY, Point, Study, format_label, get_dotted
 
@@ -32,12 +34,21 @@ def _chosen_label(study: Study, axis_index: int) -> str:
     return axis.labels[len(axis) // 2]
 
 
-def representative_points(study: Study, points: list[Point]) -> dict[str, Point]:
+def representative_labels(study: Study) -> dict[str, str]:
+    """The label of every axis but the strategy at the representative points."""
+    return {axis.name: _chosen_label(study, i) for i, axis in enumerate(study.axes) if axis.name != STRATEGY_KEY}
+
+
+def is_representative(point: Point, chosen: dict[str, str]) -> bool:
+    return all(point.labels[name] == label for name, label in chosen.items())
+
+
+def representative_points(study: Study, points: Iterable[Point]) -> dict[str, Point]:
     """One point per strategy, at the same values of every other axis."""
-    chosen = {axis.name: _chosen_label(study, i) for i, axis in enumerate(study.axes) if axis.name != STRATEGY_KEY}
+    chosen = representative_labels(study)
     found: dict[str, Point] = {}
     for point in points:
-        if all(point.labels[name] == label for name, label in chosen.items()):
+        if is_representative(point, chosen):
             found.setdefault(point.scenario.strategy.name, point)
     return found
 
@@ -56,13 +67,15 @@ def write_traces(out: Path, representatives: dict[str, Point], code: str = "") -
         entry = old.get(strategy, {})
         if entry.get("config_key") != key or not chrome.is_file() or not records.is_file():
             trace = simulate(point.scenario)
-            write_chrome_trace(trace, chrome)
-            trace.to_frame().to_parquet(records, index=False)
+            write_atomic(chrome, lambda path, trace=trace: write_chrome_trace(trace, path))
+            write_atomic(records, lambda path, trace=trace: trace.to_frame().to_parquet(path, index=False))
             entry = {"config_key": key, "point": point.index, "labels": point.labels, "nodes": trace.nodes,
                      "engine": trace.engine, "scenario": trace.scenario, "t_start": trace.t_start,
                      "t_end": trace.t_end, "meta": trace.meta, "chrome": chrome.name, "records": records.name}
+            del trace  # one representative trace in memory at a time
         index[strategy] = entry
-    index_path.write_text(json.dumps(index, indent=1, default=str))
+        write_json_atomic(index_path, index)  # after each: a kill keeps the traces already written
+    write_json_atomic(index_path, index)
     return index
 
 
