@@ -59,6 +59,8 @@ def worker_init(parent: int) -> None:
     included), and leaves SIGINT (Ctrl-C, sent to the whole terminal group) to the sweep process, which ends
     the workers itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # not the sweep's handlers, inherited by the fork: end quietly
+        signal.signal(signum, signal.SIG_DFL)
     if os.getppid() != parent:
         os._exit(1)
     threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
