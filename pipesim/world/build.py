@@ -40,7 +40,7 @@ class Pipeline:
     """One model's stages: ``nodes[k]`` holds ``layer_ranges[k]`` of ``spec``; ``nodes[0]`` is its head.
 
     ``accuracy``: how often this model's token equals the target's (1.0 for the target itself); ``cost_source``
-    says where its costs come from (``roofline`` or the profile's path).
+    says where its costs come from (``roofline``, ``floor`` or the profile's path).
     """
 
     level: int
@@ -116,11 +116,6 @@ class World:
         return [pipeline.cost_source for pipeline in self.pipelines]
 
 
-def node_profiles(scenario: Scenario) -> list[NodeProfile]:
-    """Every node's figures: the cluster template (or its hardware type) with per-node overrides."""
-    return scenario_nodes(scenario)
-
-
 def acceptance_seed(scenario: Scenario) -> int:
     """The seed of the acceptance draws: one formula for every engine."""
     return scenario.acceptance.seed + 7919 * scenario.workload.seed
@@ -149,7 +144,7 @@ def _chain_pipelines(scenario: Scenario, target_profile: HardwareProfile | None,
         pipelines.append(Pipeline(
             i, spec, tuple(group), tuple(split_layers(spec.n_layers, None, len(group))),
             _cost(spec, scenario, profile, "target"), _payloads(spec, scenario), accuracies[i],
-            path or "roofline", is_target))
+            path or scenario.cluster.cost_model, is_target))
     return pipelines
 
 
@@ -161,7 +156,7 @@ def build_world(scenario: Scenario) -> World:
     target = models.target_spec()
     draft = models.draft_spec()
     profile = HardwareProfile.load(cluster.profile) if cluster.profile is not None else None
-    nodes = node_profiles(scenario)
+    nodes = scenario_nodes(scenario)
     if scenario.strategy.name in CHAIN_STRATEGIES:
         pipelines = _chain_pipelines(scenario, profile, cluster.profile)
         draft_cost = None
@@ -169,7 +164,7 @@ def build_world(scenario: Scenario) -> World:
         ranges = split_layers(target.n_layers, scenario.placement.layer_split, cluster.count)
         pipelines = [Pipeline(0, target, tuple(range(cluster.count)), tuple(ranges),
                               _cost(target, scenario, profile, "target"), _payloads(target, scenario), 1.0,
-                              cluster.profile or "roofline")]
+                              cluster.profile or cluster.cost_model)]
         draft_cost = _cost(draft, scenario, profile, "draft") if draft else None
     verify_overhead = scenario.head.verify_overhead or (profile.verify_overhead if profile is not None else 0.0)
     host_of: list[str | None] = [None] * len(nodes)
@@ -181,8 +176,9 @@ def build_world(scenario: Scenario) -> World:
                 host_of[i], slowdown[i] = coefficients.host or None, coefficients.concurrent_slowdown
     warnings = []
     if profile is not None and len(pipelines) > 1:
-        warnings = [f"level {p.level} ({p.spec.name}) keeps roofline costs: cluster.profile is the target's; give "
-                    f"its own in cluster.chain_profiles[{p.level}]" for p in pipelines[:-1] if p.cost_source == "roofline"]
+        warnings = [f"level {p.level} ({p.spec.name}) keeps {p.cost_source} costs: cluster.profile is the target's; "
+                    f"give its own in cluster.chain_profiles[{p.level}]" for p in pipelines[:-1]
+                    if p.cost_source == cluster.cost_model]
     return World(scenario, nodes, pipelines, draft_cost, profile, verify_overhead,
                  SyntheticTokens(target.vocab_size, scenario.workload.seed), acceptance_seed(scenario), host_of,
                  slowdown, warnings)
