@@ -327,3 +327,17 @@ def test_a_message_that_came_during_a_sleep_is_found_by_the_next_poll(tmp_path):
                             text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "found at the first poll: 20" in result.stdout
+
+
+def test_speculation_waits_for_kv_room_instead_of_overflowing(tmp_path):
+    """Slow links and a small KV headroom: PipeInfer used to fill the stages' caches and die (KVCacheFullError);
+    the head now waits for verifications to free partitions, in the executor and in the simulator alike."""
+    sets = ["executor.link_emulation=true", "network.latency=50ms", "workload.generate_tokens=24",
+            "executor.kv_headroom=8", "executor.oracle_cost=none"]
+    entry = run_job(TINY, 2, ["strategy.name=pipeinfer"], tmp_path, *sets)[0]
+    meta = entry["trace"]["meta"]
+    assert meta["matches_reference"] is True
+    assert meta["kv_capacity"] == 16 + 24 + 8 and max(meta["kv_max_cells"]) <= meta["kv_capacity"]
+    throttled = compute_metrics(simulate(load_scenario(TINY, sets)))
+    roomy = compute_metrics(simulate(load_scenario(TINY, [*sets, "executor.kv_headroom=100000"])))
+    assert throttled["generated_tokens"] == 24 and throttled["runs_launched"] < roomy["runs_launched"]

@@ -106,3 +106,4 @@ def test_partition_pool_is_fifo_and_bounded():
 ])
 def test_common_prefix_len(a, b, expected):
     assert common_prefix_len(a, b) == expected
+

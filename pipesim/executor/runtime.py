@@ -98,7 +98,7 @@ class RankRuntime:
             prompt, tokenizer, store = self._head_setup(plan)
         setup = np.zeros(2, dtype=np.int64)
         if rank == 0:
-            capacity = len(prompt) + scenario.workload.generate_tokens + ex.kv_headroom
+            capacity = world.kv_capacity(len(prompt))
             for peer in range(1, self.size):
                 comm.Send(np.asarray([capacity, plan.max_seqs], dtype=np.int64), dest=peer, tag=TAG_SETUP)
         else:
@@ -128,7 +128,7 @@ class RankRuntime:
         if is_head:
             strategy = make_strategies(scenario.strategy.name, parts.prompt, scenario.workload.generate_tokens,
                                        scenario.strategy.params(), parts.stop_tokens, len(plan.pipelines),
-                                       level.index if len(plan.pipelines) > 1 else None)[0]
+                                       level.index if len(plan.pipelines) > 1 else None, capacity)[0]
             head = Head(strategy, level.ranks, level_heads, level.index, backend, parts.drafter, messenger,
                         self.clock, records, plan.node_names[rank], deadline, parts.verify_sleep, fault,
                         parts.early_oracle, parts.predict)

@@ -161,7 +161,8 @@ class SimulationEngine:
         prompt = world.prompt()
         if strategies is None:
             strategies = make_strategies(scenario.strategy.name, prompt, scenario.workload.generate_tokens,
-                                         scenario.strategy.params(), n_levels=len(world.pipelines))
+                                         scenario.strategy.params(), n_levels=len(world.pipelines),
+                                         kv_capacity=world.kv_capacity(len(prompt)))
         elif isinstance(strategies, Strategy):
             strategies = [strategies]
         self.env = simpy.Environment()

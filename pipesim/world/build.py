@@ -112,6 +112,12 @@ class World:
                     transport[(index[src], index[dst])] = (link.latency, link.bandwidth)
         return Network(self.node_names, scenario.network.bandwidth, scenario.network.latency, overrides, transport)
 
+    def kv_capacity(self, prompt_len: int | None = None) -> int:
+        """KV cells of every stage's cache, as the executor sizes them: prompt + generated tokens + headroom."""
+        workload = self.scenario.workload
+        prompt = workload.prompt_tokens if prompt_len is None else prompt_len
+        return prompt + workload.generate_tokens + self.scenario.executor.kv_headroom
+
     def cost_sources(self) -> list[str]:
         return [pipeline.cost_source for pipeline in self.pipelines]
 

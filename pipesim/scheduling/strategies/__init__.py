@@ -30,9 +30,18 @@ def _lookup(name: str) -> type[Strategy]:
 
 
 def make_strategies(name: str, prompt: Sequence[int], n_generate: int, params: dict[str, Any] | None = None,
-                    stop_tokens: Sequence[int] = (), n_levels: int = 1, level: int | None = None) -> list[Strategy]:
+                    stop_tokens: Sequence[int] = (), n_levels: int = 1, level: int | None = None,
+                    kv_capacity: int | None = None) -> list[Strategy]:
     """One strategy per pipeline: a chain's ``n_levels`` levels (drafts first; ``level`` given: that level alone,
-    with run ids unique across the chain), or the single strategy of a one-model strategy."""
+    with run ids unique across the chain), or the single strategy of a one-model strategy; ``kv_capacity``: the
+    cells of every stage's KV cache, for back-pressure."""
+    strategies = _make(name, prompt, n_generate, params, stop_tokens, n_levels, level)
+    for strategy in strategies:
+        strategy.kv_capacity = kv_capacity
+    return strategies
+
+
+def _make(name, prompt, n_generate, params, stop_tokens, n_levels, level) -> list[Strategy]:
     cls = _lookup(name)
     params = dict(params or {})
     if cls.expects_messages:

@@ -41,7 +41,9 @@ class PipeInferStrategy(Strategy):
     Parameters: ``micro_batch`` drafted tokens per speculative run (1-4 in the paper), ``min_confidence`` the
     draft-probability cut-off below which drafting stops, ``max_runs_in_flight`` a bound on valid runs in the
     pipeline (None: bounded by the partition pool only, as in the paper's code), ``n_partitions`` the size of
-    the KV partition pool, ``early_cancellation`` whether invalidated runs are cancelled.
+    the KV partition pool, ``early_cancellation`` whether invalidated runs are cancelled. With ``kv_capacity``
+    (set by the engine from the stages' KV caches) no speculation starts that would not fit them: the head waits
+    for verifications to free partitions instead (back-pressure).
     """
 
     name = "pipeinfer"
@@ -67,6 +69,7 @@ class PipeInferStrategy(Strategy):
         self._draft_epoch = 0
         self._epoch = 0  # bumped whenever the speculative continuation is thrown away
         self._draft_stalled = False
+        self._spec_cells = 0  # KV cells the partitions of in-flight speculative runs hold (their own tokens)
 
     # -- events ------------------------------------------------------------------------------------
     def start(self) -> list[Action]:
@@ -113,6 +116,7 @@ class PipeInferStrategy(Strategy):
         launch = self._launch(list(tokens), len(self.sequence) + len(self._drafted), seq_ids=(partition,),
                               speculative=True, parent=previous.run_id, partition=partition, kind="spec")
         self._drafted.extend(tokens)
+        self._spec_cells += len(tokens)
         return [self._push(launch)]
 
     def _push(self, launch):
@@ -127,13 +131,21 @@ class PipeInferStrategy(Strategy):
             return []
         if self.max_runs_in_flight is not None and len(self._chain) >= self.max_runs_in_flight:
             return []
-        if self.pool.n_free == 0:
+        if self.pool.n_free == 0 or not self._fits(self.micro_batch):
             return []
         context = (*self.sequence, *self._drafted)
         self._draft_request = RequestDraft(self._new_request_id(), context, self.micro_batch, len(self.sequence),
                                            self.min_confidence)
         self._draft_epoch = self._epoch
         return [self._draft_request]
+
+    def _fits(self, n_tokens: int) -> bool:
+        """Back-pressure: ``n_tokens`` more speculative tokens fit every stage's KV cache (its committed cells,
+        the cell of the next token, the cells of the partitions in flight: partitions released meanwhile are
+        removed by operations that travel ahead of the next run)."""
+        if self.kv_capacity is None:
+            return True
+        return len(self.sequence) + 1 + self._spec_cells + n_tokens <= self.kv_capacity
 
     def _resolve_front(self) -> list[Action]:
         """Verify the oldest in-flight run against its predictions and commit what it decides."""
@@ -175,6 +187,7 @@ class PipeInferStrategy(Strategy):
             self._queue_kv(KVOp("cp", run.partition, dst=CANONICAL_SEQ, p0=run.first_position, p1=last_committed))
         self._queue_kv(KVOp("rm", run.partition))
         self.pool.release(run.partition)
+        self._spec_cells -= run.n_tokens
 
     def _invalidate_chain(self) -> list[Action]:
         """Throw away every in-flight run and drafted token: cancel the runs and free their partitions."""
@@ -188,6 +201,7 @@ class PipeInferStrategy(Strategy):
             if link.run.speculative:
                 self._queue_kv(KVOp("rm", link.run.partition))
                 self.pool.release(link.run.partition)
+                self._spec_cells -= link.run.n_tokens
         self._chain.clear()
         actions: list[Action] = [InvalidateRuns(run_ids)]
         if self.early_cancellation:

@@ -48,4 +48,6 @@ class SpeedStrategy(PipeInferStrategy):
             return []  # the run was invalidated, or a later run already continues the chain
         if self.max_runs_in_flight is not None and len(self._chain) >= self.max_runs_in_flight:
             return []
+        if not self._fits(1):
+            return []
         return self._launch_speculative([token])
