@@ -143,7 +143,7 @@ def run_executor(scenario: str, ranks: int, sets: list[str], variants: list[tupl
     """One executor job running every configuration (models loaded once); returns the saved traces."""
     saved = out / "measured_traces.json"
     command = [sys.executable, "-m", "pipesim.cli", "run", scenario, "--ranks", str(ranks),
-               "--save-trace", str(saved)]
+               "--save-trace", str(saved), "--set", "executor.stop_at_eos=false"]  # as many tokens as simulated
     for assignment in sets:
         command += ["--set", assignment]
     for *_, variant in variants:
@@ -437,6 +437,13 @@ def _cmd_validate(args) -> int:
     return 0
 
 
+def _builtin_grid_summary() -> str:
+    grid = Grid()
+    return (f"strategies {', '.join(grid.strategies)} x alpha {', '.join(map(str, grid.alphas))} x bandwidth "
+            f"{', '.join(grid.bandwidths)}, latency {grid.latency}, {grid.generate_tokens} tokens, "
+            f"{grid.rounds} round")
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "validate", help="run executor and simulator on the same configurations and report the simulator's error",
@@ -444,11 +451,15 @@ def register(subparsers) -> None:
                     "executor on the profile's scenario and ranks, simulate the same with the profile, and write "
                     "validation.csv (config, metric, predicted, measured, rel_error), a summary, a parity plot and "
                     "a simulated-vs-measured timeline into --out.")
-    parser.add_argument("profile", nargs="+", help="hardware profile(s) from `pipesim calibrate`")
-    parser.add_argument("--grid", help="YAML with strategies, alphas, bandwidths, latency, generate_tokens, seed")
-    parser.add_argument("--tokens", type=int, help="override the grid's generate_tokens")
-    parser.add_argument("--rounds", type=int, help="override the grid's rounds (each configuration runs this often, "
-                                                   "rotated order; the median-throughput round counts)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--timeout", type=float, default=3600, help="bound on each executor job, seconds")
+    parser.add_argument("profile", nargs="+", metavar="PROFILE", help="hardware profile(s) from `pipesim calibrate`")
+    parser.add_argument("--grid", metavar="FILE",
+                        help="YAML with strategies, alphas, bandwidths, latency, generate_tokens, rounds, seed "
+                             f"(default: the built-in grid, {_builtin_grid_summary()})")
+    parser.add_argument("--tokens", type=int, metavar="N", help="override the grid's generate_tokens (default: the grid's)")
+    parser.add_argument("--rounds", type=int, metavar="N",
+                        help="override the grid's rounds (each configuration runs this often, rotated order; the "
+                             "median-throughput round counts) (default: the grid's)")
+    parser.add_argument("--out", default="runs/validation", metavar="DIR", help="output folder")
+    parser.add_argument("--timeout", type=float, default=3600, metavar="SECONDS", help="bound on each executor job")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     parser.set_defaults(func=_cmd_validate)
