@@ -40,11 +40,17 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-def print_metrics(metrics: dict[str, Any], file=sys.stdout) -> None:
-    """Metrics as an aligned two-column table."""
+def print_metrics(metrics: dict[str, Any], file=sys.stdout, simulated: bool | None = None) -> None:
+    """Metrics as an aligned table: key, value and (when ``simulated`` is given) its unit."""
+    from .describe import metric_unit
+
     width = max(len(k) for k in metrics)
-    for key, value in metrics.items():
-        print(f"{key:<{width}}  {_format_value(value)}", file=file)
+    values = {key: _format_value(value) for key, value in metrics.items()}
+    value_width = min(24, max(len(v) for v in values.values()))
+    for key, value in values.items():
+        unit = metric_unit(key, simulated) if simulated is not None else ""
+        line = f"{key:<{width}}  {value:<{value_width}}  {unit}" if unit else f"{key:<{width}}  {value}"
+        print(line.rstrip(), file=file)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -68,8 +74,13 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(metrics))
     else:
-        print(f"simulated: scenario {scenario.name!r}, strategy {scenario.strategy.name}")
-        print_metrics(metrics)
+        from .describe import describe_scenario
+
+        print(f"simulated: scenario {scenario.name!r}, strategy {scenario.strategy.name} (SimPy model: every "
+              f"time below is simulated time, not a measurement)")
+        print("\n".join(describe_scenario(scenario)))
+        print()
+        print_metrics(metrics, simulated=True)
         if args.trace:
             print(f"trace written to {args.trace} (open in ui.perfetto.dev)")
     return 0

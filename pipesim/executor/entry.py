@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = runtime.generate(plan)
             if rank != 0:
                 continue
-            print_result(result.metrics, label, args.json)
+            print_result(result.metrics, label, args.json, scenario=plan.scenario)
             write_files(result, index, len(plans), args.trace, args.records)
             if args.save_trace:
                 saved.append({"variant": label, "metrics": result.metrics, "trace": result.trace.to_json()})

@@ -56,19 +56,24 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+# catalog shapes that are not published models
+TEST_MODELS = {"tiny-llama": "test model (random weights; the executor's tests and tiny scenarios)"}
+
+
 def _list(args: argparse.Namespace) -> int:
-    header = ("name", "layers", "d_model", "heads", "kv_heads", "d_ffn", "vocab", "params")
+    header = ("name", "layers", "d_model", "heads", "kv_heads", "d_ffn", "vocab", "params", "kind")
     rows = [
-        (s.name, s.n_layers, s.d_model, s.n_heads, s.n_kv_heads, s.d_ffn, s.vocab_size, _human(s.n_params))
+        (s.name, s.n_layers, s.d_model, s.n_heads, s.n_kv_heads, s.d_ffn, s.vocab_size, _human(s.n_params),
+         TEST_MODELS.get(s.name, "published model shape"))
         for s in CATALOG.values()
     ]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print(
             "  ".join(
-                str(v).ljust(w) if i == 0 else str(v).rjust(w)
+                str(v).ljust(w) if i in (0, len(header) - 1) else str(v).rjust(w)
                 for i, (v, w) in enumerate(zip(row, widths, strict=True))
-            )
+            ).rstrip()
         )
     print()
     print("fetchable model files:")
