@@ -40,10 +40,11 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-def print_metrics(metrics: dict[str, Any], file=sys.stdout, simulated: bool | None = None) -> None:
+def print_metrics(metrics: dict[str, Any], file=None, simulated: bool | None = None) -> None:
     """Metrics as an aligned table: key, value and (when ``simulated`` is given) its unit."""
     from .describe import metric_unit
 
+    file = file or sys.stdout
     width = max(len(k) for k in metrics)
     values = {key: _format_value(value) for key, value in metrics.items()}
     value_width = min(24, max(len(v) for v in values.values()))
