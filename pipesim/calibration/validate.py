@@ -304,7 +304,24 @@ def _summarize_scope(scope: str, table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def parity_figure(table: pd.DataFrame, path: Path) -> None:
+COMPUTE_MARKERS = {"real": "o", "emulated": "s"}  # the parity plot's marker per compute mode
+
+
+def metric_unit_label(metric: str) -> str:
+    """The unit of a validated metric, for axis labels."""
+    if metric.startswith("node_utilization"):
+        return "fraction busy"
+    if metric.endswith("per_s"):
+        return "tokens/s"
+    return "s" if metric.endswith("_s") else ""
+
+
+def parity_figure(table: pd.DataFrame, path: Path):
+    """Predicted against measured, one panel per metric: colour by strategy, marker by compute mode (circles
+    real, squares emulated); returns the figure (also saved to ``path``)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullFormatter
+
     from ..reports.figures import new_figure
 
     metrics = [m for m in METRICS if (table["metric"] == m).any()]
@@ -313,21 +330,29 @@ def parity_figure(table: pd.DataFrame, path: Path) -> None:
     colors = {"iterative": "#636363", "speculative": "#3182bd", "pipeinfer": "#de2d26"}
     for ax, metric in zip(axes, metrics, strict=True):
         part = table[table["metric"] == metric]
-        for strategy, rows in part.groupby("strategy"):
-            ax.scatter(rows["measured"], rows["predicted"], s=22, label=strategy, color=colors.get(strategy),
-                       marker="o" if (rows["compute"] == "real").all() else "s")
+        for (strategy, compute), rows in part.groupby(["strategy", "compute"]):
+            ax.scatter(rows["measured"], rows["predicted"], s=22, label=f"{strategy}, {compute}",
+                       color=colors.get(strategy), marker=COMPUTE_MARKERS.get(compute, "^"))
         lo = min(part["measured"].min(), part["predicted"].min()) * 0.9
         hi = max(part["measured"].max(), part["predicted"].max()) * 1.1
         ax.plot([lo, hi], [lo, hi], color="black", lw=0.8)
         ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="#bbbbbb", alpha=0.3, lw=0)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):  # labelled minor ticks of a short log range overlap
+            axis.set_minor_formatter(NullFormatter())
         median = part["rel_error"].abs().median()
+        unit = metric_unit_label(metric)
         ax.set_title(f"{metric}: median |error| {median:.1%}", fontsize=9)
-        ax.set_xlabel("measured (executor)")
-        ax.set_ylabel("predicted (simulator)")
-    axes[0].legend(fontsize=8, title="circles: real compute; squares: emulated", title_fontsize=7)
+        ax.set_xlabel(f"measured (executor), {unit}" if unit else "measured (executor)")
+        ax.set_ylabel(f"predicted (simulator), {unit}" if unit else "predicted (simulator)")
+    strategies = sorted(set(table["strategy"]))
+    handles = [Line2D([], [], ls="", marker="o", color=colors.get(s), label=s) for s in strategies]
+    handles += [Line2D([], [], ls="", marker=COMPUTE_MARKERS.get(c, "^"), color="black", mfc="none",
+                       label=f"{c} compute") for c in sorted(set(table["compute"]))]
+    axes[0].legend(handles=handles, fontsize=8)
     figure.savefig(path)
+    return figure
 
 
 def trace_comparison_figure(simulated: Trace, measured: Trace, config: str, path: Path) -> None:
