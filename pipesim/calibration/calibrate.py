@@ -244,6 +244,13 @@ def default_profile_path(scenario: str) -> Path:
 def _cmd_calibrate(args) -> int:
     out = Path(args.out) if args.out else default_profile_path(args.scenario)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if not args.quiet and not args.from_raw:
+        from .probe import ITERATIVE_REPEATS
+
+        print(f"calibrate: probing {args.ranks} ranks ({args.repeats} repeats per grid point, then "
+              f"{ITERATIVE_REPEATS} iterative generations of {args.iterative_tokens} tokens); a real SmolLM2 "
+              f"on 2 cores takes about 2-3 minutes, bounded by --timeout {args.timeout:.0f} s",
+              file=sys.stderr, flush=True)
     profile, quality = calibrate(args.scenario, args.ranks, out, args.set, args.repeats, args.hostfile,
                                  Path(args.from_raw) if args.from_raw else None, args.timeout,
                                  ["--iterative-tokens", str(args.iterative_tokens)])

@@ -26,6 +26,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,22 +140,44 @@ def _replay_overrides(trace: Trace, scenario) -> list[str]:
 
 
 def run_executor(scenario: str, ranks: int, sets: list[str], variants: list[tuple[Any, ...]], out: Path,
-                 timeout: float) -> tuple[list[dict], str]:
-    """One executor job running every configuration (models loaded once); returns the saved traces."""
+                 timeout: float, progress: bool = False) -> tuple[list[dict], str]:
+    """One executor job running every configuration (models loaded once); returns the saved traces. With
+    ``progress``, a bar on stderr counts the generations as the job reports them."""
+    from tqdm import tqdm
+
+    from ..executor.launcher import _kill_group
+
     saved = out / "measured_traces.json"
-    command = [sys.executable, "-m", "pipesim.cli", "run", scenario, "--ranks", str(ranks),
+    command = [sys.executable, "-m", "pipesim.cli", "run", scenario, "--ranks", str(ranks), "--json",
                "--save-trace", str(saved), "--set", "executor.stop_at_eos=false"]  # as many tokens as simulated
     for assignment in sets:
         command += ["--set", assignment]
     for *_, variant in variants:
         command += ["--variant", ";".join(variant)]
-    result = subprocess.run(command, timeout=timeout, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise ScenarioError(f"executor run failed (exit {result.returncode}): {result.stderr.strip()[-500:]}")
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    timer = threading.Timer(timeout, _kill_group, (process,))
+    timer.start()
+    errors: list[str] = []
+    reader = threading.Thread(target=lambda: errors.extend(process.stderr), daemon=True)
+    reader.start()
+    try:
+        with tqdm(total=len(variants), desc="validate: executor generations", unit="run", file=sys.stderr,
+                  disable=not progress) as bar:
+            for line in process.stdout:
+                if line.startswith("{"):
+                    bar.update(1)
+        returncode = process.wait()
+    finally:
+        timer.cancel()
+    reader.join(timeout=5)
+    if returncode != 0:
+        raise ScenarioError(f"executor run failed (exit {returncode}): {''.join(errors).strip()[-500:]}")
     return json.loads(saved.read_text()), shlex.join(command)
 
 
-def validate_profile(profile_path: Path, grid: Grid, out: Path, timeout: float = 3600) -> tuple[pd.DataFrame, dict]:
+def validate_profile(profile_path: Path, grid: Grid, out: Path, timeout: float = 3600,
+                     progress: bool = False) -> tuple[pd.DataFrame, dict]:
     """Executor vs simulator on every configuration of ``grid`` for one profile; returns the tidy error rows."""
     profile = HardwareProfile.load(profile_path)
     scenario_path = profile.meta["scenario"]
@@ -163,7 +186,7 @@ def validate_profile(profile_path: Path, grid: Grid, out: Path, timeout: float =
                  f"workload.seed={grid.seed}"]
     has_draft = load_scenario(scenario_path, base_sets).models.draft is not None  # one clear error up front
     schedule = grid.schedule(has_draft)
-    saved, command = run_executor(scenario_path, ranks, base_sets, schedule, out, timeout)
+    saved, command = run_executor(scenario_path, ranks, base_sets, schedule, out, timeout, progress)
     runs: dict[str, list[tuple[int, dict]]] = {}
     for (round_index, label, _), entry in zip(schedule, saved, strict=True):
         runs.setdefault(label, []).append((round_index, entry))
@@ -365,13 +388,14 @@ def trace_comparison_figure(simulated: Trace, measured: Trace, config: str, path
     out.figure.savefig(path)
 
 
-def validate(profiles: list[Path], grid: Grid, out: Path, timeout: float = 3600) -> pd.DataFrame:
+def validate(profiles: list[Path], grid: Grid, out: Path, timeout: float = 3600,
+             progress: bool = False) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     tables, commands, traces, anchoring = [], [], {}, {}
     for profile in profiles:
         sub = out / profile.stem
         sub.mkdir(parents=True, exist_ok=True)
-        table, info = validate_profile(profile, grid, sub, timeout)
+        table, info = validate_profile(profile, grid, sub, timeout, progress)
         tables.append(table)
         commands.append(info["command"])
         traces.update(info["traces"])
@@ -452,7 +476,7 @@ def _cmd_validate(args) -> int:
         if args.rounds < 1:
             raise ScenarioError(f"--rounds must be >= 1, got {args.rounds}")
         grid.rounds = args.rounds
-    table = validate([Path(p) for p in args.profile], grid, Path(args.out), args.timeout)
+    table = validate([Path(p) for p in args.profile], grid, Path(args.out), args.timeout, progress=not args.quiet)
     summary = summarize(table)
     print(f"validation of {table['config'].nunique()} configurations written to {args.out}/validation.csv")
     for row in summary.itertuples(index=False):
