@@ -379,7 +379,7 @@ def _format_validation_error(error: ValidationError, document: dict[str, Any]) -
         if item["type"] == "missing":
             problems.append(f"{location}: missing required field")
         elif item["type"] == "extra_forbidden":
-            problems.append(f"{location}: unknown field{_did_you_mean(tuple(item['loc']))}")
+            problems.append(f"{location}={item.get('input')!r}: unknown field{_did_you_mean(tuple(item['loc']))}")
         elif location:
             problems.append(f"{location}={item.get('input')!r}: {message}")
         else:
