@@ -7,11 +7,12 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import plan as plan_commands
 from .calibration import calibrate, validate
+from .describe import describe_scenario, print_metrics
 from .executor import commands as executor_commands
-from .metrics import print_metrics
 from .models import commands as model_commands
 from .reports import commands as report_commands
 from .scenario import SET_HELP, STRATEGY_NAMES, ScenarioError, load_cli_scenario
@@ -40,28 +41,63 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(metrics))
     else:
-        print(f"simulated: scenario {scenario.name!r}, strategy {scenario.strategy.name}")
-        print_metrics(metrics)
+        print(f"simulated: scenario {scenario.name!r}, strategy {scenario.strategy.name} (SimPy model: every "
+              f"time below is simulated time, not a measurement)")
+        print("\n".join(describe_scenario(scenario)))
+        print()
+        print_metrics(metrics, simulated=True)
         if args.trace:
             print(f"trace written to {args.trace} (open in ui.perfetto.dev)")
     return 0
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help unless the help already names its default or it has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text.lower() or not action.option_strings or action.default in (None, False, [])
+                or action.default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose help shows defaults; sub-commands (and theirs) inherit it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def package_version() -> str:
+    """The installed distribution's version (the source tree's when run from a checkout that is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pipesim")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="pipesim",
         description="Predict (simulate) and measure (execute) pipelined speculative LLM inference.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"pipesim {package_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     sub.required = True
 
     sim = sub.add_parser("simulate", help="simulate a scenario with the SimPy model",
                          description="Simulate a scenario and print its metrics (simulated time, not measured).")
-    sim.add_argument("scenario", nargs="?", default=None,
+    sim.add_argument("scenario", nargs="?", default=None, metavar="SCENARIO",
                      help="scenario YAML file (default: the built-in default scenario)")
     sim.add_argument("--strategy", choices=STRATEGY_NAMES, help="override strategy.name")
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
-    sim.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace JSON of the run")
-    sim.add_argument("--records", metavar="FILE", help="write the raw trace records (.csv or .parquet)")
+    sim.add_argument("--trace", metavar="FILE",
+                     help="for viewing: a Chrome/Perfetto trace JSON of the run (open in ui.perfetto.dev)")
+    sim.add_argument("--records", metavar="FILE",
+                     help="for analysis: the raw trace records as a table (.csv or .parquet)")
     sim.add_argument("--json", action="store_true", help="print one JSON object with the metrics")
     sim.set_defaults(func=_cmd_simulate)
 

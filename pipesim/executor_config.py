@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ExecutorConfig(BaseModel):
@@ -25,7 +25,9 @@ class ExecutorConfig(BaseModel):
     link_emulation: bool = Field(False, description="delay each message by latency + bytes/bandwidth of the scenario")
     prompt: str | None = Field(None, description="prompt text (real models); default: synthetic prompt tokens")
     chat: bool = Field(False, description="wrap the prompt in the model's chat template (GGUF models)")
-    stop_at_eos: bool = Field(False, description="stop generating at the model's end-of-sequence token")
+    stop_at_eos: bool = Field(False, description="stop generating at the model's end-of-sequence token (for "
+                                                  "SmolLM2 <|im_end|>, the end of the turn); default: true "
+                                                  "when chat is set, else false")
     threads_per_rank: int = Field(1, ge=1, description="torch threads per rank")
     kv_headroom: int = Field(512, ge=0, description="KV cells per stage beyond prompt + generated tokens")
     poll_interval_s: float = Field(0.0005, gt=0, le=0.01, description="longest sleep of a waiting rank")
@@ -43,3 +45,11 @@ class ExecutorConfig(BaseModel):
     chain_models: list[str] | None = Field(
         None, description="pipespec, real compute: weights of the draft models of models.chain, smallest first "
                           "(e.g. [tiny-llama@1, tiny-llama@2]); executor.model is the target")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stop_at_end_of_turn(cls, data: Any) -> Any:
+        """A chat prompt stops at the end of its turn unless ``stop_at_eos`` says otherwise."""
+        if isinstance(data, dict) and data.get("stop_at_eos") is None and data.get("chat"):
+            data = {**data, "stop_at_eos": True}
+        return data

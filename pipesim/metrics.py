@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -124,20 +123,3 @@ def clean_for_json(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def format_value(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={format_value(v)}" for k, v in value.items())
-    return str(value)
-
-
-def print_metrics(metrics: dict[str, Any], file=sys.stdout) -> None:
-    """Metrics as an aligned two-column table."""
-    width = max(len(k) for k in metrics)
-    for key, value in metrics.items():
-        print(f"{key:<{width}}  {format_value(value)}", file=file)

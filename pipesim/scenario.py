@@ -486,6 +486,39 @@ def apply_overrides(document: dict[str, Any], assignments: list[str]) -> dict[st
     return document
 
 
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that holds the field at ``loc`` (list indices skipped), or None."""
+    import typing
+
+    model: type[BaseModel] = Scenario
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        candidates += [arg for c in candidates for arg in typing.get_args(c)]
+        found = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not found:
+            return None
+        model = found[0]
+    return model
+
+
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    """' (did you mean `x`?)' for an unknown key close to a field of its section, else its known fields."""
+    import difflib
+
+    model = _section_model(loc)
+    if model is None or not loc:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean `{close[0]}`?)"
+    return f" (known fields: {', '.join(model.model_fields)})"
+
+
 def _format_validation_error(error: ValidationError, document: dict[str, Any]) -> str:
     problems = []
     for item in error.errors():
@@ -493,6 +526,8 @@ def _format_validation_error(error: ValidationError, document: dict[str, Any]) -
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "missing":
             problems.append(f"{location}: missing required field")
+        elif item["type"] == "extra_forbidden":
+            problems.append(f"{location}={item.get('input')!r}: unknown field{_did_you_mean(tuple(item['loc']))}")
         elif location and isinstance(item.get("input"), dict):
             problems.append(f"{location}: {message}")
         elif location:

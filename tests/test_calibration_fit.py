@@ -201,3 +201,38 @@ def test_every_round_runs_its_configurations_between_anchors():
         assert labels[:2] == anchors and labels[-2:] == anchors
         assert sorted(labels[2:-2]) == sorted(configurations)  # every configuration once, order rotated
     assert [label for i, label, _ in schedule if i == 1][2:-2] != configurations
+
+
+def test_parity_plot_marks_each_compute_mode_with_its_own_marker(tmp_path):
+    """Circles for real compute, squares for emulated, whatever the strategy (the legend says so)."""
+    import pandas as pd
+    from matplotlib.markers import MarkerStyle
+
+    from pipesim.calibration.validate import parity_figure
+
+    rows = []
+    for compute in ("real", "emulated"):
+        for strategy in ("iterative", "pipeinfer"):
+            for metric, value in (("tokens_per_s", 10.0), ("ttft_s", 0.2)):
+                rows.append({"config": f"{compute} {strategy}", "metric": metric, "predicted": value * 1.1,
+                             "measured": value, "rel_error": 0.1, "strategy": strategy, "compute": compute})
+    figure = parity_figure(pd.DataFrame(rows), tmp_path / "parity.png")
+    assert (tmp_path / "parity.png").stat().st_size > 0
+
+    def shape(marker: str) -> np.ndarray:
+        style = MarkerStyle(marker)
+        return style.get_path().transformed(style.get_transform()).vertices
+
+    for ax in figure.axes:
+        collections = [c for c in ax.collections if c.get_label() and "," in c.get_label()]
+        assert len(collections) == 4
+        for collection in collections:
+            compute = collection.get_label().split(", ")[1]
+            drawn = collection.get_paths()[0].vertices
+            expected = shape({"real": "o", "emulated": "s"}[compute])
+            assert drawn.shape == expected.shape and np.allclose(drawn, expected), collection.get_label()
+        assert ax.xaxis.get_minor_formatter().__class__.__name__ == "NullFormatter"
+    legend = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    assert {"real compute", "emulated compute"} <= set(legend)
+    assert figure.axes[0].get_xlabel() == "measured (executor), tokens/s"
+    assert figure.axes[1].get_ylabel() == "predicted (simulator), s"

@@ -20,7 +20,7 @@ LAYERS: dict[str, int] = {
     "units": 1, "placement": 1, "executor_config": 1, "trace": 1, "hardware": 1,
     "models": 2, "metrics": 2,
     "scenario": 3,
-    "world": 4,
+    "world": 4, "describe": 4,
     "sim": 5, "executor": 5,
     "reports": 6, "plan": 6,
     "calibration": 7,

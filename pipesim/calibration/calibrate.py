@@ -238,8 +238,21 @@ def calibrate(scenario: str, ranks: int, out: Path, sets: Sequence[str] = (), re
     return profile, quality
 
 
+def default_profile_path(scenario: str) -> Path:
+    """Where ``pipesim calibrate`` writes a profile unless told: ``runs/calibration/<scenario stem>.yaml``."""
+    return Path("runs") / "calibration" / f"{Path(scenario).stem}.yaml"
+
+
 def _cmd_calibrate(args) -> int:
-    out = Path(args.out)
+    out = Path(args.out) if args.out else default_profile_path(args.scenario)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not args.quiet and not args.from_raw:
+        from .probe import ITERATIVE_REPEATS
+
+        print(f"calibrate: probing {args.ranks} ranks ({args.repeats} repeats per grid point, then "
+              f"{ITERATIVE_REPEATS} iterative generations of {args.iterative_tokens} tokens); a real SmolLM2 "
+              f"on 2 cores takes about 2-3 minutes, bounded by --timeout {args.timeout:.0f} s",
+              file=sys.stderr, flush=True)
     profile, quality = calibrate(args.scenario, args.ranks, out, args.set, args.repeats, args.hostfile,
                                  Path(args.from_raw) if args.from_raw else None, args.timeout,
                                  ["--iterative-tokens", str(args.iterative_tokens)])
@@ -278,14 +291,19 @@ def register(subparsers) -> None:
                     "sampling, draft steps), fit the simulator's cost model and write a hardware profile. On a "
                     "cluster: --hostfile for mpiexec, or run `srun python -m pipesim.calibration.probe SCENARIO "
                     "--out raw.json` yourself and fit it with --from-raw raw.json.")
-    parser.add_argument("scenario", help="scenario YAML (its executor section picks the model and compute mode)")
-    parser.add_argument("--ranks", type=int, default=2, help="number of ranks = cluster.count (default 2)")
-    parser.add_argument("--out", required=True, metavar="PROFILE.yaml", help="where to write the profile")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a scenario field")
-    parser.add_argument("--repeats", type=int, default=5, help="repetitions per grid point (medians)")
-    parser.add_argument("--hostfile", help="host file passed to mpiexec (-f) on a cluster")
-    parser.add_argument("--from-raw", metavar="RAW.json", help="fit samples a launcher already collected")
-    parser.add_argument("--iterative-tokens", type=int, default=32,
+    parser.add_argument("scenario", metavar="SCENARIO",
+                        help="scenario YAML (its executor section picks the model and compute mode)")
+    parser.add_argument("--ranks", type=int, default=2, metavar="N", help="number of ranks = cluster.count")
+    parser.add_argument("--out", default=None, metavar="FILE",
+                        help="where to write the profile (YAML; the raw samples go beside it as .raw.json) "
+                             "(default: runs/calibration/<scenario name>.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a scenario field (repeatable)")
+    parser.add_argument("--repeats", type=int, default=5, metavar="N", help="repetitions per grid point (medians)")
+    parser.add_argument("--hostfile", metavar="FILE", help="host file passed to mpiexec (-f) on a cluster")
+    parser.add_argument("--from-raw", metavar="FILE", help="fit samples a launcher already collected (raw JSON)")
+    parser.add_argument("--iterative-tokens", type=int, default=32, metavar="N",
                         help="tokens of the measured iterative generation used for the per-run dispatch time")
-    parser.add_argument("--timeout", type=float, default=1800, help="bound on the probe job, seconds")
+    parser.add_argument("--timeout", type=float, default=1800, metavar="SECONDS", help="bound on the probe job")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     parser.set_defaults(func=_cmd_calibrate)

@@ -26,6 +26,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,22 +140,44 @@ def _replay_overrides(trace: Trace, scenario) -> list[str]:
 
 
 def run_executor(scenario: str, ranks: int, sets: list[str], variants: list[tuple[Any, ...]], out: Path,
-                 timeout: float) -> tuple[list[dict], str]:
-    """One executor job running every configuration (models loaded once); returns the saved traces."""
+                 timeout: float, progress: bool = False) -> tuple[list[dict], str]:
+    """One executor job running every configuration (models loaded once); returns the saved traces. With
+    ``progress``, a bar on stderr counts the generations as the job reports them."""
+    from tqdm import tqdm
+
+    from ..executor.launcher import _kill_group
+
     saved = out / "measured_traces.json"
-    command = [sys.executable, "-m", "pipesim.cli", "run", scenario, "--ranks", str(ranks),
-               "--save-trace", str(saved)]
+    command = [sys.executable, "-m", "pipesim.cli", "run", scenario, "--ranks", str(ranks), "--json",
+               "--save-trace", str(saved), "--set", "executor.stop_at_eos=false"]  # as many tokens as simulated
     for assignment in sets:
         command += ["--set", assignment]
     for *_, variant in variants:
         command += ["--variant", ";".join(variant)]
-    result = subprocess.run(command, timeout=timeout, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise ScenarioError(f"executor run failed (exit {result.returncode}): {result.stderr.strip()[-500:]}")
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    timer = threading.Timer(timeout, _kill_group, (process,))
+    timer.start()
+    errors: list[str] = []
+    reader = threading.Thread(target=lambda: errors.extend(process.stderr), daemon=True)
+    reader.start()
+    try:
+        with tqdm(total=len(variants), desc="validate: executor generations", unit="run", file=sys.stderr,
+                  disable=not progress) as bar:
+            for line in process.stdout:
+                if line.startswith("{"):
+                    bar.update(1)
+        returncode = process.wait()
+    finally:
+        timer.cancel()
+    reader.join(timeout=5)
+    if returncode != 0:
+        raise ScenarioError(f"executor run failed (exit {returncode}): {''.join(errors).strip()[-500:]}")
     return json.loads(saved.read_text()), shlex.join(command)
 
 
-def validate_profile(profile_path: Path, grid: Grid, out: Path, timeout: float = 3600) -> tuple[pd.DataFrame, dict]:
+def validate_profile(profile_path: Path, grid: Grid, out: Path, timeout: float = 3600,
+                     progress: bool = False) -> tuple[pd.DataFrame, dict]:
     """Executor vs simulator on every configuration of ``grid`` for one profile; returns the tidy error rows."""
     profile = HardwareProfile.load(profile_path)
     scenario_path = profile.meta["scenario"]
@@ -163,7 +186,7 @@ def validate_profile(profile_path: Path, grid: Grid, out: Path, timeout: float =
                  f"workload.seed={grid.seed}"]
     has_draft = load_scenario(scenario_path, base_sets).models.draft is not None  # one clear error up front
     schedule = grid.schedule(has_draft)
-    saved, command = run_executor(scenario_path, ranks, base_sets, schedule, out, timeout)
+    saved, command = run_executor(scenario_path, ranks, base_sets, schedule, out, timeout, progress)
     runs: dict[str, list[tuple[int, dict]]] = {}
     for (round_index, label, _), entry in zip(schedule, saved, strict=True):
         runs.setdefault(label, []).append((round_index, entry))
@@ -306,7 +329,24 @@ def _summarize_scope(scope: str, table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def parity_figure(table: pd.DataFrame, path: Path) -> None:
+COMPUTE_MARKERS = {"real": "o", "emulated": "s"}  # the parity plot's marker per compute mode
+
+
+def metric_unit_label(metric: str) -> str:
+    """The unit of a validated metric, for axis labels."""
+    if metric.startswith("node_utilization"):
+        return "fraction busy"
+    if metric.endswith("per_s"):
+        return "tokens/s"
+    return "s" if metric.endswith("_s") else ""
+
+
+def parity_figure(table: pd.DataFrame, path: Path):
+    """Predicted against measured, one panel per metric: colour by strategy, marker by compute mode (circles
+    real, squares emulated); returns the figure (also saved to ``path``)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullFormatter
+
     from ..reports.figures import new_figure
 
     metrics = [m for m in METRICS if (table["metric"] == m).any()]
@@ -315,21 +355,29 @@ def parity_figure(table: pd.DataFrame, path: Path) -> None:
     colors = {"iterative": "#636363", "speculative": "#3182bd", "pipeinfer": "#de2d26"}
     for ax, metric in zip(axes, metrics, strict=True):
         part = table[table["metric"] == metric]
-        for strategy, rows in part.groupby("strategy"):
-            ax.scatter(rows["measured"], rows["predicted"], s=22, label=strategy, color=colors.get(strategy),
-                       marker="o" if (rows["compute"] == "real").all() else "s")
+        for (strategy, compute), rows in part.groupby(["strategy", "compute"]):
+            ax.scatter(rows["measured"], rows["predicted"], s=22, label=f"{strategy}, {compute}",
+                       color=colors.get(strategy), marker=COMPUTE_MARKERS.get(compute, "^"))
         lo = min(part["measured"].min(), part["predicted"].min()) * 0.9
         hi = max(part["measured"].max(), part["predicted"].max()) * 1.1
         ax.plot([lo, hi], [lo, hi], color="black", lw=0.8)
         ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="#bbbbbb", alpha=0.3, lw=0)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):  # labelled minor ticks of a short log range overlap
+            axis.set_minor_formatter(NullFormatter())
         median = part["rel_error"].abs().median()
+        unit = metric_unit_label(metric)
         ax.set_title(f"{metric}: median |error| {median:.1%}", fontsize=9)
-        ax.set_xlabel("measured (executor)")
-        ax.set_ylabel("predicted (simulator)")
-    axes[0].legend(fontsize=8, title="circles: real compute; squares: emulated", title_fontsize=7)
+        ax.set_xlabel(f"measured (executor), {unit}" if unit else "measured (executor)")
+        ax.set_ylabel(f"predicted (simulator), {unit}" if unit else "predicted (simulator)")
+    strategies = sorted(set(table["strategy"]))
+    handles = [Line2D([], [], ls="", marker="o", color=colors.get(s), label=s) for s in strategies]
+    handles += [Line2D([], [], ls="", marker=COMPUTE_MARKERS.get(c, "^"), color="black", mfc="none",
+                       label=f"{c} compute") for c in sorted(set(table["compute"]))]
+    axes[0].legend(handles=handles, fontsize=8)
     figure.savefig(path)
+    return figure
 
 
 def trace_comparison_figure(simulated: Trace, measured: Trace, config: str, path: Path) -> None:
@@ -342,13 +390,14 @@ def trace_comparison_figure(simulated: Trace, measured: Trace, config: str, path
     out.figure.savefig(path)
 
 
-def validate(profiles: list[Path], grid: Grid, out: Path, timeout: float = 3600) -> pd.DataFrame:
+def validate(profiles: list[Path], grid: Grid, out: Path, timeout: float = 3600,
+             progress: bool = False) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     tables, commands, traces, anchoring = [], [], {}, {}
     for profile in profiles:
         sub = out / profile.stem
         sub.mkdir(parents=True, exist_ok=True)
-        table, info = validate_profile(profile, grid, sub, timeout)
+        table, info = validate_profile(profile, grid, sub, timeout, progress)
         tables.append(table)
         commands.append(info["command"])
         traces.update(info["traces"])
@@ -429,7 +478,7 @@ def _cmd_validate(args) -> int:
         if args.rounds < 1:
             raise ScenarioError(f"--rounds must be >= 1, got {args.rounds}")
         grid.rounds = args.rounds
-    table = validate([Path(p) for p in args.profile], grid, Path(args.out), args.timeout)
+    table = validate([Path(p) for p in args.profile], grid, Path(args.out), args.timeout, progress=not args.quiet)
     summary = summarize(table)
     print(f"validation of {table['config'].nunique()} configurations written to {args.out}/validation.csv")
     for row in summary.itertuples(index=False):
@@ -439,6 +488,13 @@ def _cmd_validate(args) -> int:
     return 0
 
 
+def _builtin_grid_summary() -> str:
+    grid = Grid()
+    return (f"strategies {', '.join(grid.strategies)} x alpha {', '.join(map(str, grid.alphas))} x bandwidth "
+            f"{', '.join(grid.bandwidths)}, latency {grid.latency}, {grid.generate_tokens} tokens, "
+            f"{grid.rounds} round")
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "validate", help="run executor and simulator on the same configurations and report the simulator's error",
@@ -446,11 +502,15 @@ def register(subparsers) -> None:
                     "executor on the profile's scenario and ranks, simulate the same with the profile, and write "
                     "validation.csv (config, metric, predicted, measured, rel_error), a summary, a parity plot and "
                     "a simulated-vs-measured timeline into --out.")
-    parser.add_argument("profile", nargs="+", help="hardware profile(s) from `pipesim calibrate`")
-    parser.add_argument("--grid", help="YAML with strategies, alphas, bandwidths, latency, generate_tokens, seed")
-    parser.add_argument("--tokens", type=int, help="override the grid's generate_tokens")
-    parser.add_argument("--rounds", type=int, help="override the grid's rounds (each configuration runs this often, "
-                                                   "rotated order; the median-throughput round counts)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--timeout", type=float, default=3600, help="bound on each executor job, seconds")
+    parser.add_argument("profile", nargs="+", metavar="PROFILE", help="hardware profile(s) from `pipesim calibrate`")
+    parser.add_argument("--grid", metavar="FILE",
+                        help="YAML with strategies, alphas, bandwidths, latency, generate_tokens, rounds, seed "
+                             f"(default: the built-in grid, {_builtin_grid_summary()})")
+    parser.add_argument("--tokens", type=int, metavar="N", help="override the grid's generate_tokens (default: the grid's)")
+    parser.add_argument("--rounds", type=int, metavar="N",
+                        help="override the grid's rounds (each configuration runs this often, rotated order; the "
+                             "median-throughput round counts) (default: the grid's)")
+    parser.add_argument("--out", default="runs/validation", metavar="DIR", help="output folder")
+    parser.add_argument("--timeout", type=float, default=3600, metavar="SECONDS", help="bound on each executor job")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     parser.set_defaults(func=_cmd_validate)

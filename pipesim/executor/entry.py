@@ -53,6 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = "" if failing == 0 else f"rank {failing}: "
             print(f"pipesim run: error: {where}{problems[failing]}", file=sys.stderr, flush=True)
         return 2
+    if rank == 0 and any(plan.real for _, plan in plans):
+        print(f"pipesim run: loading the model and running {len(plans)} generation(s) on {size} ranks with real "
+              f"compute (each bounded by executor.timeout_s); results follow as each generation ends",
+              file=sys.stderr, flush=True)
     try:
         from .runtime import RankRuntime
 
@@ -63,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = runtime.generate(plan)
             if rank != 0:
                 continue
-            print_result(result.metrics, label, args.json)
+            print_result(result.metrics, label, args.json, scenario=plan.scenario)
             write_files(result, index, len(plans), args.trace, args.records)
             if args.save_trace:
                 saved.append({"variant": label, "metrics": result.metrics, "trace": result.trace.to_json()})

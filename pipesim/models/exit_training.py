@@ -360,6 +360,10 @@ def collect_exit_data(
     job_index = 0
     n_jobs = len(prompts) if n_tokens is None else None
     bar = tqdm(total=n_tokens, desc="generating", unit="tok", disable=not progress)
+
+    def advance(k: int) -> None:  # the last batch records past n_tokens: the bar stops at its total
+        bar.update(k if bar.total is None else max(0, min(k, bar.total - bar.n)))
+
     with bar:
         while (recorded < n_tokens) if n_tokens is not None else (job_index < len(prompts)):
             jobs = []
@@ -368,7 +372,7 @@ def collect_exit_data(
                 jobs.append(_Job(prompt, _evenly(job_index, sampled_fraction), seed * 1_000_003 + job_index))
                 job_index += 1
             for job, states, targets in _generate_batch(
-                model, prompts, jobs, layers, max_new_tokens, temperature, top_k, eos_id, bar.update
+                model, prompts, jobs, layers, max_new_tokens, temperature, top_k, eos_id, advance
             ):
                 chunks.append((job, states, targets))
                 recorded += len(targets)

@@ -74,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``sweep`` and ``report`` to the ``pipesim`` command."""
     sweep = subparsers.add_parser("sweep", help="run a what-if study (many scenarios) in parallel",
                                   description=SWEEP_DESCRIPTION)
-    sweep.add_argument("study", help="study YAML file (see scenarios/studies/)")
+    sweep.add_argument("study", metavar="STUDY", help="study YAML file (see scenarios/studies/)")
     sweep.add_argument("--out", required=True, metavar="DIR", help="folder for the results (created if needed)")
     sweep.add_argument("--jobs", "-j", type=_positive_int, default=None, metavar="N",
                        help="local worker processes (default: the cores available; 1 runs in this process)")
@@ -87,10 +87,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     report = subparsers.add_parser("report", help="HTML and Markdown report of a sweep folder",
                                    description=REPORT_DESCRIPTION)
-    report.add_argument("folder", metavar="DIR", help="a folder written by `pipesim sweep`")
-    report.add_argument("--out", metavar="OUT", default=None,
-                        help="write the report here (default: DIR); results.csv is copied along")
-    report.add_argument("--title", default=None, help="report title (default: from the study)")
+    report.add_argument("folder", metavar="SWEEP_DIR", help="a folder written by `pipesim sweep`")
+    report.add_argument("--out", metavar="DIR", default=None,
+                        help="write the report here (default: the sweep folder); results.csv is copied along")
+    report.add_argument("--title", default=None, metavar="TEXT", help="report title (default: from the study)")
     report.set_defaults(func=_cmd_report)
 
 

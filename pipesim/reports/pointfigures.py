@@ -77,7 +77,11 @@ def itl_figure(view: StudyView, traces: dict[str, Trace]) -> FigureOut | None:
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=7, ncols=2)
         ax.set_title("p50 (solid) and p99 (dashed)", fontsize=9)
-    caption = findings.sentence([findings.itl_finding(rows, view.baseline, representative_where(view))])
+    where = representative_where(view)
+    if view.replicates:  # the numbers of the table beside it: means over the seeds, not the first seed's run
+        rows = view.representative_means()
+        where = f"{where}averaged over {len(view.replicates[0].labels)} seeds, " if where else where
+    caption = findings.sentence([findings.itl_finding(rows, view.baseline, where)])
     return FigureOut("itl", "Inter-token latency", caption, figure)
 
 
