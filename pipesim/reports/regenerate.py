@@ -27,6 +27,7 @@ class KeptReport:
     name: str
     study: str  # relative to the repository root
     report: str  # relative to the repository root
+    failed_points: bool = False  # the study holds points that fail on purpose (e.g. a model that does not fit)
 
     def commands(self, work: Path) -> list[list[str]]:
         """The ``pipesim`` command lines (without the program name) that regenerate it."""
@@ -37,7 +38,7 @@ class KeptReport:
 
 KEPT_REPORTS: tuple[KeptReport, ...] = (
     KeptReport("bandwidth", "scenarios/studies/bandwidth.yaml", "reports/bandwidth"),
-    KeptReport("cluster-70b", "scenarios/studies/cluster-70b.yaml", "reports/cluster-70b"),
+    KeptReport("cluster-70b", "scenarios/studies/cluster-70b.yaml", "reports/cluster-70b", failed_points=True),
 )
 
 
@@ -57,7 +58,7 @@ def regenerate(names: Sequence[str] = (), work: Path = Path("runs/regenerate"), 
                 ran.append("pipesim " + " ".join(argv))
                 print(ran[-1], file=sys.stderr, flush=True)
                 status = subprocess.run([sys.executable, "-m", "pipesim.cli", *argv], check=False).returncode
-                if status != 0:
+                if status != 0 and not (status == 1 and argv[0] == "sweep" and kept.failed_points):
                     raise RuntimeError(f"`{ran[-1]}` exited with status {status}")
     finally:
         os.chdir(here)
