@@ -15,6 +15,7 @@ import traceback
 from collections.abc import Sequence
 
 from ..scenario import ScenarioError
+from . import lifeline
 from .errors import ExecutorSetupError
 from .options import add_run_arguments, load_variants
 from .output import print_result, save_traces, write_files
@@ -38,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    lifeline.watch(rank)
     problem = None
     try:
         if args.ranks is not None and args.ranks != size:

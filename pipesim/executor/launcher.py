@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import ExecutorSetupError
+from .lifeline import LAUNCHER_PID_ENV  # the ranks stop when this process is gone
 
 START_MARGIN_S = 60.0  # on top of the generations' time limits: interpreter start-up and model loading
 
@@ -44,28 +45,62 @@ def rank_environment(threads_per_rank: int) -> dict[str, str]:
     return env
 
 
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_GRACE_S = 5.0  # after SIGTERM, the job's processes have this long before SIGKILL
+
+
+class JobStopped(Exception):
+    """The launcher got a signal (``signum``) and ended the job."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 def run_job(command: Sequence[str], env: dict[str, str], timeout_s: float) -> int:
-    """Run the job, passing its output through; kill the whole job (its process group) past ``timeout_s``."""
-    process = subprocess.Popen(list(command), env=env, start_new_session=True)
+    """Run the job, passing its output through; kill the whole job (its process group) past ``timeout_s``.
+
+    SIGTERM, SIGINT and SIGHUP to this process end the job's process group (SIGTERM, then SIGKILL after
+    ``STOP_GRACE_S``) and return ``128 + signal``; the ranks also watch this process (``LAUNCHER_PID_ENV``), so
+    they stop even if it is killed outright.
+    """
+    env = {**env, LAUNCHER_PID_ENV: str(os.getpid())}
+
+    def stop(signum: int, _frame) -> None:
+        raise JobStopped(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in FORWARDED_SIGNALS}
+    process = None
     try:
+        process = subprocess.Popen(list(command), env=env, start_new_session=True)
         return process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         _kill_group(process)
         print(f"pipesim run: error: the job did not finish within {timeout_s:.0f} s and was stopped",
               file=sys.stderr, flush=True)
         return 124
-    except KeyboardInterrupt:
-        _kill_group(process)
-        raise
+    except (JobStopped, KeyboardInterrupt) as stopped:
+        signum = stopped.signum if isinstance(stopped, JobStopped) else signal.SIGINT
+        for sig in FORWARDED_SIGNALS:  # a second signal must not interrupt the clean-up
+            signal.signal(sig, signal.SIG_IGN)
+        if process is not None:
+            _kill_group(process)
+        print(f"pipesim run: stopped by {signal.Signals(signum).name}; the job's processes were ended",
+              file=sys.stderr, flush=True)
+        return 128 + int(signum)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _kill_group(process: subprocess.Popen) -> None:
     try:
         os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=5)
+        process.wait(timeout=STOP_GRACE_S)
     except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait()
+        pass
+    try:  # whatever is left of the group (ranks that ignored SIGTERM), even after mpiexec itself ended
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.wait()
