@@ -126,3 +126,61 @@ def test_ranks_stop_when_the_launcher_is_killed_outright():
     launcher.kill()
     launcher.communicate(timeout=MARGIN_S)
     assert_no_orphans(launcher.pid)
+
+
+# -- a rank killed or stopped ---------------------------------------------------------------------------
+
+COMPUTE = {  # long enough that the job is still running when it is injured
+    "emulated": ("executor.compute=emulated", "workload.generate_tokens=100000"),
+    "real": ("executor.compute=real", "strategy.name=iterative", "workload.generate_tokens=100000",
+             "executor.kv_headroom=0"),
+}
+
+
+def rank_of(pid: int) -> int:
+    variables = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in variables if v.startswith(b"PMI_RANK="))[len(b"PMI_RANK="):])
+
+
+@pytest.mark.parametrize("compute", sorted(COMPUTE))
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=lambda s: s.name)
+def test_a_killed_or_stopped_rank_ends_the_job_and_is_named(compute, fault):
+    ranks = 3 if compute == "emulated" else 2
+    launcher = start_job(*COMPUTE[compute], ranks=ranks)
+    pids = wait_for_ranks(launcher, ranks, settle_s=2.0)
+    victim = next(pid for pid in pids if rank_of(pid) == 1)
+    os.kill(victim, fault)
+    try:
+        code, err, _waited = finish(launcher)  # within executor.timeout_s + margin, or the test fails
+    finally:
+        if fault == signal.SIGSTOP:
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert code != 0
+    assert "Traceback" not in err
+    verdicts = [line for line in err.splitlines() if line.startswith("pipesim run: error: ")]
+    assert len(verdicts) == 1, err
+    what = "was stopped" if fault == signal.SIGSTOP else "died without a word"
+    assert f"rank 1 (pid {victim}) {what}" in verdicts[0]
+    assert_no_orphans(launcher.pid)
+
+
+def test_a_rank_that_times_out_names_whom_it_waited_for():
+    """A stopped rank makes the others time out; their lines say what they awaited and from which rank."""
+    launcher = start_job(*COMPUTE["emulated"], ranks=2)
+    pids = wait_for_ranks(launcher, 2, settle_s=2.0)
+    victim = next(pid for pid in pids if rank_of(pid) == 1)
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        code, err, _ = finish(launcher)
+    finally:
+        if victim in job_processes(launcher.pid):
+            os.kill(victim, signal.SIGKILL)
+    assert code != 0
+    head = [line for line in err.splitlines() if line.startswith("rank 0: ExecutorTimeout")]
+    assert head, err
+    assert "predictions of runs" in head[0] and "rank 1 (n0->" not in head[0]
+    assert "rank 1 (n1->n0) silent for" in head[0]
+    assert_no_orphans(launcher.pid)

@@ -92,7 +92,8 @@ class Head:
         self._execute(self.strategy.start())
         while not self.finished:
             if time.monotonic() > self.deadline:
-                raise ExecutorTimeout(f"generation did not finish in time ({len(self.output)} tokens so far)")
+                raise ExecutorTimeout(f"generation did not finish in time ({len(self.output)} tokens so far; "
+                                     f"{self.messenger.silence()})")
             self._pump()
             if self.inbox:
                 message = self.inbox.popleft()

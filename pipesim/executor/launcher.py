@@ -7,14 +7,18 @@ whose output it passes through unchanged.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import ExecutorSetupError
+from .jobwatch import JobWatch
 from .lifeline import LAUNCHER_PID_ENV  # the ranks stop when this process is gone
 
 START_MARGIN_S = 60.0  # on top of the generations' time limits: interpreter start-up and model loading
@@ -46,6 +50,10 @@ def rank_environment(threads_per_rank: int) -> dict[str, str]:
 
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+WATCH_INTERVAL_S = 0.2  # how often the launcher looks at its ranks while the job runs
+RANK_LINE = re.compile(rb"^rank \d+: ")  # a rank's own failure line (entry.py)
+BANNER_PID = re.compile(rb"^=\s+PID (\d+) RUNNING AT")  # MPICH's banner when a process ended badly
+BANNER_EXIT = re.compile(rb"^=\s+EXIT CODE: (\d+)")
 STOP_GRACE_S = 5.0  # after SIGTERM, the job's processes have this long before SIGKILL
 
 
@@ -71,12 +79,34 @@ def run_job(command: Sequence[str], env: dict[str, str], timeout_s: float) -> in
 
     previous = {sig: signal.signal(sig, stop) for sig in FORWARDED_SIGNALS}
     process = None
+    watch = JobWatch(os.getpid())
+    relays: list[_Relay] = []
     try:
-        process = subprocess.Popen(list(command), env=env, start_new_session=True)
-        return process.wait(timeout=timeout_s)
+        process = subprocess.Popen(list(command), env=env, start_new_session=True, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        relays = [_Relay(process.stdout, sys.stdout), _Relay(process.stderr, sys.stderr)]
+        give_up = time.monotonic() + timeout_s
+        while process.poll() is None:
+            if time.monotonic() > give_up:
+                raise subprocess.TimeoutExpired(command, timeout_s)
+            watch.sample()
+            time.sleep(WATCH_INTERVAL_S)
+        code = process.returncode
+        for relay in relays:
+            relay.join()
+        if code != 0:
+            spoke = any(relay.ranks_spoke for relay in relays)
+            bad_pid = next((r.bad_pid for r in relays if r.bad_pid is not None), None)
+            bad_exit = next((r.bad_exit for r in relays if r.bad_exit is not None), None)
+            verdict = watch.verdict(spoke, bad_pid, bad_exit)
+            if verdict is not None:
+                print(f"pipesim run: error: {verdict}", file=sys.stderr, flush=True)
+        return code
     except subprocess.TimeoutExpired:
         _kill_group(process)
-        print(f"pipesim run: error: the job did not finish within {timeout_s:.0f} s and was stopped",
+        verdict = watch.verdict(True, None, None)
+        why = f" ({verdict})" if verdict else ""
+        print(f"pipesim run: error: the job did not finish within {timeout_s:.0f} s and was stopped{why}",
               file=sys.stderr, flush=True)
         return 124
     except (JobStopped, KeyboardInterrupt) as stopped:
@@ -89,8 +119,43 @@ def run_job(command: Sequence[str], env: dict[str, str], timeout_s: float) -> in
               file=sys.stderr, flush=True)
         return 128 + int(signum)
     finally:
+        for relay in relays:
+            relay.join()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+class _Relay:
+    """Copies one of the job's output streams to ours line by line, noting whether a rank reported its own
+    failure (``rank K: ...``) and the pid and exit code in MPICH's "BAD TERMINATION" banner."""
+
+    def __init__(self, stream, out) -> None:
+        self.stream = stream
+        self.out = out
+        self.ranks_spoke = False
+        self.bad_pid: int | None = None
+        self.bad_exit: int | None = None
+        self.thread = threading.Thread(target=self._run, name="pipesim-relay", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        binary = getattr(self.out, "buffer", None)
+        for line in iter(self.stream.readline, b""):
+            if RANK_LINE.match(line):
+                self.ranks_spoke = True
+            if (match := BANNER_PID.search(line)) and self.bad_pid is None:
+                self.bad_pid = int(match.group(1))
+            if (match := BANNER_EXIT.search(line)) and self.bad_exit is None:
+                self.bad_exit = int(match.group(1))
+            if binary is not None:
+                binary.write(line)
+                binary.flush()
+            else:
+                self.out.write(line.decode(errors="replace"))
+                self.out.flush()
+
+    def join(self) -> None:
+        self.thread.join(timeout=STOP_GRACE_S)
 
 
 def _kill_group(process: subprocess.Popen) -> None:

@@ -69,7 +69,7 @@ class Worker:
         while True:
             self._pump()
             if not self.queue:
-                self.messenger.wait(self.deadline, f"rank {self.rank}: a run or a cancellation")
+                self.messenger.wait(self.deadline, "a run or a cancellation")
                 continue
             msg, activations = self.queue.popleft()
             if msg.stop:
