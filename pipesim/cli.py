@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .cli_args import OneLineParser, check_output_file
 from .scenario import STRATEGY_NAMES, Scenario, ScenarioError, load_scenario
 
 SET_HELP = ("override a scenario field, e.g. acceptance.alpha=0.5, network.bandwidth=100Mbit/s, "
@@ -76,7 +77,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="pipesim",
         description="Predict (simulate) and measure (execute) pipelined speculative LLM inference.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -88,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="scenario YAML file (default: the built-in default scenario)")
     sim.add_argument("--strategy", choices=STRATEGY_NAMES, help="override strategy.name")
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
-    sim.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace JSON of the run")
-    sim.add_argument("--records", metavar="FILE", help="write the raw trace records (.csv or .parquet)")
+    sim.add_argument("--trace", metavar="FILE", type=check_output_file, help="write a Chrome/Perfetto trace JSON of the run")
+    sim.add_argument("--records", metavar="FILE", type=check_output_file, help="write the raw trace records (.csv or .parquet)")
     sim.add_argument("--json", action="store_true", help="print one JSON object with the metrics")
     sim.set_defaults(func=_cmd_simulate)
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from .strict import StrictModel
 
 
-class ExecutorConfig(BaseModel):
+class ExecutorConfig(StrictModel):
     """How the reference executor runs a scenario on real processes."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     model: str = Field("tiny-llama", description="target: 'tiny-llama' (random weights, 'tiny-llama@SEED' for "
                                                  "another seed), 'smollm2' (fetched GGUF), or a .gguf path")

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..cli_args import check_output_file, int_at_least, positive_float
 from ..scenario import ScenarioError, load_scenario
 from ..world.profile import HardwareProfile, LinkCoefficients, NodeCoefficients
 from .fit import DraftSample, LinkSample, StageSample, fit_draft, fit_link, fit_stage
@@ -277,13 +278,13 @@ def register(subparsers) -> None:
                     "cluster: --hostfile for mpiexec, or run `srun python -m pipesim.calibration.probe SCENARIO "
                     "--out raw.json` yourself and fit it with --from-raw raw.json.")
     parser.add_argument("scenario", help="scenario YAML (its executor section picks the model and compute mode)")
-    parser.add_argument("--ranks", type=int, default=2, help="number of ranks = cluster.count (default 2)")
-    parser.add_argument("--out", required=True, metavar="PROFILE.yaml", help="where to write the profile")
+    parser.add_argument("--ranks", type=int_at_least(1), default=2, help="number of ranks = cluster.count (default 2)")
+    parser.add_argument("--out", required=True, metavar="PROFILE.yaml", type=check_output_file, help="where to write the profile")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a scenario field")
-    parser.add_argument("--repeats", type=int, default=5, help="repetitions per grid point (medians)")
+    parser.add_argument("--repeats", type=int_at_least(1), default=5, help="repetitions per grid point (medians)")
     parser.add_argument("--hostfile", help="host file passed to mpiexec (-f) on a cluster")
     parser.add_argument("--from-raw", metavar="RAW.json", help="fit samples a launcher already collected")
-    parser.add_argument("--iterative-tokens", type=int, default=32,
+    parser.add_argument("--iterative-tokens", type=int_at_least(1), default=32,
                         help="tokens of the measured iterative generation used for the per-run dispatch time")
-    parser.add_argument("--timeout", type=float, default=1800, help="bound on the probe job, seconds")
+    parser.add_argument("--timeout", type=positive_float, default=1800, help="bound on the probe job, seconds")
     parser.set_defaults(func=_cmd_calibrate)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli_args import int_at_least
 from .launcher import START_MARGIN_S, launch_command, rank_environment, run_job
 from .options import add_run_arguments, load_variants
 from .plan import make_plan
@@ -18,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Check a scenario, then run it on N local MPI ranks (mpiexec -n N python -m "
                     "pipesim.executor ...) and print its measured metrics. Rank 0 is the head.")
     add_run_arguments(run)
-    run.add_argument("--ranks", type=int, metavar="N", help="number of MPI ranks (default: cluster.count)")
+    run.add_argument("--ranks", type=int_at_least(1), metavar="N", help="number of MPI ranks (default: cluster.count)")
     run.set_defaults(func=_cmd_run)
     return run
 

@@ -14,6 +14,7 @@ import time
 import traceback
 from collections.abc import Sequence
 
+from ..cli_args import OneLineParser, int_at_least
 from ..scenario import ScenarioError
 from . import lifeline
 from .errors import ExecutorSetupError
@@ -25,11 +26,11 @@ ABORT_GRACE_S = 0.3  # a failing rank's message reaches mpiexec's output before 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m pipesim.executor",
         description="One rank of the pipesim executor; start it with mpiexec -n N (or srun), one rank per node.")
     add_run_arguments(parser)
-    parser.add_argument("--ranks", type=int, help="expected number of ranks (checked against the MPI job)")
+    parser.add_argument("--ranks", type=int_at_least(1), help="expected number of ranks (checked against the MPI job)")
     return parser
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipesim.cli_args import check_output_file, float_between, int_at_least, positive_float
 from pipesim.models.catalog import CATALOG
 from pipesim.models.fetch import FETCHABLE, fetch_model, find_model
 
@@ -104,22 +105,22 @@ def _register_train_exit(actions: argparse._SubParsersAction) -> None:
         "--model", default="smollm2",
         help="a fetchable model (smollm2), a Llama GGUF file, or 'tiny' (the random test model); default smollm2",
     )
-    train.add_argument("--tokens", type=int, default=None, help="positions to record, train + held out (default 60000)")
-    train.add_argument("--steps", type=int, default=None, help="cross-entropy steps per layer, 0: warm start only (default 1500)")
+    train.add_argument("--tokens", type=int_at_least(1), default=None, help="positions to record, train + held out (default 60000)")
+    train.add_argument("--steps", type=int_at_least(0), default=None, help="cross-entropy steps per layer, 0: warm start only (default 1500)")
     train.add_argument("--rank", type=_rank, default=None, help="adapter rank, or 'full' (default full)")
     train.add_argument("--init", choices=("lsq", "identity"), default=None, help="warm start (default lsq)")
-    train.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3)")
-    train.add_argument("--batch-size", type=int, default=None, help="positions per step (default 64)")
-    train.add_argument("--holdout", type=float, default=None, help="fraction of prompts held out (default 0.15)")
-    train.add_argument("--max-new-tokens", type=int, default=None, help="tokens per continuation (default 160)")
+    train.add_argument("--lr", type=positive_float, default=None, help="AdamW learning rate (default 1e-3)")
+    train.add_argument("--batch-size", type=int_at_least(1), default=None, help="positions per step (default 64)")
+    train.add_argument("--holdout", type=float_between(0.0, 1.0, low_open=True, high_open=True), default=None, help="fraction of prompts held out (default 0.15)")
+    train.add_argument("--max-new-tokens", type=int_at_least(1), default=None, help="tokens per continuation (default 160)")
     train.add_argument("--seed", type=int, default=0, help="seed of prompt order, sampling, split and training")
-    train.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    train.add_argument("--threads", type=int_at_least(1), default=2, help="torch CPU threads (default 2)")
     train.add_argument(
         "--out", default="exit-{model}-layer{layer:02d}.pt",
         help="adapter file; {layer}, {model}, {rank} are filled in (default exit-{model}-layer{layer:02d}.pt)",
     )
     train.add_argument(
-        "--summary", default=None,
+        "--summary", default=None, type=check_output_file,
         help="JSON file to merge the results into (model -> alpha per layer, details), e.g. acceptance.json",
     )
     train.add_argument("--cache-dir", default=None, help="cache directory of fetched models")

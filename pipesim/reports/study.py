@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..scenario import Scenario, ScenarioError, load_scenario_document, scenario_from_dict
+from ..yamlio import YAMLFileError, read_yaml
 
 VARIANT = "variant"
 COUNT_KEY = "cluster.count"
@@ -318,12 +319,10 @@ def study_from_dict(document: Any, source: str = "study", root: Path | None = No
 def load_study(path: str | Path, extra_set: dict[str, Any] | None = None) -> Study:
     """Read a study YAML file (the base scenario path is relative to it)."""
     path = Path(path)
-    if not path.is_file():
-        raise ScenarioError(f"study file not found: {path}")
     try:
-        document = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ScenarioError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        document = read_yaml(path, "study file")
+    except YAMLFileError as error:
+        raise ScenarioError(str(error)) from None
     return study_from_dict(document, str(path), path.parent, extra_set)
 
 
