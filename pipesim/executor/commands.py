@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..cli_args import int_at_least
 from .launcher import START_MARGIN_S, launch_command, rank_environment, run_job
+from .limits import check_memory
 from .options import add_run_arguments, load_variants
 from .plan import make_plan
 
@@ -46,6 +48,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     variants = load_variants(args.scenario, args.set, args.strategy, args.variant, args.timeout)
     n_ranks = args.ranks if args.ranks is not None else variants[0][1].cluster.count
     plans = [make_plan(scenario, n_ranks) for _, scenario in variants]
+    warning = check_memory(plans)  # every rank runs on this machine
+    if warning is not None:
+        print(f"pipesim run: {warning}", file=sys.stderr, flush=True)
     argv = rank_arguments(args) + ["--ranks", str(n_ranks)]
     command = launch_command(n_ranks, argv)
     threads = max(plan.executor.threads_per_rank for plan in plans)

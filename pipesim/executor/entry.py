@@ -18,6 +18,7 @@ from ..cli_args import OneLineParser, int_at_least
 from ..scenario import ScenarioError
 from . import lifeline
 from .errors import ExecutorSetupError
+from .limits import check_memory
 from .options import add_run_arguments, load_variants
 from .output import print_result, save_traces, write_files
 from .plan import make_plan
@@ -47,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ExecutorSetupError(f"--ranks {args.ranks} but the MPI job has {size} ranks")
         variants = load_variants(args.scenario, args.set, args.strategy, args.variant, args.timeout)
         plans = [(label, make_plan(scenario, size)) for label, scenario in variants]
+        check_memory([plan for _, plan in plans], [rank])  # this rank's share, on its host
     except (ScenarioError, ExecutorSetupError, ValueError, OSError) as error:
         problem = str(error)
     problems = comm.allgather(problem)  # every rank checked (files may differ between hosts): all stop, or none
