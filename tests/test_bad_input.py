@@ -135,7 +135,7 @@ CASES = {
     # sweep / report
     "sweep study missing": (["sweep", "nostudy.yaml", "--out", "{folder}/s"], "nostudy.yaml"),
     "sweep study syntax": (["sweep", "{syntax}", "--out", "{folder}/s"], "line 4, column 8"),
-    "sweep scenario as study": (["sweep", TINY, "--out", "{folder}/s"], "local-tiny.yaml"),
+    "sweep scenario as study": (["sweep", TINY, "--out", "{folder}/s"], "is a scenario, not a study"),
     "sweep out is a file": (["sweep", STUDY, "--out", "{plain-file}"], "not a folder"),
     "sweep jobs 0": (["sweep", STUDY, "--out", "{folder}/s", "--jobs", "0"], "--jobs"),
     "report out is a file": (["report", "{folder}", "--out", "{plain-file}"], "not a folder"),

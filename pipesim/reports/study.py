@@ -284,6 +284,9 @@ def study_from_dict(document: Any, source: str = "study", root: Path | None = No
     """Check a study document, read its base scenario, and validate every axis value on the base."""
     if not isinstance(document, dict):
         raise ScenarioError(f"{source}: a study must be a YAML mapping")
+    if "models" in document and "axes" not in document:
+        raise ScenarioError(f"{source}: this is a scenario, not a study (a study has base and axes): simulate it "
+                            f"with `pipesim simulate {source}`, or name it as the base of a study")
     try:
         spec = StudyFile.model_validate(document)
     except ValidationError as error:
