@@ -1,8 +1,9 @@
-"""Reading YAML files people write: duplicate keys are errors, and every problem is one line naming the file
+"""Reading YAML (and JSON) files people write: duplicate keys are errors, and every problem is one line naming the file
 (with the line and column of a syntax error)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +49,11 @@ def parse_yaml(text: str, source: str) -> Any:
         raise YAMLFileError(f"{source}: not valid YAML ({_where(error)})") from None
 
 
-def read_yaml(path: str | Path, what: str = "file") -> Any:
-    """Read a YAML file; YAMLFileError names the file if it is missing, a folder, not text, or not valid YAML."""
+def read_text(path: str | Path, what: str = "file") -> str:
+    """A text file's contents; YAMLFileError names the file if it is missing, a folder, binary or not UTF-8."""
     path = Path(path)
     if path.is_dir():
-        raise YAMLFileError(f"{path}: is a folder, expected a {what} (YAML)")
+        raise YAMLFileError(f"{path}: is a folder, expected a {what}")
     if not path.is_file():
         raise YAMLFileError(f"{what} not found: {path}")
     try:
@@ -60,9 +61,23 @@ def read_yaml(path: str | Path, what: str = "file") -> Any:
     except OSError as error:
         raise YAMLFileError(f"{path}: cannot read it ({error.strerror or error})") from None
     if b"\0" in data[:8192]:
-        raise YAMLFileError(f"{path}: a binary file, expected a {what} (YAML text)")
+        raise YAMLFileError(f"{path}: a binary file, expected a {what} (text)")
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise YAMLFileError(f"{path}: not UTF-8 text (byte {error.start}), expected a {what} (YAML)") from None
-    return parse_yaml(text, str(path))
+        raise YAMLFileError(f"{path}: not UTF-8 text (byte {error.start}), expected a {what}") from None
+
+
+def read_yaml(path: str | Path, what: str = "file") -> Any:
+    """Read a YAML file; YAMLFileError names the file if it is missing, a folder, not text, or not valid YAML."""
+    return parse_yaml(read_text(path, what), str(path))
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """Read a JSON file; YAMLFileError names the file and, for a syntax error, its line and column."""
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise YAMLFileError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") \
+            from None

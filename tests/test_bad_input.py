@@ -125,6 +125,13 @@ CASES = {
     "validate grid binary": (["validate", "p.yaml", "--out", "{folder}/v", "--grid", "{binary}"], "binary file"),
     "validate grid missing": (["validate", "p.yaml", "--out", "{folder}/v", "--grid", "nogrid.yaml"],
                               "nogrid.yaml"),
+    "validate profile binary": (["validate", "{binary}", "--out", "{folder}/v"], "binary file"),
+    "validate profile folder": (["validate", "{folder}", "--out", "{folder}/v"], "is a folder"),
+    "validate profile YAML syntax": (["validate", "{syntax}", "--out", "{folder}/v"], "line 4, column 8"),
+    "scenario profile binary": (["simulate", TINY, "--set", "cluster.profile={binary}"], "binary file"),
+    "calibrate raw missing": (["calibrate", TINY, "--out", "p.yaml", "--from-raw", "raw.json"], "raw.json"),
+    "calibrate raw not JSON": (["calibrate", TINY, "--out", "p.yaml", "--from-raw", "{syntax}"],
+                               "not valid JSON (line 1, column 1"),
     # models train-exit: refused before any data generation
     "train-exit holdout 1.5": (["models", "train-exit", "--layer", "2", "--holdout", "1.5"], "--holdout"),
     "train-exit holdout 0": (["models", "train-exit", "--layer", "2", "--holdout", "0"], "--holdout"),

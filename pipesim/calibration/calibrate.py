@@ -13,7 +13,6 @@ compute (a compute misfit stays a compute error).
 
 from __future__ import annotations
 
-import json
 import shlex
 import statistics
 import subprocess
@@ -26,6 +25,7 @@ from typing import Any
 from ..cli_args import check_output_file, int_at_least, positive_float
 from ..scenario import ScenarioError, load_scenario
 from ..world.profile import HardwareProfile, LinkCoefficients, NodeCoefficients
+from ..yamlio import YAMLFileError, read_json
 from .fit import DraftSample, LinkSample, StageSample, fit_draft, fit_link, fit_stage
 
 
@@ -225,7 +225,10 @@ def calibrate(scenario: str, ranks: int, out: Path, sets: Sequence[str] = (), re
             raise ScenarioError(f"calibration probe failed (exit {result.returncode})")
     else:
         raw_path = raw_in
-    raw = json.loads(Path(raw_path).read_text())
+    try:
+        raw = read_json(raw_path, "raw calibration samples file")
+    except YAMLFileError as error:
+        raise ScenarioError(str(error)) from None
     profile, quality = fit_profile(raw, command)
     profile.meta["cli"] = "pipesim calibrate " + shlex.join(
         [scenario, "--ranks", str(ranks), "--out", str(out), *[f"--set={s}" for s in sets]])
