@@ -135,6 +135,7 @@ class _Relay:
         self.ranks_spoke = False
         self.bad_pid: int | None = None
         self.bad_exit: int | None = None
+        self.closed = False
         self.thread = threading.Thread(target=self._run, name="pipesim-relay", daemon=True)
         self.thread.start()
 
@@ -147,12 +148,17 @@ class _Relay:
                 self.bad_pid = int(match.group(1))
             if (match := BANNER_EXIT.search(line)) and self.bad_exit is None:
                 self.bad_exit = int(match.group(1))
-            if binary is not None:
-                binary.write(line)
-                binary.flush()
-            else:
-                self.out.write(line.decode(errors="replace"))
-                self.out.flush()
+            if self.closed:
+                continue  # keep draining, so the job never blocks on a full pipe
+            try:
+                if binary is not None:
+                    binary.write(line)
+                    binary.flush()
+                else:
+                    self.out.write(line.decode(errors="replace"))
+                    self.out.flush()
+            except (OSError, ValueError):  # our reader went away (e.g. `| head`): drop the rest
+                self.closed = True
 
     def join(self) -> None:
         self.thread.join(timeout=STOP_GRACE_S)
