@@ -185,6 +185,12 @@ def _train_exit(args: argparse.Namespace) -> int:
     if len(layers) > 1 and "{layer" not in args.out:
         print(f"pipesim models train-exit: --out {args.out!r} needs {{layer}} when training several layers", file=sys.stderr)
         return 2
+    for k in layers:  # every adapter file can be written, before minutes of data generation
+        try:
+            check_output_file(args.out.format(layer=k, model=args.model, rank=args.rank or "full"))
+        except (argparse.ArgumentTypeError, KeyError, ValueError, IndexError) as error:
+            print(f"pipesim models train-exit: error: --out {args.out!r}: {error}", file=sys.stderr)
+            return 2
     options = {
         "n_tokens": args.tokens, "steps": args.steps, "init": args.init, "lr": args.lr,
         "batch_size": args.batch_size, "holdout": args.holdout, "max_new_tokens": args.max_new_tokens,
