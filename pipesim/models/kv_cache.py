@@ -18,6 +18,8 @@ import torch
 
 __all__ = ["KVCache", "KVCacheFullError", "token_seq_mask"]
 
+SEQ_COLUMNS_DIRECT = 8  # up to this many sequences, masks use every column (selecting them costs more)
+
 
 class KVCacheFullError(RuntimeError):
     """Raised when a batch needs more free cells than the cache has left."""
@@ -201,10 +203,10 @@ class KVCache:
         self._check_token_seqs(token_seqs, n)
         cell_pos = self.cell_pos[:n_cells]
         cell_seqs = self.cell_seqs[:n_cells]
-        # only the sequences the tokens belong to matter (a handful of the max_seqs columns)
-        used = torch.nonzero(token_seqs.any(dim=0)).flatten()
-        token_cols = token_seqs[:, used].to(self.cell_seqs.device, torch.float32)
-        shares = (token_cols @ cell_seqs[:, used].to(torch.float32).T) > 0
+        if self.max_seqs > SEQ_COLUMNS_DIRECT:  # only the sequences the tokens belong to matter (a handful)
+            used = torch.nonzero(token_seqs.any(dim=0)).flatten()
+            token_seqs, cell_seqs = token_seqs[:, used], cell_seqs[:, used]
+        shares = (token_seqs.to(self.cell_seqs.device, torch.float32) @ cell_seqs.to(torch.float32).T) > 0
         visible = (cell_pos[None, :] >= 0) & (cell_pos[None, :] <= positions.reshape(n, 1))
         return shares & visible
 
