@@ -13,9 +13,9 @@ compute (a compute misfit stays a compute error).
 
 from __future__ import annotations
 
+import os
 import shlex
 import statistics
-import subprocess
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -210,19 +210,19 @@ def calibrate(scenario: str, ranks: int, out: Path, sets: Sequence[str] = (), re
               probe_args: Sequence[str] = ()) -> tuple[HardwareProfile, dict[str, Any]]:
     """Probe (unless ``raw_in`` holds samples from a cluster launcher), fit, and save the profile to ``out``."""
     load_scenario(scenario, list(sets))  # one clear error line before anything starts
-    from ..executor.launcher import find_mpiexec
+    from ..executor.launcher import find_mpiexec, run_job
 
     command = ""
     if raw_in is None:
         raw_path = out.with_suffix(".raw.json")
         cmd = probe_command(find_mpiexec(), ranks, scenario, raw_path, sets, repeats, hostfile, probe_args)
         command = shlex.join(cmd)
-        try:
-            result = subprocess.run(cmd, timeout=timeout, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            raise ScenarioError(f"calibration probe did not finish in {timeout:.0f} s") from None
-        if result.returncode != 0:
-            raise ScenarioError(f"calibration probe failed (exit {result.returncode})")
+        # as `pipesim run`: signals to this process end the probe's ranks, a time limit stops the whole job
+        code = run_job(cmd, dict(os.environ), timeout)
+        if code == 124:
+            raise ScenarioError(f"calibration probe did not finish in {timeout:.0f} s")
+        if code != 0:
+            raise ScenarioError(f"calibration probe failed (exit {code})")
     else:
         raw_path = raw_in
     try:

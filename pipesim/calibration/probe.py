@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..cli_args import OneLineParser, check_output_file, int_at_least
+from ..executor import lifeline
 from ..metrics import median_by_throughput
 
 DEFAULT_TOKENS = (1, 2, 4, 8, 16)
@@ -370,6 +371,7 @@ def run_probe(argv: Sequence[str] | None = None) -> int:
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    lifeline.watch(rank)  # never outlive the job (its parent or the calibrate launcher)
     problem = None
     try:
         scenario = load_scenario(args.scenario, [*args.set, "strategy.name=iterative"])
