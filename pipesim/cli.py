@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from importlib import resources
@@ -49,11 +50,13 @@ def print_metrics(metrics: dict[str, Any], file=sys.stdout) -> None:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    from .limits import check_simulation_memory
     from .metrics import clean_for_json, compute_metrics
     from .sim import simulate
     from .trace import write_chrome_trace
 
     scenario = load_cli_scenario(args.scenario, args.set, args.strategy)
+    check_simulation_memory(scenario)
     trace = simulate(scenario)
     metrics = clean_for_json(compute_metrics(trace))
     if args.trace:
@@ -115,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pipesim: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output went away (`| head`): no traceback, nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -95,6 +95,8 @@ CASES = {
     "zero tokens": (["simulate", TINY, "--set", "workload.generate_tokens=0"], "workload.generate_tokens"),
     "set without value": (["simulate", TINY, "--set", "network.latency"], "--set"),
     "set bad YAML": (["simulate", TINY, "--set", "network.latency=[1"], "--set network.latency"),
+    "simulate too many tokens": (["simulate", TINY, "--set", "workload.generate_tokens=10000000",
+                                  "--set", "cluster.count=4"], "generate_tokens=10000000"),
     # output paths, checked before the work
     "simulate records folder": (["simulate", TINY, "--records", "<folder>"], "--records"),
     "simulate records under a file": (["simulate", TINY, "--records", "<plain-file>/r.csv"], "is a file"),
@@ -165,6 +167,8 @@ def test_bad_input_is_one_line_naming_it(case, files, capsys, tmp_path, monkeypa
                    "pipesim.calibration.validate.run_executor", "pipesim.calibration.calibrate.probe_command",
                    "pipesim.calibration.calibrate.fit_profile"):
         monkeypatch.setattr(target, _must_not_start)  # bad input is refused before any work
+    for target in ("pipesim.limits.machine_memory", "pipesim.executor.limits.machine_memory"):
+        monkeypatch.setattr(target, lambda: (16 * 10**9, 8 * 10**9))  # a 16 GB machine, whatever runs this
     monkeypatch.chdir(tmp_path)  # relative outputs (p.yaml, v) land in the test's folder
     argv = []
     for arg in argv_template:

@@ -9,17 +9,15 @@ head gathers every rank's). Model weights are not counted. Emulated compute hold
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
+from ..limits import REFUSE_SHARE, gb, machine_memory
 from .errors import ExecutorSetupError
 from .plan import Plan
 
 KV_ELEMENT_BYTES = 4  # the executor's caches are float32
 CELL_BOOKKEEPING_BYTES = 8 + 4  # position (int64) and sequence count (int32) per cell
 RECORD_BYTES_PER_TOKEN = 4096  # trace records a rank keeps per generated token (about 10 records of ~300 B)
-REFUSE_SHARE = 0.8  # refuse above this share of the machine's physical memory
 
 
 def _prompt_tokens(plan: Plan) -> int:
@@ -55,25 +53,6 @@ def rank_bytes(plan: Plan) -> list[int]:
     return sizes
 
 
-def machine_memory() -> tuple[int, int] | None:
-    """(total, available) bytes of this machine's memory, or None where it cannot be read."""
-    meminfo = Path("/proc/meminfo")
-    try:
-        fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in meminfo.read_text().splitlines()
-                  if line.split()[1:2] and line.split()[1].isdigit()}
-        return fields["MemTotal"], fields.get("MemAvailable", fields["MemTotal"])
-    except (OSError, KeyError, ValueError, IndexError):
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            return None
-        return total, total
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB"
-
-
 def check_memory(plans: Sequence[Plan], local_ranks: Sequence[int] | None = None,
                  memory: tuple[int, int] | None = None) -> str | None:
     """Refuse (ExecutorSetupError) a job whose largest generation needs more than ``REFUSE_SHARE`` of this
@@ -95,10 +74,10 @@ def check_memory(plans: Sequence[Plan], local_ranks: Sequence[int] | None = None
     what = (f"workload.generate_tokens={sc.workload.generate_tokens} with prompt {sc.workload.prompt_tokens}, "
             f"executor.kv_headroom={sc.executor.kv_headroom} and {worst_plan.max_seqs} KV sequences per cache")
     if worst > REFUSE_SHARE * total:
-        raise ExecutorSetupError(f"{what} needs about {_gb(worst)} on this machine (KV caches and trace records), "
-                                 f"more than {REFUSE_SHARE:.0%} of its {_gb(total)}: generate fewer tokens, or "
+        raise ExecutorSetupError(f"{what} needs about {gb(worst)} on this machine (KV caches and trace records), "
+                                 f"more than {REFUSE_SHARE:.0%} of its {gb(total)}: generate fewer tokens, or "
                                  f"lower strategy.n_partitions or executor.kv_headroom")
     if worst > available:
-        return (f"warning: {what} needs about {_gb(worst)}, more than the {_gb(available)} available now; "
+        return (f"warning: {what} needs about {gb(worst)}, more than the {gb(available)} available now; "
                 "the job may be killed for memory")
     return None
