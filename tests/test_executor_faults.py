@@ -162,8 +162,10 @@ def test_a_killed_or_stopped_rank_ends_the_job_and_is_named(compute, fault):
     assert "Traceback" not in err
     verdicts = [line for line in err.splitlines() if line.startswith("pipesim run: error: ")]
     assert len(verdicts) == 1, err
-    what = "was stopped" if fault == signal.SIGSTOP else "died without a word"
-    assert f"rank 1 (pid {victim}) {what}" in verdicts[0]
+    if fault == signal.SIGSTOP:
+        assert f"rank 1 (pid {victim}) was stopped" in verdicts[0]
+    else:  # named alone, or among the ranks MPICH ended in the same few milliseconds
+        assert "died without a word" in verdicts[0] and f"1 (pid {victim})" in verdicts[0]
     assert_no_orphans(launcher.pid)
 
 

@@ -50,9 +50,8 @@ def rank_environment(threads_per_rank: int) -> dict[str, str]:
 
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-WATCH_INTERVAL_S = 0.2  # how often the launcher looks at its ranks while the job runs
+WAIT_INTERVAL_S = 0.05  # how often the launcher checks that mpiexec still runs
 RANK_LINE = re.compile(rb"^rank \d+: ")  # a rank's own failure line (entry.py)
-BANNER_PID = re.compile(rb"^=\s+PID (\d+) RUNNING AT")  # MPICH's banner when a process ended badly
 BANNER_EXIT = re.compile(rb"^=\s+EXIT CODE: (\d+)")
 STOP_GRACE_S = 5.0  # after SIGTERM, the job's processes have this long before SIGKILL
 
@@ -86,25 +85,26 @@ def run_job(command: Sequence[str], env: dict[str, str], timeout_s: float) -> in
                                    stderr=subprocess.PIPE)
         relays = [_Relay(process.stdout, sys.stdout), _Relay(process.stderr, sys.stderr)]
         give_up = time.monotonic() + timeout_s
+        watch.start()
         while process.poll() is None:
             if time.monotonic() > give_up:
                 raise subprocess.TimeoutExpired(command, timeout_s)
-            watch.sample()
-            time.sleep(WATCH_INTERVAL_S)
+            time.sleep(WAIT_INTERVAL_S)
         code = process.returncode
+        watch.stop()
         for relay in relays:
             relay.join()
         if code != 0:
             spoke = any(relay.ranks_spoke for relay in relays)
-            bad_pid = next((r.bad_pid for r in relays if r.bad_pid is not None), None)
             bad_exit = next((r.bad_exit for r in relays if r.bad_exit is not None), None)
-            verdict = watch.verdict(spoke, bad_pid, bad_exit)
+            verdict = watch.verdict(spoke, bad_exit)
             if verdict is not None:
                 print(f"pipesim run: error: {verdict}", file=sys.stderr, flush=True)
         return code
     except subprocess.TimeoutExpired:
+        watch.stop()
         _kill_group(process)
-        verdict = watch.verdict(True, None, None)
+        verdict = watch.verdict(True)
         why = f" ({verdict})" if verdict else ""
         print(f"pipesim run: error: the job did not finish within {timeout_s:.0f} s and was stopped{why}",
               file=sys.stderr, flush=True)
@@ -119,6 +119,7 @@ def run_job(command: Sequence[str], env: dict[str, str], timeout_s: float) -> in
               file=sys.stderr, flush=True)
         return 128 + int(signum)
     finally:
+        watch.stop()
         for relay in relays:
             relay.join()
         for sig, handler in previous.items():
@@ -127,13 +128,12 @@ def run_job(command: Sequence[str], env: dict[str, str], timeout_s: float) -> in
 
 class _Relay:
     """Copies one of the job's output streams to ours line by line, noting whether a rank reported its own
-    failure (``rank K: ...``) and the pid and exit code in MPICH's "BAD TERMINATION" banner."""
+    failure (``rank K: ...``) and the exit code in MPICH's "BAD TERMINATION" banner (its pid may be any rank's)."""
 
     def __init__(self, stream, out) -> None:
         self.stream = stream
         self.out = out
         self.ranks_spoke = False
-        self.bad_pid: int | None = None
         self.bad_exit: int | None = None
         self.closed = False
         self.thread = threading.Thread(target=self._run, name="pipesim-relay", daemon=True)
@@ -144,8 +144,6 @@ class _Relay:
         for line in iter(self.stream.readline, b""):
             if RANK_LINE.match(line):
                 self.ranks_spoke = True
-            if (match := BANNER_PID.search(line)) and self.bad_pid is None:
-                self.bad_pid = int(match.group(1))
             if (match := BANNER_EXIT.search(line)) and self.bad_exit is None:
                 self.bad_exit = int(match.group(1))
             if self.closed:
