@@ -32,6 +32,9 @@ class ExecutorConfig(StrictModel):
     timeout_s: float = Field(300.0, gt=0, description="bound on each generation of a job (set-up, run, drain); "
                                                       "every wait is bounded by it")
     fault_rank: int | None = Field(None, ge=0, description="testing: this rank raises when its first run arrives")
+    fault_action: Literal["raise", "kill", "stop"] = Field(
+        "raise", description="testing: what executor.fault_rank does at its first run: raise an error, or send "
+                             "itself SIGKILL (dies without a word) or SIGSTOP (stops answering)")
     seed: int = Field(0, description="seed of random tiny-model weights (a tiny draft model uses seed + 1)")
     early_exit: Literal["real", "oracle"] | None = Field(
         None, description="speed: the early prediction from the model's own final norm + head applied after the "

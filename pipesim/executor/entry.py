@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 import traceback
@@ -17,13 +18,22 @@ from collections.abc import Sequence
 from ..cli_args import OneLineParser, int_at_least
 from ..scenario import ScenarioError
 from . import lifeline
-from .errors import ExecutorSetupError
+from .errors import ExecutorSetupError, InjectedFault
 from .limits import check_memory
 from .options import add_run_arguments, load_variants
 from .output import print_result, save_traces, write_files
 from .plan import make_plan
 
 ABORT_GRACE_S = 0.3  # a failing rank's message reaches mpiexec's output before MPI_Abort ends the job
+
+
+def _act_out_fault(plans, rank: int) -> None:
+    """``executor.fault_action`` kill or stop: this rank dies or stops without a word (tests of fault handling)."""
+    action = next((p.executor.fault_action for p in plans if p.executor.fault_rank == rank), "raise")
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             save_traces(args.save_trace, saved)
         return 0
     except BaseException as error:  # noqa: BLE001 - any failure must end the whole job
+        if isinstance(error, InjectedFault):
+            _act_out_fault([plan for _, plan in plans], rank)
         if os.environ.get("PIPESIM_TRACEBACK"):
             traceback.print_exc()
         print(f"rank {rank}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)

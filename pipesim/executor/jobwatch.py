@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 PROC = Path("/proc")
+RESUMED_SAMPLES = 40  # a stopped rank seen running in this many samples in a row was continued, not killed
 
 
 def _read(path: Path) -> bytes | None:
@@ -74,6 +75,7 @@ class JobWatch:
         self.seen: dict[int, int] = {}  # pid -> rank, every rank process ever seen
         self.first_gone: list[tuple[int, int]] = []  # (rank, pid) of the ranks missing in the first such sample
         self.stopped: dict[int, int] = {}  # pid -> rank of the ranks last seen stopped
+        self._running: dict[int, int] = {}  # pid -> samples seen running since it was last seen stopped
         self._halt = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -112,11 +114,14 @@ class JobWatch:
                 self.first_gone = sorted((rank, pid) for pid, rank in self.seen.items() if pid not in live)
             for pid, (rank, _letter) in live.items():
                 self.seen[pid] = rank
-            for pid, (rank, letter) in live.items():  # a stopped rank stays named once it is killed
+            for pid, (rank, letter) in live.items():  # a stopped rank stays named while it is killed
                 if letter in ("T", "t"):
                     self.stopped[pid] = rank
-                else:
-                    self.stopped.pop(pid, None)
+                    self._running[pid] = 0
+                elif pid in self.stopped:  # continued (SIGCONT) only if it keeps running a while
+                    self._running[pid] = self._running.get(pid, 0) + 1
+                    if self._running[pid] >= RESUMED_SAMPLES:
+                        del self.stopped[pid]
 
     def verdict(self, ranks_spoke: bool, banner_exit: int | None = None) -> str | None:
         """One line naming the rank, or None (nothing seen, or the ranks already said what failed).
