@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 from . import plan as plan_commands
 from .calibration import calibrate, validate
+from .cli_args import OneLineParser, check_output_file
 from .describe import describe_scenario, print_metrics
 from .executor import commands as executor_commands
 from .models import commands as model_commands
@@ -19,11 +21,13 @@ from .scenario import SET_HELP, STRATEGY_NAMES, ScenarioError, load_cli_scenario
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    from .limits import check_simulation_memory
     from .metrics import clean_for_json, compute_metrics
     from .sim import simulate
     from .trace import write_chrome_trace
 
     scenario = load_cli_scenario(args.scenario, args.set, args.strategy)
+    check_simulation_memory(scenario)
     trace = simulate(scenario)
     for warning in trace.meta.get("warnings", []):
         print(f"pipesim: note: {warning}", file=sys.stderr)
@@ -62,8 +66,9 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-class CommandParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose help shows defaults; sub-commands (and theirs) inherit it."""
+class CommandParser(OneLineParser):
+    """An ``ArgumentParser`` whose help shows defaults and whose errors are one line; sub-commands (and theirs)
+    inherit it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
@@ -94,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="scenario YAML file (default: the built-in default scenario)")
     sim.add_argument("--strategy", choices=STRATEGY_NAMES, help="override strategy.name")
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
-    sim.add_argument("--trace", metavar="FILE",
+    sim.add_argument("--trace", metavar="FILE", type=check_output_file,
                      help="for viewing: a Chrome/Perfetto trace JSON of the run (open in ui.perfetto.dev)")
-    sim.add_argument("--records", metavar="FILE",
+    sim.add_argument("--records", metavar="FILE", type=check_output_file,
                      help="for analysis: the raw trace records as a table (.csv or .parquet)")
     sim.add_argument("--json", action="store_true", help="print one JSON object with the metrics")
     sim.set_defaults(func=_cmd_simulate)
@@ -117,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pipesim: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output went away (`| head`): no traceback, nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from .strict import StrictModel
 
 
-class ExecutorConfig(BaseModel):
+class ExecutorConfig(StrictModel):
     """How the reference executor runs a scenario on real processes."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     model: str = Field("tiny-llama", description="target: 'tiny-llama' (random weights, 'tiny-llama@SEED' for "
                                                  "another seed), 'smollm2' (fetched GGUF), or a .gguf path")
@@ -34,6 +34,9 @@ class ExecutorConfig(BaseModel):
     timeout_s: float = Field(300.0, gt=0, description="bound on each generation of a job (set-up, run, drain); "
                                                       "every wait is bounded by it")
     fault_rank: int | None = Field(None, ge=0, description="testing: this rank raises when its first run arrives")
+    fault_action: Literal["raise", "kill", "stop"] = Field(
+        "raise", description="testing: what executor.fault_rank does at its first run: raise an error, or send "
+                             "itself SIGKILL (dies without a word) or SIGSTOP (stops answering)")
     seed: int = Field(0, description="seed of random tiny-model weights (a tiny draft model uses seed + 1)")
     early_exit: Literal["real", "oracle"] | None = Field(
         None, description="speed: the early prediction from the model's own final norm + head applied after the "

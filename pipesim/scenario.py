@@ -11,11 +11,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -26,7 +24,9 @@ from .executor_config import ExecutorConfig
 from .hardware import get_network_preset, get_node_type
 from .models.catalog import QUANTIZATION_BITS, ModelSpec
 from .models.shapes import model_shape
+from .strict import StrictModel
 from .units import parse_bandwidth, parse_bytes, parse_duration, parse_rate
+from .yamlio import YAMLFileError, parse_yaml, read_yaml
 
 Bandwidth = Annotated[float, BeforeValidator(parse_bandwidth), Field(gt=0, description="bytes/s or e.g. 1Gbit/s")]
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0, description="seconds or e.g. 50us")]
@@ -41,8 +41,8 @@ class ScenarioError(ValueError):
     """A scenario that cannot be used; the message is one line naming the field and the value."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class _Strict(StrictModel):
+    """A scenario section (see ``StrictModel``: no extra fields, finite numbers, no booleans as numbers)."""
 
 
 class ModelsConfig(_Strict):
@@ -376,6 +376,9 @@ class Scenario(_Strict):
         split = self.placement.layer_split
         if split is not None and len(split) != n:
             raise ValueError(f"placement.layer_split has {len(split)} entries for {n} nodes")
+        if split is not None and abs(sum(split) - 1.0) > 1e-3:  # rounded fractions are fine
+            raise ValueError(f"placement.layer_split={split} sums to {sum(split):.6g}, not 1 "
+                             "(fractions of the target's layers, one per node)")
         n_layers = self.models.target_spec().n_layers
         if n > n_layers:
             raise ValueError(f"cluster.count={n} is more stages than the target's {n_layers} layers")
@@ -472,7 +475,10 @@ def apply_overrides(document: dict[str, Any], assignments: list[str]) -> dict[st
         key, sep, raw = assignment.partition("=")
         if not sep or not key.strip():
             raise ScenarioError(f"--set expects dotted.key=value, got {assignment!r}")
-        value = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = parse_yaml(raw, f"--set {key.strip()}") if raw.strip() else None
+        except YAMLFileError as error:
+            raise ScenarioError(str(error)) from None
         node = document
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -548,16 +554,18 @@ def scenario_from_dict(document: dict[str, Any]) -> Scenario:
 
 
 def load_scenario_document(path: str | Path) -> dict[str, Any]:
-    """Read a scenario file as a raw mapping."""
+    """Read a scenario file as a raw mapping (errors name the file: missing, a folder, binary, bad YAML)."""
     path = Path(path)
-    if not path.is_file():
-        raise ScenarioError(f"scenario file not found: {path}")
     try:
-        document = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ScenarioError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        document = read_yaml(path, "scenario file")
+    except YAMLFileError as error:
+        raise ScenarioError(str(error)) from None
     if not isinstance(document, dict):
-        raise ScenarioError(f"{path}: a scenario must be a YAML mapping")
+        kind = "empty" if document is None else f"a {type(document).__name__}"
+        raise ScenarioError(f"{path}: a scenario must be a YAML mapping, this file is {kind}")
+    if "axes" in document and "models" not in document:
+        raise ScenarioError(f"{path}: this is a study (it has axes), not a scenario: run it with "
+                            f"`pipesim sweep {path} --out DIR`, or give its base scenario")
     return document
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _NUMBER = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
@@ -15,13 +16,22 @@ def _split(text: str) -> tuple[float, str]:
     match = re.fullmatch(rf"\s*{_NUMBER}\s*([^\s]*)\s*", text)
     if not match:
         raise ValueError(f"cannot read {text!r} as a number with a unit")
-    return float(match.group(1)), match.group(2)
+    number = float(match.group(1))
+    if not math.isfinite(number):
+        raise ValueError(f"{text!r} is not a finite number")
+    return number, match.group(2)
+
+
+def _finite(value: float | int, text: object) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return float(value)
 
 
 def parse_bandwidth(value: float | int | str) -> float:
     """Bytes per second from a number (bytes/s) or a string such as ``1Gbit/s``, ``100Mbps``, ``10GB/s``."""
     if isinstance(value, int | float):
-        return float(value)
+        return _finite(value, value)
     number, unit = _split(value)
     match = re.fullmatch(r"([kKMGTP]?)(i?)(bit|b|B|byte)(?:/s|ps)", unit)
     if not match:
@@ -32,28 +42,28 @@ def parse_bandwidth(value: float | int | str) -> float:
     else:
         scale = _PREFIX[prefix]
     bits = base in ("bit", "b")
-    return number * scale / (8.0 if bits else 1.0)
+    return _finite(number * scale / (8.0 if bits else 1.0), value)
 
 
 def parse_duration(value: float | int | str) -> float:
     """Seconds from a number (seconds) or a string such as ``50us``, ``1.5ms``, ``2s``."""
     if isinstance(value, int | float):
-        return float(value)
+        return _finite(value, value)
     number, unit = _split(value)
     if unit not in _TIME:
         raise ValueError(f"unknown time unit in {value!r} (use s, ms, us or ns)")
-    return number * _TIME[unit]
+    return _finite(number * _TIME[unit], value)
 
 
 def parse_rate(value: float | int | str, unit_name: str = "FLOP/s") -> float:
     """A plain rate such as FLOP/s from a number or ``1.2T``, ``400GFLOP/s``."""
     if isinstance(value, int | float):
-        return float(value)
+        return _finite(value, value)
     number, unit = _split(value)
     match = re.fullmatch(r"([kKMGTP]?)(?:FLOP/s|FLOPS|flops|flop/s)?", unit)
     if not match:
         raise ValueError(f"unknown unit in {value!r} (use e.g. 400GFLOP/s or 1.2T)")
-    return number * _PREFIX[match.group(1)]
+    return _finite(number * _PREFIX[match.group(1)], value)
 
 
 def format_bandwidth(bytes_per_s: float) -> str:

@@ -17,10 +17,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pipesim"
 # A part may import only parts of a lower layer (never its own layer's other parts).
 LAYERS: dict[str, int] = {
     "scheduling": 0,
+    "strict": 0, "yamlio": 0, "cli_args": 0,
     "units": 1, "placement": 1, "executor_config": 1, "trace": 1, "hardware": 1,
     "models": 2, "metrics": 2,
     "scenario": 3,
-    "world": 4, "describe": 4,
+    "world": 4, "describe": 4, "limits": 4,
     "sim": 5, "executor": 5,
     "reports": 6, "plan": 6,
     "calibration": 7,

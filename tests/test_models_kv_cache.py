@@ -144,3 +144,54 @@ def test_invalid_arguments_are_named():
         token_seq_mask([0, 7], 2)
     with pytest.raises(ValueError, match="capacity"):
         KVCache(1, 0, 1, 2)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_sequence_operations_match_a_set_model(seed):
+    """Cells and their sequence sets after random store/cp/rm/keep/release equal a plain Python model of
+    llama.cpp's rules (a cell is freed when it holds no sequence), so the kept per-cell counts never drift."""
+    import random
+
+    rng = random.Random(seed)
+    max_seqs, capacity = 6, 40
+    kv = KVCache(1, capacity, 1, 2, max_seqs=max_seqs)
+    model: dict[int, tuple[int, set[int]]] = {}  # cell -> (position, sequences)
+    for _ in range(300):
+        op = rng.choice(["store", "store", "cp", "rm", "rm_all", "keep", "release"])
+        if op == "store" and len(model) < capacity - 3:
+            n = rng.randint(1, 3)
+            seqs = [{rng.randrange(max_seqs)} | ({rng.randrange(max_seqs)} if rng.random() < 0.3 else set())
+                    for _ in range(n)]
+            positions = [rng.randrange(30) for _ in range(n)]
+            cells = kv.store(torch.tensor(positions), token_seq_mask(seqs, max_seqs))
+            for cell, pos, s in zip(cells.tolist(), positions, seqs, strict=True):
+                model[cell] = (pos, set(s))
+        elif op == "cp":
+            src, dst, p0, p1 = rng.randrange(max_seqs), rng.randrange(max_seqs), rng.randrange(20), rng.randrange(40)
+            kv.seq_cp(src, dst, p0, p1)
+            for pos, s in model.values():
+                if src in s and p0 <= pos < p1:
+                    s.add(dst)
+        elif op in ("rm", "rm_all"):
+            seq = -1 if op == "rm_all" else rng.randrange(max_seqs)
+            p0, p1 = rng.randrange(20), rng.choice([None, rng.randrange(40)])
+            kv.seq_rm(seq, p0, p1)
+            for cell, (pos, s) in list(model.items()):
+                if p0 <= pos < (p1 if p1 is not None else 10**9):
+                    s.difference_update(range(max_seqs) if seq < 0 else {seq})
+                    if not s:
+                        del model[cell]
+        elif op == "keep" and rng.random() < 0.2:
+            seq = rng.randrange(max_seqs)
+            kv.seq_keep(seq)
+            for cell, (_pos, s) in list(model.items()):
+                s.intersection_update({seq})
+                if not s:
+                    del model[cell]
+        elif op == "release" and model:
+            cell = rng.choice(sorted(model))
+            kv.release(torch.tensor([cell]))
+            del model[cell]
+        assert kv.used_cells() == len(model)
+        for seq in range(max_seqs):
+            assert kv.seq_positions(seq) == sorted(pos for pos, s in model.values() if seq in s)

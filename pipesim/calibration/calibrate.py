@@ -13,19 +13,20 @@ compute (a compute misfit stays a compute error).
 
 from __future__ import annotations
 
-import json
+import os
 import shlex
 import statistics
-import subprocess
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..cli_args import check_output_file, int_at_least, positive_float
 from ..scenario import ScenarioError, load_scenario
 from ..trace import records_from_json
 from ..world.profile import HardwareProfile, LinkCoefficients, NodeCoefficients
+from ..yamlio import YAMLFileError, read_json
 from .fit import DraftSample, LinkSample, StageSample, fit_draft, fit_link, fit_stage
 
 
@@ -211,22 +212,25 @@ def calibrate(scenario: str, ranks: int, out: Path, sets: Sequence[str] = (), re
               probe_args: Sequence[str] = ()) -> tuple[HardwareProfile, dict[str, Any]]:
     """Probe (unless ``raw_in`` holds samples from a cluster launcher), fit, and save the profile to ``out``."""
     load_scenario(scenario, list(sets))  # one clear error line before anything starts
-    from ..executor.launcher import find_mpiexec
+    from ..executor.launcher import find_mpiexec, run_job
 
     command = ""
     if raw_in is None:
         raw_path = out.with_suffix(".raw.json")
         cmd = probe_command(find_mpiexec(), ranks, scenario, raw_path, sets, repeats, hostfile, probe_args)
         command = shlex.join(cmd)
-        try:
-            result = subprocess.run(cmd, timeout=timeout, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            raise ScenarioError(f"calibration probe did not finish in {timeout:.0f} s") from None
-        if result.returncode != 0:
-            raise ScenarioError(f"calibration probe failed (exit {result.returncode})")
+        # as `pipesim run`: signals to this process end the probe's ranks, a time limit stops the whole job
+        code = run_job(cmd, dict(os.environ), timeout)
+        if code == 124:
+            raise ScenarioError(f"calibration probe did not finish in {timeout:.0f} s")
+        if code != 0:
+            raise ScenarioError(f"calibration probe failed (exit {code})")
     else:
         raw_path = raw_in
-    raw = json.loads(Path(raw_path).read_text())
+    try:
+        raw = read_json(raw_path, "raw calibration samples file")
+    except YAMLFileError as error:
+        raise ScenarioError(str(error)) from None
     profile, quality = fit_profile(raw, command)
     profile.meta["cli"] = "pipesim calibrate " + shlex.join(
         [scenario, "--ranks", str(ranks), "--out", str(out), *[f"--set={s}" for s in sets]])
@@ -293,17 +297,18 @@ def register(subparsers) -> None:
                     "--out raw.json` yourself and fit it with --from-raw raw.json.")
     parser.add_argument("scenario", metavar="SCENARIO",
                         help="scenario YAML (its executor section picks the model and compute mode)")
-    parser.add_argument("--ranks", type=int, default=2, metavar="N", help="number of ranks = cluster.count")
-    parser.add_argument("--out", default=None, metavar="FILE",
+    parser.add_argument("--ranks", type=int_at_least(1), default=2, metavar="N", help="number of ranks = cluster.count")
+    parser.add_argument("--out", default=None, metavar="FILE", type=check_output_file,
                         help="where to write the profile (YAML; the raw samples go beside it as .raw.json) "
                              "(default: runs/calibration/<scenario name>.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a scenario field (repeatable)")
-    parser.add_argument("--repeats", type=int, default=5, metavar="N", help="repetitions per grid point (medians)")
+    parser.add_argument("--repeats", type=int_at_least(1), default=5, metavar="N",
+                        help="repetitions per grid point (medians)")
     parser.add_argument("--hostfile", metavar="FILE", help="host file passed to mpiexec (-f) on a cluster")
     parser.add_argument("--from-raw", metavar="FILE", help="fit samples a launcher already collected (raw JSON)")
-    parser.add_argument("--iterative-tokens", type=int, default=32, metavar="N",
+    parser.add_argument("--iterative-tokens", type=int_at_least(1), default=32, metavar="N",
                         help="tokens of the measured iterative generation used for the per-run dispatch time")
-    parser.add_argument("--timeout", type=float, default=1800, metavar="SECONDS", help="bound on the probe job")
+    parser.add_argument("--timeout", type=positive_float, default=1800, metavar="SECONDS", help="bound on the probe job")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     parser.set_defaults(func=_cmd_calibrate)

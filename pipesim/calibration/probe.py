@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from ..cli_args import OneLineParser, check_output_file, int_at_least
+from ..executor import lifeline
 from ..metrics import median_by_throughput
 
 DEFAULT_TOKENS = (1, 2, 4, 8, 16)
@@ -350,15 +352,15 @@ def _median_run(runs: list[dict]) -> dict | None:
 # -- main ----------------------------------------------------------------------------------------------
 
 def run_probe(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipesim.calibration.probe", description=__doc__,
+    parser = OneLineParser(prog="python -m pipesim.calibration.probe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenario")
-    parser.add_argument("--out", required=True, help="raw samples JSON (written by rank 0)")
+    parser.add_argument("--out", required=True, type=check_output_file, help="raw samples JSON (written by rank 0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int_at_least(1), default=5)
     parser.add_argument("--tokens", default=",".join(map(str, DEFAULT_TOKENS)))
     parser.add_argument("--contexts", default=",".join(map(str, DEFAULT_CONTEXTS)))
-    parser.add_argument("--iterative-tokens", type=int, default=32,
+    parser.add_argument("--iterative-tokens", type=int_at_least(0), default=32,
                         help="tokens of the measured iterative generation (0: skip it)")
     args = parser.parse_args(argv)
     from mpi4py import MPI
@@ -369,6 +371,7 @@ def run_probe(argv: Sequence[str] | None = None) -> int:
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    lifeline.watch(rank)  # never outlive the job (its parent or the calibrate launcher)
     problem = None
     try:
         scenario = load_scenario(args.scenario, [*args.set, "strategy.name=iterative"])

@@ -33,13 +33,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
+from ..cli_args import check_output_dir, int_at_least, positive_float
 from ..metrics import compute_metrics, median_by_throughput
 from ..scenario import ScenarioError, load_scenario
 from ..sim import simulate
 from ..trace import Trace, records_from_json
 from ..world.profile import HardwareProfile
+from ..yamlio import YAMLFileError, read_yaml
 from .calibrate import add_residual_overhead
 
 METRICS = ("tokens_per_s", "ttft_s", "itl_p50_s", "itl_p99_s")
@@ -62,15 +63,32 @@ class Grid:
     def load(cls, path: str | Path | None) -> Grid:
         if path is None:
             return cls()
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = read_yaml(path, "grid file")
+        except YAMLFileError as error:
+            raise ScenarioError(str(error)) from None
+        data = {} if data is None else data
+        if not isinstance(data, dict):
+            raise ScenarioError(f"{path}: a grid must be a YAML mapping, got a {type(data).__name__}")
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ScenarioError(f"{path}: unknown grid field(s) {sorted(unknown)}")
         grid = cls(**data)
-        for name in ("rounds", "anchor_tokens", "generate_tokens"):
+        for name in ("rounds", "anchor_tokens", "generate_tokens", "seed"):
             value = getattr(grid, name)
-            if not isinstance(value, int) or value < 1:
-                raise ScenarioError(f"{path}: {name} must be an integer >= 1, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1):
+                raise ScenarioError(f"{path}: {name} must be an integer >= {0 if name == 'seed' else 1}, "
+                                    f"got {value!r}")
+        for name in ("strategies", "alphas", "bandwidths"):
+            value = getattr(grid, name)
+            if not isinstance(value, list) or not value:
+                raise ScenarioError(f"{path}: {name} must be a non-empty list, got {value!r} "
+                                    f"(e.g. {name}: {getattr(cls(), name)})")
+        for alpha in grid.alphas:
+            if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 <= alpha <= 1.0:
+                raise ScenarioError(f"{path}: alphas: {alpha!r} is not an acceptance rate in [0, 1]")
+        if not isinstance(grid.latency, str | int | float) or isinstance(grid.latency, bool):
+            raise ScenarioError(f"{path}: latency must be a time such as 100us, got {grid.latency!r}")
         return grid
 
     def anchors(self, has_draft: bool) -> list[tuple[str, list[str]]]:
@@ -472,7 +490,7 @@ def _markdown(frame: pd.DataFrame) -> str:
 
 def _cmd_validate(args) -> int:
     grid = Grid.load(args.grid)
-    if args.tokens:
+    if args.tokens is not None:
         grid.generate_tokens = args.tokens
     if args.rounds is not None:
         if args.rounds < 1:
@@ -506,11 +524,13 @@ def register(subparsers) -> None:
     parser.add_argument("--grid", metavar="FILE",
                         help="YAML with strategies, alphas, bandwidths, latency, generate_tokens, rounds, seed "
                              f"(default: the built-in grid, {_builtin_grid_summary()})")
-    parser.add_argument("--tokens", type=int, metavar="N", help="override the grid's generate_tokens (default: the grid's)")
-    parser.add_argument("--rounds", type=int, metavar="N",
+    parser.add_argument("--tokens", type=int_at_least(1), metavar="N",
+                        help="override the grid's generate_tokens (default: the grid's)")
+    parser.add_argument("--rounds", type=int_at_least(1), metavar="N",
                         help="override the grid's rounds (each configuration runs this often, rotated order; the "
                              "median-throughput round counts) (default: the grid's)")
-    parser.add_argument("--out", default="runs/validation", metavar="DIR", help="output folder")
-    parser.add_argument("--timeout", type=float, default=3600, metavar="SECONDS", help="bound on each executor job")
+    parser.add_argument("--out", default="runs/validation", metavar="DIR", type=check_output_dir, help="output folder")
+    parser.add_argument("--timeout", type=positive_float, default=3600, metavar="SECONDS",
+                        help="bound on each executor job")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     parser.set_defaults(func=_cmd_validate)

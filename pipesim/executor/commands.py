@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
+from ..cli_args import int_at_least
 from .launcher import START_MARGIN_S, launch_command, rank_environment, run_job
+from .limits import check_memory
 from .options import add_run_arguments, load_variants
 from .plan import make_plan
 
@@ -18,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Check a scenario, then run it on N local MPI ranks (mpiexec -n N python -m "
                     "pipesim.executor ...) and print its measured metrics. Rank 0 is the head.")
     add_run_arguments(run)
-    run.add_argument("--ranks", type=int, metavar="N", help="number of MPI ranks (default: cluster.count)")
+    run.add_argument("--ranks", type=int_at_least(1), metavar="N", help="number of MPI ranks (default: cluster.count)")
     run.set_defaults(func=_cmd_run)
     return run
 
@@ -45,6 +48,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     variants = load_variants(args.scenario, args.set, args.strategy, args.variant, args.timeout)
     n_ranks = args.ranks if args.ranks is not None else variants[0][1].cluster.count
     plans = [make_plan(scenario, n_ranks) for _, scenario in variants]
+    warning = check_memory(plans)  # every rank runs on this machine
+    if warning is not None:
+        print(f"pipesim run: {warning}", file=sys.stderr, flush=True)
     argv = rank_arguments(args) + ["--ranks", str(n_ranks)]
     command = launch_command(n_ranks, argv)
     threads = max(plan.executor.threads_per_rank for plan in plans)

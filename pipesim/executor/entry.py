@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 import traceback
 from collections.abc import Sequence
 
+from ..cli_args import OneLineParser, int_at_least
 from ..scenario import ScenarioError
-from .errors import ExecutorSetupError
+from . import lifeline
+from .errors import ExecutorSetupError, InjectedFault
+from .limits import check_memory
 from .options import add_run_arguments, load_variants
 from .output import print_result, save_traces, write_files
 from .plan import make_plan
@@ -23,12 +27,21 @@ from .plan import make_plan
 ABORT_GRACE_S = 0.3  # a failing rank's message reaches mpiexec's output before MPI_Abort ends the job
 
 
+def _act_out_fault(plans, rank: int) -> None:
+    """``executor.fault_action`` kill or stop: this rank dies or stops without a word (tests of fault handling)."""
+    action = next((p.executor.fault_action for p in plans if p.executor.fault_rank == rank), "raise")
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m pipesim.executor",
         description="One rank of the pipesim executor; start it with mpiexec -n N (or srun), one rank per node.")
     add_run_arguments(parser)
-    parser.add_argument("--ranks", type=int, help="expected number of ranks (checked against the MPI job)")
+    parser.add_argument("--ranks", type=int_at_least(1), help="expected number of ranks (checked against the MPI job)")
     return parser
 
 
@@ -38,12 +51,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    lifeline.watch(rank)
     problem = None
     try:
         if args.ranks is not None and args.ranks != size:
             raise ExecutorSetupError(f"--ranks {args.ranks} but the MPI job has {size} ranks")
         variants = load_variants(args.scenario, args.set, args.strategy, args.variant, args.timeout)
         plans = [(label, make_plan(scenario, size)) for label, scenario in variants]
+        check_memory([plan for _, plan in plans], [rank])  # this rank's share, on its host
     except (ScenarioError, ExecutorSetupError, ValueError, OSError) as error:
         problem = str(error)
     problems = comm.allgather(problem)  # every rank checked (files may differ between hosts): all stop, or none
@@ -75,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             save_traces(args.save_trace, saved)
         return 0
     except BaseException as error:  # noqa: BLE001 - any failure must end the whole job
+        if isinstance(error, InjectedFault):
+            _act_out_fault([plan for _, plan in plans], rank)
         if os.environ.get("PIPESIM_TRACEBACK"):
             traceback.print_exc()
         print(f"rank {rank}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)

@@ -91,7 +91,8 @@ class Head:
         while not driver.finished and not self.stopped:
             if time.monotonic() > self.deadline:
                 where = f"level {self.level}: " if len(self.level_heads) > 1 else ""
-                raise ExecutorTimeout(f"{where}generation did not finish in time ({len(driver.output)} tokens so far)")
+                raise ExecutorTimeout(f"{where}generation did not finish in time ({len(driver.output)} tokens so far; "
+                                      f"{self.messenger.silence()})")
             self._pump()
             if self.stopped:
                 break

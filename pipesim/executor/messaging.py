@@ -67,6 +67,8 @@ class Messenger:
         self._ready: deque[Envelope] = deque()
         self._status = MPI.Status()
         self._last_empty_probe = clock.now()  # when this rank last found nothing more to receive
+        self._started = time.monotonic()
+        self._last_heard: dict[int, float] = {}  # source rank -> time.monotonic() of its last message
 
     # -- sending ---------------------------------------------------------------------------------------
     def send(self, dst: int, tag: int, body: np.ndarray, payload: np.ndarray | None = None) -> None:
@@ -102,13 +104,26 @@ class Messenger:
         sleep = MIN_SLEEP
         while not self.poll():
             if time.monotonic() > deadline:
-                raise ExecutorTimeout(f"timed out waiting for {what}")
+                raise ExecutorTimeout(f"timed out waiting for {what} ({self.silence()})")
             pause = sleep
             next_due = self._next_due()
             if next_due is not None:
                 pause = min(pause, max(next_due - self.clock.now(), MIN_SLEEP))
             time.sleep(pause)
             sleep = min(2 * sleep, self.poll_interval)
+
+    def silence(self) -> str:
+        """Who this rank last heard from and how long ago: names the rank or link that stopped answering."""
+        now = time.monotonic()
+        if not self._last_heard:
+            return f"no message from any rank in {now - self._started:.1f} s"
+        quiet = sorted(self._last_heard.items(), key=lambda item: item[1])[:4]
+        parts = [f"rank {source} ({self.node_names[source]}->{self.node_names[self.rank]}) silent for "
+                 f"{now - heard:.1f} s" for source, heard in quiet]
+        never = [str(peer) for peer in range(self.size) if peer != self.rank and peer not in self._last_heard]
+        if never and len(never) <= 4:
+            parts.append(f"never heard from rank {', '.join(never)}")
+        return "; ".join(parts)
 
     def _next_due(self) -> float | None:
         fronts = [queue[0].due for queue in self._incoming.values() if queue]
@@ -124,6 +139,7 @@ class Messenger:
             data = np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64)
             comm.Recv(data, source=source, tag=tag)
             self.received[source] += 1
+            self._last_heard[source] = time.monotonic()
             now = self.clock.now()
             sent_at, count, body = unframe(data)
             payload = request = None

@@ -31,6 +31,7 @@ class ModelRef:
     path: Path | None = None
     has_tokenizer: bool = False
     has_chat_template: bool = False
+    kv_dim: int = 0  # key (= value) width per layer and token: n_kv_heads x head_dim (0: unknown)
 
     @property
     def key(self) -> tuple:
@@ -48,7 +49,8 @@ def resolve_model(text: str, field: str, seed: int = 0) -> ModelRef:
                 seed = int(seed_text)
             except ValueError:
                 raise ExecutorSetupError(f"{field}={text!r}: the seed after '@' must be an integer") from None
-        return ModelRef(text, "tiny", spec.n_layers, spec.vocab_size, spec_name=spec.name, seed=seed)
+        return ModelRef(text, "tiny", spec.n_layers, spec.vocab_size, spec_name=spec.name, seed=seed,
+                        kv_dim=spec.kv_dim)
     if text.lower() in _FETCH_ALIASES:
         path = find_model(_FETCH_ALIASES[text.lower()])
         if path is None:
@@ -69,6 +71,10 @@ def resolve_model(text: str, field: str, seed: int = 0) -> ModelRef:
     if arch != "llama" or "llama.block_count" not in meta:
         raise ExecutorSetupError(f"{field}={text!r}: not a Llama-family GGUF (general.architecture={arch!r})")
     vocab = int(meta.get("llama.vocab_size", meta.get("tokenizer.ggml.tokens", 0)))
+    heads = int(meta.get("llama.attention.head_count", 0) or 0)
+    kv_heads = int(meta.get("llama.attention.head_count_kv", heads) or heads)
+    width = int(meta.get("llama.embedding_length", 0) or 0)
     return ModelRef(text, "gguf", int(meta["llama.block_count"]), vocab, path=path,
                     has_tokenizer=meta.get("tokenizer.ggml.model") == "gpt2",
-                    has_chat_template="tokenizer.chat_template" in meta)
+                    has_chat_template="tokenizer.chat_template" in meta,
+                    kv_dim=width // heads * kv_heads if heads else 0)

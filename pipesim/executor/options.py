@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..cli_args import check_output_file, positive_float
 from ..scenario import STRATEGY_NAMES, Scenario, ScenarioError, load_scenario
 
 SET_HELP = ("override a scenario field, e.g. acceptance.alpha=0.5, executor.link_emulation=true, "
@@ -20,17 +21,17 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", choices=STRATEGY_NAMES, help="override strategy.name")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     parser.add_argument("--variant", action="append", default=[], metavar="K=V;K=V", help=VARIANT_HELP)
-    parser.add_argument("--trace", metavar="FILE",
+    parser.add_argument("--trace", metavar="FILE", type=check_output_file,
                         help="for viewing: a Chrome/Perfetto trace JSON of the run (open in ui.perfetto.dev)")
-    parser.add_argument("--records", metavar="FILE",
+    parser.add_argument("--records", metavar="FILE", type=check_output_file,
                         help="for analysis: the raw trace records as a table (.csv or .parquet)")
-    parser.add_argument("--save-trace", metavar="FILE",
+    parser.add_argument("--save-trace", metavar="FILE", type=check_output_file,
                         help="for re-loading: the pipesim trace(s) with metrics and metadata as JSON (a list, one per run; "
                              "what `pipesim validate` reads)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per run: the metrics of `pipesim simulate --json` plus "
                              "output_tokens and output_text")
-    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+    parser.add_argument("--timeout", type=positive_float, metavar="SECONDS",
                         help="override executor.timeout_s (default: the scenario's, 300 unless set)")
 
 

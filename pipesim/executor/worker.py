@@ -64,7 +64,7 @@ class Worker:
         while True:
             self._pump()
             if not machine.queue:
-                self.messenger.wait(self.deadline, f"rank {self.rank}: a run or a cancellation")
+                self.messenger.wait(self.deadline, "a run or a cancellation")
                 continue
             msg, computed, activations = machine.take()
             if msg.stop:

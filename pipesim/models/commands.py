@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipesim.cli_args import check_output_file, float_between, int_at_least, positive_float
 from pipesim.models.catalog import CATALOG
 from pipesim.models.fetch import FETCHABLE, fetch_model, find_model
 
@@ -110,23 +111,28 @@ def _register_train_exit(actions: argparse._SubParsersAction) -> None:
         "--model", default="smollm2", metavar="MODEL",
         help="a fetchable model (smollm2), a Llama GGUF file, or 'tiny' (the random test model); default smollm2",
     )
-    train.add_argument("--tokens", type=int, default=None, metavar="N", help="positions to record, train + held out (default 60000)")
-    train.add_argument("--steps", type=int, default=None, metavar="N", help="cross-entropy steps per layer, 0: warm start only (default 1500)")
+    train.add_argument("--tokens", type=int_at_least(1), default=None, metavar="N",
+                       help="positions to record, train + held out (default 60000)")
+    train.add_argument("--steps", type=int_at_least(0), default=None, metavar="N",
+                       help="cross-entropy steps per layer, 0: warm start only (default 1500)")
     train.add_argument("--rank", type=_rank, default=None, metavar="R", help="adapter rank, or 'full' (default full)")
     train.add_argument("--init", choices=("lsq", "identity"), default=None, help="warm start (default lsq)")
-    train.add_argument("--lr", type=float, default=None, metavar="LR", help="AdamW learning rate (default 1e-3)")
-    train.add_argument("--batch-size", type=int, default=None, metavar="N", help="positions per step (default 64)")
-    train.add_argument("--holdout", type=float, default=None, metavar="FRACTION", help="fraction of prompts held out (default 0.15)")
-    train.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="tokens per continuation (default 160)")
+    train.add_argument("--lr", type=positive_float, default=None, metavar="LR", help="AdamW learning rate (default 1e-3)")
+    train.add_argument("--batch-size", type=int_at_least(1), default=None, metavar="N",
+                       help="positions per step (default 64)")
+    train.add_argument("--holdout", type=float_between(0.0, 1.0, low_open=True, high_open=True), default=None,
+                       metavar="FRACTION", help="fraction of prompts held out (default 0.15)")
+    train.add_argument("--max-new-tokens", type=int_at_least(1), default=None, metavar="N",
+                       help="tokens per continuation (default 160)")
     train.add_argument("--seed", type=int, default=0, metavar="N", help="seed of prompt order, sampling, split and training")
-    train.add_argument("--threads", type=int, default=2, metavar="N", help="torch CPU threads (default 2)")
+    train.add_argument("--threads", type=int_at_least(1), default=2, metavar="N", help="torch CPU threads (default 2)")
     train.add_argument(
         "--out", default="runs/exit-adapters/exit-{model}-layer{layer:02d}.pt", metavar="FILE",
         help="adapter file; {layer}, {model}, {rank} are filled in "
              "(default runs/exit-adapters/exit-{model}-layer{layer:02d}.pt)",
     )
     train.add_argument(
-        "--summary", default=None, metavar="FILE",
+        "--summary", default=None, metavar="FILE", type=check_output_file,
         help="JSON file to merge the results into (model -> alpha per layer, details), e.g. acceptance.json",
     )
     train.add_argument("--cache-dir", default=None, metavar="DIR",
@@ -192,6 +198,12 @@ def _train_exit(args: argparse.Namespace) -> int:
     if len(layers) > 1 and "{layer" not in args.out:
         print(f"pipesim models train-exit: --out {args.out!r} needs {{layer}} when training several layers", file=sys.stderr)
         return 2
+    for k in layers:  # every adapter file can be written, before minutes of data generation
+        try:
+            check_output_file(args.out.format(layer=k, model=args.model, rank=args.rank or "full"))
+        except (argparse.ArgumentTypeError, KeyError, ValueError, IndexError) as error:
+            print(f"pipesim models train-exit: error: --out {args.out!r}: {error}", file=sys.stderr)
+            return 2
     options = {
         "n_tokens": args.tokens, "steps": args.steps, "init": args.init, "lr": args.lr,
         "batch_size": args.batch_size, "holdout": args.holdout, "max_new_tokens": args.max_new_tokens,

@@ -18,6 +18,8 @@ import torch
 
 __all__ = ["KVCache", "KVCacheFullError", "token_seq_mask"]
 
+SEQ_COLUMNS_DIRECT = 8  # up to this many sequences, masks use every column (selecting them costs more)
+
 
 class KVCacheFullError(RuntimeError):
     """Raised when a batch needs more free cells than the cache has left."""
@@ -74,6 +76,8 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.cell_pos = torch.full((capacity,), -1, dtype=torch.int64, device=device)
         self.cell_seqs = torch.zeros((capacity, max_seqs), dtype=torch.bool, device=device)
+        # how many sequences each cell holds, so freeing the emptied cells never scans all max_seqs columns
+        self.cell_nseq = torch.zeros((capacity,), dtype=torch.int32, device=device)
 
     # ----------------------------------------------------------------- inspection
 
@@ -122,6 +126,7 @@ class KVCache:
             raise ValueError(f"positions must be >= 0, got min {int(positions.min())}")
         self.cell_pos[cells] = positions.to(self.cell_pos.device, torch.int64)
         self.cell_seqs[cells] = token_seqs.to(self.cell_seqs.device, torch.bool)
+        self.cell_nseq[cells] = self.cell_seqs[cells].sum(dim=1, dtype=torch.int32)
 
     def store(self, positions: torch.Tensor, token_seqs: torch.Tensor) -> torch.Tensor:
         """Allocate one cell per token and tag it; returns the cell indices."""
@@ -140,6 +145,7 @@ class KVCache:
         """Free ``cells`` whatever sequences they belong to (used when a run is aborted)."""
         self.cell_pos[cells] = -1
         self.cell_seqs[cells] = False
+        self.cell_nseq[cells] = 0
 
     # ----------------------------------------------------------------- sequence operations
 
@@ -148,8 +154,9 @@ class KVCache:
         """Add ``dst`` to every cell of ``src`` with ``p0 <= pos < p1`` (None/negative bound = open)."""
         self._check_seq(src, "src")
         self._check_seq(dst, "dst")
-        sel = self.cell_seqs[:, src] & self._in_range(p0, p1)
+        sel = torch.nonzero(self.cell_seqs[:, src] & ~self.cell_seqs[:, dst] & self._in_range(p0, p1)).flatten()
         self.cell_seqs[sel, dst] = True
+        self.cell_nseq[sel] += 1
 
     @torch.inference_mode()
     def seq_rm(self, seq: int, p0: int | None = 0, p1: int | None = None) -> None:
@@ -157,10 +164,14 @@ class KVCache:
         in_range = self._in_range(p0, p1)
         if seq < 0:
             self.cell_seqs[in_range] = False
-        else:
-            self._check_seq(seq, "seq")
-            self.cell_seqs[in_range, seq] = False
-        self._free_empty()
+            self.cell_nseq[in_range] = 0
+            self.cell_pos[in_range] = -1
+            return
+        self._check_seq(seq, "seq")
+        touched = torch.nonzero(in_range & self.cell_seqs[:, seq]).flatten()
+        self.cell_seqs[touched, seq] = False
+        self.cell_nseq[touched] -= 1
+        self.cell_pos[touched[self.cell_nseq[touched] == 0]] = -1
 
     @torch.inference_mode()
     def seq_keep(self, seq: int) -> None:
@@ -169,13 +180,15 @@ class KVCache:
         keep = self.cell_seqs[:, seq].clone()
         self.cell_seqs.zero_()
         self.cell_seqs[:, seq] = keep
-        self._free_empty()
+        self.cell_nseq.copy_(keep)
+        self.cell_pos[~keep] = -1
 
     @torch.inference_mode()
     def clear(self) -> None:
         """Free every cell."""
         self.cell_pos.fill_(-1)
         self.cell_seqs.zero_()
+        self.cell_nseq.zero_()
 
     # ----------------------------------------------------------------- attention
 
@@ -190,7 +203,10 @@ class KVCache:
         self._check_token_seqs(token_seqs, n)
         cell_pos = self.cell_pos[:n_cells]
         cell_seqs = self.cell_seqs[:n_cells]
-        shares = (token_seqs.to(torch.float32) @ cell_seqs.to(torch.float32).T) > 0
+        if self.max_seqs > SEQ_COLUMNS_DIRECT:  # only the sequences the tokens belong to matter (a handful)
+            used = torch.nonzero(token_seqs.any(dim=0)).flatten()
+            token_seqs, cell_seqs = token_seqs[:, used], cell_seqs[:, used]
+        shares = (token_seqs.to(self.cell_seqs.device, torch.float32) @ cell_seqs.to(torch.float32).T) > 0
         visible = (cell_pos[None, :] >= 0) & (cell_pos[None, :] <= positions.reshape(n, 1))
         return shares & visible
 
@@ -200,9 +216,6 @@ class KVCache:
         lo = _as_bound(p0, 0)
         hi = _as_bound(p1, torch.iinfo(torch.int64).max)
         return (self.cell_pos >= lo) & (self.cell_pos < hi)
-
-    def _free_empty(self) -> None:
-        self.cell_pos[~self.cell_seqs.any(dim=1)] = -1
 
     def _check_seq(self, seq: int, field: str) -> None:
         if not 0 <= seq < self.max_seqs:

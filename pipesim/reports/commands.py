@@ -7,6 +7,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from ..cli_args import OneLineParser, check_output_dir
 from ..scenario import ScenarioError
 
 SWEEP_DESCRIPTION = """\
@@ -75,7 +76,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sweep = subparsers.add_parser("sweep", help="run a what-if study (many scenarios) in parallel",
                                   description=SWEEP_DESCRIPTION)
     sweep.add_argument("study", metavar="STUDY", help="study YAML file (see scenarios/studies/)")
-    sweep.add_argument("--out", required=True, metavar="DIR", help="folder for the results (created if needed)")
+    sweep.add_argument("--out", required=True, metavar="DIR", type=check_output_dir,
+                       help="folder for the results (created if needed)")
     sweep.add_argument("--jobs", "-j", type=_positive_int, default=None, metavar="N",
                        help="local worker processes (default: the cores available; 1 runs in this process)")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -88,7 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report = subparsers.add_parser("report", help="HTML and Markdown report of a sweep folder",
                                    description=REPORT_DESCRIPTION)
     report.add_argument("folder", metavar="SWEEP_DIR", help="a folder written by `pipesim sweep`")
-    report.add_argument("--out", metavar="DIR", default=None,
+    report.add_argument("--out", metavar="DIR", default=None, type=check_output_dir,
                         help="write the report here (default: the sweep folder); results.csv is copied along")
     report.add_argument("--title", default=None, metavar="TEXT", help="report title (default: from the study)")
     report.set_defaults(func=_cmd_report)
@@ -96,7 +98,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pipesim.reports sweep|report ...`` (the same commands outside the ``pipesim`` CLI)."""
-    parser = argparse.ArgumentParser(prog="python -m pipesim.reports")
+    parser = OneLineParser(prog="python -m pipesim.reports")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     register(sub)

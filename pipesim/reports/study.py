@@ -38,6 +38,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..scenario import Scenario, ScenarioError, load_scenario_document, scenario_from_dict
+from ..yamlio import YAMLFileError, read_yaml
 
 VARIANT = "variant"
 COUNT_KEY = "cluster.count"
@@ -292,6 +293,9 @@ def study_from_dict(document: Any, source: str = "study", root: Path | None = No
     """Check a study document, read its base scenario, and validate every axis value on the base."""
     if not isinstance(document, dict):
         raise ScenarioError(f"{source}: a study must be a YAML mapping")
+    if "models" in document and "axes" not in document:
+        raise ScenarioError(f"{source}: this is a scenario, not a study (a study has base and axes): simulate it "
+                            f"with `pipesim simulate {source}`, or name it as the base of a study")
     try:
         spec = StudyFile.model_validate(document)
     except ValidationError as error:
@@ -327,12 +331,10 @@ def study_from_dict(document: Any, source: str = "study", root: Path | None = No
 def load_study(path: str | Path, extra_set: dict[str, Any] | None = None) -> Study:
     """Read a study YAML file (the base scenario path is relative to it)."""
     path = Path(path)
-    if not path.is_file():
-        raise ScenarioError(f"study file not found: {path}")
     try:
-        document = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ScenarioError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        document = read_yaml(path, "study file")
+    except YAMLFileError as error:
+        raise ScenarioError(str(error)) from None
     return study_from_dict(document, str(path), path.parent, extra_set)
 
 

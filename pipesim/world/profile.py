@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from ..yamlio import YAMLFileError, read_yaml
+
 
 def layer_form(c, n_tokens: int, context: int) -> float:
     """The time of one layer for a run of ``n_tokens`` at ``context``, for coefficients ``c`` (a StageFit or a
@@ -102,9 +104,10 @@ class HardwareProfile:
     @classmethod
     def load(cls, path: str | Path) -> HardwareProfile:
         path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"hardware profile not found: {path}")
-        data = yaml.safe_load(path.read_text())
+        try:
+            data = read_yaml(path, "hardware profile")
+        except YAMLFileError as error:
+            raise ValueError(str(error)) from None
         if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
             raise ValueError(f"{path}: not a pipesim hardware profile (format {PROFILE_FORMAT!r} expected)")
         try:
