@@ -15,6 +15,7 @@ import traceback
 from collections.abc import Sequence
 
 from ..scenario import ScenarioError
+from .affinity import pin_to_core
 from .errors import ExecutorSetupError
 from .options import add_run_arguments, load_variants
 from .output import print_result, save_traces, write_files
@@ -57,12 +58,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .runtime import RankRuntime
 
         runtime = RankRuntime(comm, MPI.Wtime)
+        if any(plan.executor.pin_ranks for _, plan in plans):
+            pin_to_core(runtime.local_rank)
         runtime.sync(max(plan.executor.timeout_s for _, plan in plans))
         saved = []
         for index, (label, plan) in enumerate(plans):
+            wall_start = time.time()  # the host's wall clock, so load samples taken outside the job line up
             result = runtime.generate(plan)
             if rank != 0:
                 continue
+            result.trace.meta["wall_clock"] = [wall_start, time.time()]
             print_result(result.metrics, label, args.json)
             write_files(result, index, len(plans), args.trace, args.records)
             if args.save_trace:

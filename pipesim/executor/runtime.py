@@ -17,6 +17,7 @@ from ..metrics import clean_for_json, compute_metrics
 from ..scheduling import make_strategy
 from ..trace import Record, Trace
 from ..world.acceptance import AcceptanceModel, OracleDraft, SyntheticTokens
+from .affinity import local_rank
 from .backend import StageBackend
 from .clock import Clock, sync_clocks
 from .drafts import Drafter, EmulatedRunner, FreeRunner, ReferenceTokens
@@ -65,8 +66,9 @@ class RankRuntime:
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         self.clock = Clock(wtime)
+        self.local_rank = local_rank(comm)  # picks this rank's GPU (and core, with executor.pin_ranks)
         self.offsets = [0.0] * self.size
-        self._store = None
+        self._stores: dict[str, Any] = {}  # real compute: the models loaded, per executor.device setting
         self._references: dict[tuple, list[int]] = {}
 
     def sync(self, timeout_s: float) -> None:
@@ -90,9 +92,12 @@ class RankRuntime:
         )
 
         set_threads(plan.executor.threads_per_rank)
-        if self._store is None:
-            self._store = ModelStore()
-        return self._store
+        setting = plan.executor.device
+        if setting not in self._stores:
+            from .device import resolve_device
+
+            self._stores[setting] = ModelStore(resolve_device(setting, self.local_rank))
+        return self._stores[setting]
 
     def _stage_backend(self, plan: Plan, capacity: int, max_seqs: int) -> StageBackend:
         rank, n = self.rank, plan.n_ranks
@@ -236,7 +241,8 @@ class RankRuntime:
             "compute": ex.compute, "link_emulation": ex.link_emulation, "model": ex.model if plan.real else None,
             "draft": ex.draft, "oracle_cost": ex.oracle_cost if ex.draft == "oracle" else None,
             "early_exit": plan.early_exit,
-            "threads_per_rank": ex.threads_per_rank, "clock_offsets": list(self.offsets),
+            "threads_per_rank": ex.threads_per_rank, "device": ex.device, "pin_ranks": ex.pin_ranks,
+            "clock_offsets": list(self.offsets),
             "kv_capacity": capacity, "kv_max_cells": kv_max, "kv_final_cells": kv_final,
             "max_partitions_used": outcome.max_partitions_used, "messages_dropped_at_end": dropped,
             "records_after_end": after_end, "reference_tokens": reference,
@@ -420,7 +426,8 @@ class RankRuntime:
             "chain_nodes": [level.ranks for level in plan.levels],
             "chain_models": [level.model.text if level.model is not None else None for level in plan.levels],
             "chain_alphas": scenario.chain_alphas(), "draft": ex.draft,
-            "threads_per_rank": ex.threads_per_rank, "clock_offsets": list(self.offsets),
+            "threads_per_rank": ex.threads_per_rank, "device": ex.device, "pin_ranks": ex.pin_ranks,
+            "clock_offsets": list(self.offsets),
             "kv_capacity": capacity, "kv_max_cells": kv_max, "kv_final_cells": kv_final,
             "messages_dropped_at_end": dropped, "records_after_end": after_end, "reference_tokens": reference,
             "matches_reference": None if reference is None else list(output) == reference,
