@@ -102,7 +102,7 @@ seed: 0
 rounds: $GRID_ROUNDS
 anchor_tokens: $ANCHOR_TOKENS
 strategy_sets:
-  pipespec: ["models.chain=[tiny-llama]"]
+  pipespec: ["models.chain=[tiny-llama]", "head.return_mode=ids"]
   speed: ["strategy.exit_layer=$EXIT_LAYER", "executor.early_exit=oracle"]
 GRID
 
