@@ -113,3 +113,19 @@ def test_pinned_ranks_on_the_cpu_device_reproduce_target_only_decoding(tmp_path)
         assert meta["device"] == "cpu" and meta["pin_ranks"] is True
         start, end = meta["wall_clock"]
         assert end > start
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+def test_ranks_sharing_one_gpu_reproduce_target_only_decoding(tmp_path):
+    saved = tmp_path / "traces.json"
+    argv = [sys.executable, "-m", "pipesim.cli", "run", str(TINY), "--ranks", "3", "--set", "cluster.count=3",
+            "--save-trace", str(saved),
+            "--set", "executor.device=cuda", "--set", "workload.generate_tokens=12",
+            "--variant", "strategy.name=iterative", "--variant", "strategy.name=pipeinfer"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    entries = json.loads(saved.read_text())
+    assert entries[1]["trace"]["meta"]["matches_reference"] is True
+    assert entries[0]["trace"]["output_tokens"] == entries[1]["trace"]["output_tokens"]
+    assert all(e["trace"]["meta"]["device"] == "cuda" for e in entries)
