@@ -63,3 +63,12 @@ def test_summary_reports_the_held_out_strategies_apart():
     assert summary.loc[("held-out pipeinfer", "tokens_per_s")]["median"] == pytest.approx(0.20)
     assert summary.loc[("held-out speed", "tokens_per_s")]["worst"] == pytest.approx(0.05)
     assert summary.loc[("all", "tokens_per_s")]["median"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("value", ["iterative,bogus", ","])
+def test_calibrate_on_names_known_strategies(tmp_path, capsys, value):
+    from pipesim import cli
+
+    code = cli.main(["validate", str(tmp_path / "p.yaml"), "--out", str(tmp_path / "o"), "--calibrate-on", value])
+    err = capsys.readouterr().err
+    assert code != 0 and "--calibrate-on" in err and "choose from" in err and "Traceback" not in err

@@ -521,8 +521,14 @@ def _cmd_validate(args) -> int:
     grid = Grid.load(args.grid)
     if args.tokens:
         grid.generate_tokens = args.tokens
-    if args.calibrate_on:
+    if args.calibrate_on is not None:
+        from ..scenario import STRATEGY_NAMES
+
         grid.calibrate_on = [s.strip() for s in args.calibrate_on.split(",") if s.strip()]
+        unknown = [s for s in grid.calibrate_on if s not in STRATEGY_NAMES]
+        if unknown or not grid.calibrate_on:
+            raise ScenarioError(f"--calibrate-on {args.calibrate_on!r}: unknown strategy {','.join(unknown) or '(none)'}"
+                                f" (choose from {', '.join(STRATEGY_NAMES)})")
     if args.rounds is not None:
         if args.rounds < 1:
             raise ScenarioError(f"--rounds must be >= 1, got {args.rounds}")
