@@ -2,7 +2,8 @@
 ``tc tbf`` (``pipesim run --netns``), beside the executor with sleep-emulated links and the simulator, over link
 bandwidths {10, 100, 1000} Mbit/s. Root only (namespaces); real compute with the profile's model.
 
-Per bandwidth B and configuration (iterative; speculative and pipeinfer at α):
+Per bandwidth B and configuration (iterative; speculative and pipeinfer at α, PipeInfer with at most 4 valid runs in
+flight: unbounded, its head floods a 10 Mbit/s link with runs whose full logits take half a second each to return):
 - kernel-shaped: ``pipesim run --netns --netns-bandwidth B`` with ``executor.link_emulation=true`` and an
   unbounded emulated bandwidth, so the executor emulates only the latency (``netem`` delay does not work on these
   machines) and the kernel alone limits the bandwidth;
@@ -42,7 +43,8 @@ UNBOUNDED = "1000TB/s"  # the emulated bandwidth of kernel-shaped runs: the emul
 def configurations(alpha: float) -> list[tuple[str, list[str]]]:
     return [("iterative", ["strategy.name=iterative"]),
             (f"speculative a={alpha}", ["strategy.name=speculative", f"acceptance.alpha={alpha}"]),
-            (f"pipeinfer a={alpha}", ["strategy.name=pipeinfer", f"acceptance.alpha={alpha}"])]
+            (f"pipeinfer a={alpha}", ["strategy.name=pipeinfer", f"acceptance.alpha={alpha}",
+                                      "strategy.max_runs_in_flight=4"])]
 
 
 def run_job(scenario: str, ranks: int, sets: list[str], variants: list[list[str]], front: list[str],
@@ -78,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", default="100us", help="emulated one-way latency of every link")
     parser.add_argument("--bandwidths", default=",".join(BANDWIDTHS))
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--set", action="append", default=["executor.kv_headroom=4096"], metavar="KEY=VALUE",
+                        help="extra scenario overrides for every run (default: executor.kv_headroom=4096, since "
+                             "PipeInfer's head keeps launching runs while a slow link holds their results)")
     args = parser.parse_args(argv)
     reason = netns_unavailable_reason()
     if reason is not None:
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = HardwareProfile.load(profile_path)
     scenario, ranks = profile.meta["scenario"], int(profile.meta["n_ranks"])
     base = [*profile.meta.get("sets", []), f"workload.generate_tokens={args.tokens}", "workload.seed=0",
-            f"network.latency={args.latency}", "executor.link_emulation=true"]
+            f"network.latency={args.latency}", "executor.link_emulation=true", *args.set]
     configs = configurations(args.alpha)
     variants = [sets for _ in range(args.rounds) for _, sets in configs]
     rows, commands = [], []
@@ -165,7 +170,8 @@ def write_report(path: Path, rows: list[dict], commands: list[str], args, profil
     lines += ["", "## How this was made", "",
               "    python benchmarks/netns_validation.py " + shlex.join(
                   [str(profile_path), "--out", str(path.parent), "--tokens", str(args.tokens), "--rounds",
-                   str(args.rounds), "--alpha", str(args.alpha), "--latency", args.latency]), "",
+                   str(args.rounds), "--alpha", str(args.alpha), "--latency", args.latency,
+                   *[f"--set={a}" for a in args.set[1:]]]), "",
               "Executor jobs:", "", *[f"    {c}" for c in commands]]
     path.write_text("\n".join(lines) + "\n")
 
