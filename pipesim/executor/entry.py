@@ -58,8 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .runtime import RankRuntime
 
         runtime = RankRuntime(comm, MPI.Wtime)
+        pinned = None
         if any(plan.executor.pin_ranks for _, plan in plans):
-            pin_to_core(runtime.local_rank)
+            pinned = comm.allgather(pin_to_core(runtime.local_rank))  # each rank's core (None: not supported)
         runtime.sync(max(plan.executor.timeout_s for _, plan in plans))
         saved = []
         for index, (label, plan) in enumerate(plans):
@@ -68,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if rank != 0:
                 continue
             result.trace.meta["wall_clock"] = [wall_start, time.time()]
+            result.trace.meta["pinned_cores"] = pinned
             print_result(result.metrics, label, args.json)
             write_files(result, index, len(plans), args.trace, args.records)
             if args.save_trace:
