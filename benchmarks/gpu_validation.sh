@@ -31,7 +31,7 @@ while [[ $# -gt 0 ]]; do
     --no-install) INSTALL=0; shift ;;
     --wheelhouse) WHEELHOUSE="$2"; shift 2 ;;
     --budget) BUDGET="$2"; shift 2 ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "gpu_validation.sh: error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
