@@ -116,3 +116,53 @@ def test_mpi_over_tcp_through_the_shaped_links(cluster, tmp_path):
     logits = 10 * 256 * 4  # at least one float32 logits row of the tiny vocabulary per generated token, rank 1 -> 0
     assert cluster.sent_bytes(1) - before[1] > logits
     assert cluster.sent_bytes(0) - before[0] > 0
+
+
+def test_namespaces_of_dead_processes_are_removed_and_live_ones_kept(can_netns):
+    import os
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead, live = f"ps{gone.pid}h", f"ps{os.getpid()}r7"
+    try:
+        for name in (dead, live):
+            subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+        assert netns.remove_stale_namespaces() == [dead]
+        listed = _namespaces()
+        assert dead not in listed and live in listed
+    finally:
+        for name in (dead, live):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.mark.mpi
+def test_a_terminated_netns_run_stops_its_job_and_removes_its_namespaces(can_netns):
+    import signal
+    import time
+
+    import os
+
+    marker = f"workload.seed={700000 + os.getpid()}"  # finds this job's ranks among other jobs' processes
+    front = subprocess.Popen([sys.executable, "-m", "pipesim.cli", "run", str(TINY), "--ranks", "2", "--netns",
+                              "--netns-bandwidth", "1Mbit/s", "--set", "workload.generate_tokens=2000",
+                              "--set", "executor.kv_headroom=0", "--set", "strategy.name=iterative",
+                              "--set", marker],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    tag = f"ps{front.pid}"
+    try:
+        deadline = time.monotonic() + 120
+        while tag not in _namespaces() and front.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert tag in _namespaces(), "the run never set its namespaces up"
+        time.sleep(3)  # let the ranks start
+        front.send_signal(signal.SIGTERM)
+        _, err = front.communicate(timeout=60)
+    finally:
+        if front.poll() is None:
+            front.kill()
+            front.wait()
+        netns.remove_stale_namespaces()
+    assert front.returncode == 128 + signal.SIGTERM and "namespaces removed" in err
+    assert tag not in _namespaces()
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert marker not in ps  # no rank outlived its launcher

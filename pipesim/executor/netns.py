@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -56,6 +57,34 @@ def netns_unavailable_reason() -> str | None:
     finally:
         subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=30)
     return None
+
+
+STALE_NAME = re.compile(r"^ps(\d+)(h|r\d+)$")  # the names NetnsCluster gives, with its creator's pid
+
+
+def remove_stale_namespaces() -> list[str]:
+    """Delete namespaces a ``NetnsCluster`` of a process that no longer exists left behind (killed before it could
+    tear them down); returns their names. Namespaces of live processes, and any other names, are left alone."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
+    removed = []
+    for line in listed.splitlines():
+        name = line.split()[0] if line.split() else ""
+        match = STALE_NAME.match(name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+        removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def tbf_arguments(bandwidth_bytes_per_s: float) -> list[str]:
@@ -155,17 +184,42 @@ class NetnsCluster:
 
 
 def run_in_netns(n_ranks: int, rank_args: Sequence[str], bandwidth: float, threads: int, limit_s: float) -> int:
-    """``pipesim run --netns``: set the namespaces up, run the job in them over TCP, tear them down (always)."""
-    from ..units import format_bandwidth
-    from .launcher import find_mpiexec, rank_environment, run_job
-
+    """``pipesim run --netns``: set the namespaces up, run the job in them over TCP, tear them down (always, also
+    on SIGTERM; namespaces a killed run left behind are removed first)."""
     reason = netns_unavailable_reason()
     if reason is not None:
         print(f"pipesim run: error: --netns: {reason}", file=sys.stderr, flush=True)
         return 2
+    stale = remove_stale_namespaces()
+    if stale:
+        print(f"pipesim run: removed network namespaces left by processes that no longer exist: {', '.join(stale)}",
+              file=sys.stderr, flush=True)
+    previous = signal.signal(signal.SIGTERM, _terminate)  # a terminated front end still tears the namespaces down
+    try:
+        return _run(n_ranks, rank_args, bandwidth, threads, limit_s)
+    except _Terminated:  # the job was stopped (run_job kills its process group) and the namespaces removed
+        print("pipesim run: terminated; the job was stopped and its network namespaces removed", file=sys.stderr,
+              flush=True)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the front end waits, so the job is killed and the namespaces torn down."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def _run(n_ranks: int, rank_args: Sequence[str], bandwidth: float, threads: int, limit_s: float) -> int:
+    from ..units import format_bandwidth
+    from .launcher import find_mpiexec, rank_environment, run_job
+
     with NetnsCluster(n_ranks, bandwidth) as cluster:
         print(f"pipesim run: {n_ranks} ranks in network namespaces {cluster.tag}r0..{n_ranks - 1} "
-              f"({SUBNET}.{FIRST_HOST}-{FIRST_HOST + n_ranks - 1}), MPI over TCP, each link shaped to {format_bandwidth(bandwidth)} by tc tbf (latency: emulated or none)",
-              file=sys.stderr, flush=True)
+              f"({SUBNET}.{FIRST_HOST}-{FIRST_HOST + n_ranks - 1}), MPI over TCP, each link shaped to "
+              f"{format_bandwidth(bandwidth)} by tc tbf (latency: emulated or none)", file=sys.stderr, flush=True)
         command = cluster.launch_command(find_mpiexec(), [sys.executable, "-m", "pipesim.executor", *rank_args])
         return run_job(command, cluster.environment(rank_environment(threads)), limit_s)
