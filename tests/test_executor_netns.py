@@ -4,8 +4,11 @@ made, also when it fails. Tests that need namespaces skip with the reason where 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +33,7 @@ def can_netns():
 
 @pytest.fixture
 def cluster(can_netns):
-    made = NetnsCluster(2, 100e6 / 8, tag=f"pst{__import__('os').getpid() % 100000}")
+    made = NetnsCluster(2, 100e6 / 8, tag=f"pst{os.getpid() % 100000}")
     try:
         yield made.up()
     finally:
@@ -72,7 +75,7 @@ def test_namespaces_addresses_and_shaping(cluster):
 
 
 def test_a_failing_set_up_removes_what_it_made(can_netns, monkeypatch):
-    made = NetnsCluster(2, 1e6, tag=f"psf{__import__('os').getpid() % 100000}")
+    made = NetnsCluster(2, 1e6, tag=f"psf{os.getpid() % 100000}")
     calls = []
     real = netns._ip
 
@@ -119,8 +122,6 @@ def test_mpi_over_tcp_through_the_shaped_links(cluster, tmp_path):
 
 
 def test_namespaces_of_dead_processes_are_removed_and_live_ones_kept(can_netns):
-    import os
-
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     dead, live = f"ps{gone.pid}h", f"ps{os.getpid()}r7"
@@ -137,11 +138,6 @@ def test_namespaces_of_dead_processes_are_removed_and_live_ones_kept(can_netns):
 
 @pytest.mark.mpi
 def test_a_terminated_netns_run_stops_its_job_and_removes_its_namespaces(can_netns):
-    import signal
-    import time
-
-    import os
-
     marker = f"workload.seed={700000 + os.getpid()}"  # finds this job's ranks among other jobs' processes
     front = subprocess.Popen([sys.executable, "-m", "pipesim.cli", "run", str(TINY), "--ranks", "2", "--netns",
                               "--netns-bandwidth", "1Mbit/s", "--set", "workload.generate_tokens=2000",
