@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipesim.executor.affinity import allowed_cpus, core_for
+from pipesim.executor.affinity import allowed_cpus, core_for, cores_for
 from pipesim.scenario import ScenarioError, load_scenario
 
 torch = pytest.importorskip("torch")
@@ -85,6 +85,8 @@ def test_device_setting_is_checked_with_the_scenario():
 
 def test_cores_are_dealt_round_robin_over_the_allowed_set():
     assert [core_for(i, [2, 5, 7]) for i in range(5)] == [2, 5, 7, 2, 5]
+    assert [cores_for(i, [0, 1, 2, 3], 2) for i in range(3)] == [[0, 1], [2, 3], [0, 1]]  # two threads per rank
+    assert cores_for(0, [4], 3) == [4]
     with pytest.raises(ValueError, match="no allowed CPUs"):
         core_for(0, [])
 

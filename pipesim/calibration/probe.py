@@ -398,7 +398,7 @@ def run_probe(argv: Sequence[str] | None = None) -> int:
         if plan.executor.pin_ranks:
             from ..executor.affinity import local_rank, pin_to_core
 
-            pin_to_core(local_rank(comm))
+            pin_to_core(local_rank(comm), width=plan.executor.threads_per_rank)
         clock_now = MPI.Wtime
         poll = plan.executor.poll_interval_s
         mates = _host_mates(comm, rank)

@@ -2,7 +2,7 @@
 
 A rank pins itself at start-up with ``os.sched_setaffinity``: core ``local_rank mod n`` of the CPU set it was
 allowed (so a job under a batch system's cpuset stays inside it), where the local rank counts the ranks on the
-same host. Where affinity cannot be set (not Linux), pinning says so and the rank runs unpinned.
+same host; with ``executor.threads_per_rank`` t > 1, t consecutive cores, one per torch thread. Where affinity cannot be set (not Linux), pinning says so and the rank runs unpinned.
 """
 
 from __future__ import annotations
@@ -35,12 +35,18 @@ def core_for(index: int, cpus: list[int]) -> int:
     return cpus[index % len(cpus)]
 
 
-def pin_to_core(index: int, cpus: list[int] | None = None) -> int | None:
-    """Bind this process to ``core_for(index, cpus)``; returns the core, or None where affinity is not
-    supported. ``cpus`` defaults to the allowed set."""
+def cores_for(index: int, cpus: list[int], width: int = 1) -> list[int]:
+    """The ``width`` cores (one per torch thread) of the rank with host index ``index``: consecutive in ``cpus``,
+    round robin when the ranks' threads outnumber them."""
+    return sorted({core_for(index * width + j, cpus) for j in range(width)})
+
+
+def pin_to_core(index: int, cpus: list[int] | None = None, width: int = 1) -> int | None:
+    """Bind this process to ``cores_for(index, cpus, width)``; returns the first core, or None where affinity is
+    not supported. ``cpus`` defaults to the allowed set."""
     cpus = allowed_cpus() if cpus is None else cpus
     if not cpus or not hasattr(os, "sched_setaffinity"):
         return None
-    core = core_for(index, cpus)
-    os.sched_setaffinity(0, {core})
-    return core
+    cores = cores_for(index, cpus, width)
+    os.sched_setaffinity(0, set(cores))
+    return cores[0]

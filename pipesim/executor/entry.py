@@ -60,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         runtime = RankRuntime(comm, MPI.Wtime)
         pinned = None
         if any(plan.executor.pin_ranks for _, plan in plans):
-            pinned = comm.allgather(pin_to_core(runtime.local_rank))  # each rank's core (None: not supported)
+            width = max(plan.executor.threads_per_rank for _, plan in plans)
+            pinned = comm.allgather(pin_to_core(runtime.local_rank, width=width))  # each rank's first core
         runtime.sync(max(plan.executor.timeout_s for _, plan in plans))
         saved = []
         for index, (label, plan) in enumerate(plans):
