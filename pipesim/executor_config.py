@@ -29,6 +29,13 @@ class ExecutorConfig(StrictModel):
                                                   "SmolLM2 <|im_end|>, the end of the turn); default: true "
                                                   "when chat is set, else false")
     threads_per_rank: int = Field(1, ge=1, description="torch threads per rank")
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu", description="where real compute runs: cpu, cuda (rank r on GPU r mod the GPUs of its host; several "
+                           "ranks may share one), or auto (cuda when torch sees one); messages pass through host "
+                           "buffers either way")
+    pin_ranks: bool = Field(False, description="bind each rank to its own threads_per_rank cores of its allowed CPU "
+                                               "set (by its rank on the host, round robin), so ranks do not migrate "
+                                               "or share a core")
     kv_headroom: int = Field(512, ge=0, description="KV cells per stage beyond prompt + generated tokens")
     poll_interval_s: float = Field(0.0005, gt=0, le=0.01, description="longest sleep of a waiting rank")
     timeout_s: float = Field(300.0, gt=0, description="bound on each generation of a job (set-up, run, drain); "

@@ -28,6 +28,7 @@ from ..trace import records_from_json
 from ..world.profile import HardwareProfile, LinkCoefficients, NodeCoefficients
 from ..yamlio import YAMLFileError, read_json
 from .fit import DraftSample, LinkSample, StageSample, fit_draft, fit_link, fit_stage
+from .machine_load import LoadSampler, describe
 
 
 def probe_command(mpiexec: str, ranks: int, scenario: str, raw: Path, sets: Sequence[str], repeats: int,
@@ -82,6 +83,8 @@ def fit_profile(raw: dict[str, Any], command: str = "") -> tuple[HardwareProfile
             "compute": "real" if raw["real"] else "emulated", "threads_per_rank": raw["threads_per_rank"],
             "hosts": {r["node"]: r["host"] for r in raw["ranks"]},
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            # the measured generations the fit used (in situ samples, per-run dispatch): held-out validation checks it
+            "calibrated_on": [k for k in ("iterative", "speculative") if raw.get(k)],
             "form": "stage = o + L*(a + b*n + d*n*c) [+ h0 + h1*m], x concurrent_slowdown while host-mates "
                     "compute; link = latency + bytes/bandwidth; draft = a + b*n + d*n*c"}
     model = raw.get("model") or "emulated"
@@ -220,18 +223,22 @@ def calibrate(scenario: str, ranks: int, out: Path, sets: Sequence[str] = (), re
         cmd = probe_command(find_mpiexec(), ranks, scenario, raw_path, sets, repeats, hostfile, probe_args)
         command = shlex.join(cmd)
         # as `pipesim run`: signals to this process end the probe's ranks, a time limit stops the whole job
-        code = run_job(cmd, dict(os.environ), timeout)
+        with LoadSampler() as load:
+            code = run_job(cmd, dict(os.environ), timeout)
+        machine_load = load.figures()
         if code == 124:
             raise ScenarioError(f"calibration probe did not finish in {timeout:.0f} s")
         if code != 0:
             raise ScenarioError(f"calibration probe failed (exit {code})")
     else:
         raw_path = raw_in
+        machine_load = None
     try:
         raw = read_json(raw_path, "raw calibration samples file")
     except YAMLFileError as error:
         raise ScenarioError(str(error)) from None
     profile, quality = fit_profile(raw, command)
+    profile.meta["machine_load"] = machine_load  # over the probe job (None: fitted from samples taken elsewhere)
     profile.meta["cli"] = "pipesim calibrate " + shlex.join(
         [scenario, "--ranks", str(ranks), "--out", str(out), *[f"--set={s}" for s in sets]])
     profile.save(out)
@@ -276,6 +283,8 @@ def _cmd_calibrate(args) -> int:
               f"{profile.poll['longest'] * 1e3:.2f} ms, each {profile.poll['overshoot'] * 1e6:.0f} us late")
     for name, link in profile.links.items():
         print(f"  {name}: latency {link.latency * 1e6:.1f} us, bandwidth {link.bandwidth * 8 / 1e9:.2f} Gbit/s")
+    if profile.meta.get("machine_load"):
+        print(f"  machine load during the probe: {describe(profile.meta['machine_load'])}")
     check = profile.meta.get("iterative_check") or {}
     if check:
         compute = check["compute_per_token_s"]

@@ -56,11 +56,11 @@ def _real_stage_runner(plan, rank: int, capacity: int) -> Callable[[int, int], N
     """One timed call: a run of n tokens at context c through this rank's stage (no output head)."""
     import torch
 
-    from ..executor.torch_backend import ModelStore, set_threads
+    from ..executor.torch_backend import set_threads
 
     set_threads(plan.executor.threads_per_rank)
     start, end = plan.layer_ranges[rank]
-    stage = ModelStore().stage(plan.target, start, end, rank == 0, False)
+    stage = _store(plan, rank).stage(plan.target, start, end, rank == 0, False)
     kv = stage.make_kv_cache(capacity, 1)
     generator = torch.Generator().manual_seed(4321 + rank)
     d_model, vocab = stage.config.d_model, stage.config.vocab_size
@@ -173,10 +173,10 @@ def _real_stage_samples(plan, rank: int, tokens: Sequence[int], contexts: Sequen
                         repeats: int) -> list[dict]:
     import torch
 
-    from ..executor.torch_backend import ModelStore, set_threads
+    from ..executor.torch_backend import set_threads
 
     set_threads(plan.executor.threads_per_rank)
-    store = ModelStore()
+    store = _store(plan, rank)
     start, end = plan.layer_ranges[rank]
     last = rank == plan.n_ranks - 1
     variants = [(store.stage(plan.target, start, end, rank == 0, False), 0)]
@@ -206,7 +206,18 @@ def _real_stage_samples(plan, rank: int, tokens: Sequence[int], contexts: Sequen
     return samples
 
 
+def _store(plan, rank: int):
+    """A model store on ``executor.device`` (GPU ``rank mod count``: the executor's choice when a host's ranks are
+    numbered contiguously, as ``mpiexec -n`` on one host does)."""
+    from ..executor.device import resolve_device
+    from ..executor.torch_backend import ModelStore
+
+    return ModelStore(resolve_device(plan.executor.device, rank))
+
+
 def _forward(stage, kv, position: int, n: int, d_model: int, vocab: int, generator) -> None:
+    """One run through ``stage`` from host inputs, as the executor's stages run it (copied to the device, the
+    result copied back, so a GPU's time is waited for)."""
     import torch
 
     if stage.has_embedding:
@@ -214,7 +225,8 @@ def _forward(stage, kv, position: int, n: int, d_model: int, vocab: int, generat
     else:
         inputs = torch.randn((n, d_model), generator=generator)
     positions = torch.arange(position, position + n, dtype=torch.int64)
-    stage(inputs, positions, torch.ones((n, 1), dtype=torch.bool), kv)
+    out = stage(inputs, positions, torch.ones((n, 1), dtype=torch.bool), kv)
+    out.cpu()
 
 
 def _emulated_stage_samples(plan, rank: int, clock_now, tokens: Sequence[int], contexts: Sequence[int],
@@ -279,9 +291,9 @@ def _draft_samples(plan, clock_now, repeats: int) -> list[dict]:
     if ex.draft == "model" or ex.oracle_cost == "model":
         if plan.draft is None:
             return []
-        from ..executor.torch_backend import ModelRunner, ModelStore
+        from ..executor.torch_backend import ModelRunner
 
-        runner = ModelRunner(ModelStore().full_model(plan.draft), capacity)
+        runner = ModelRunner(_store(plan, 0).full_model(plan.draft), capacity)
         vocab = plan.draft.vocab_size
     elif ex.oracle_cost == "emulated":
         from ..executor.drafts import EmulatedRunner
@@ -386,6 +398,10 @@ def run_probe(argv: Sequence[str] | None = None) -> int:
             print(f"pipesim calibrate: error: {next(p for p in problems if p)}", file=sys.stderr, flush=True)
         return 2
     try:
+        if plan.executor.pin_ranks:
+            from ..executor.affinity import local_rank, pin_to_core
+
+            pin_to_core(local_rank(comm), width=plan.executor.threads_per_rank)
         clock_now = MPI.Wtime
         poll = plan.executor.poll_interval_s
         mates = _host_mates(comm, rank)

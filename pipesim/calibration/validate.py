@@ -16,6 +16,13 @@ Predictions per configuration:
 
 Configurations run in ``rounds`` (each round in a rotated order between its anchors), and each configuration's
 measurement is its median-throughput round, so slow drift of the machine spreads over all configurations.
+
+Held out (``--calibrate-on iterative,speculative``): the profile must have been fitted on those strategies' runs
+only (the probe's measured generations), the anchors are those strategies' alone, and the error on every other
+strategy of the grid (PipeInfer, PipeSpec, SPEED) is reported apart as the headline: does a simulator calibrated
+on simple runs predict the complex ones? Every configuration also carries the machine's load while it was measured
+(CPU steal time and load average over its generation's wall-clock window, ``machine_load``), so an error can be
+told from a disturbed machine.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from ..trace import Trace, records_from_json
 from ..world.profile import HardwareProfile
 from ..yamlio import YAMLFileError, read_yaml
 from .calibrate import add_residual_overhead
+from .machine_load import LoadSampler
 
 METRICS = ("tokens_per_s", "ttft_s", "itl_p50_s", "itl_p99_s")
 
@@ -58,6 +66,8 @@ class Grid:
     seed: int = 0
     rounds: int = 1
     anchor_tokens: int = 32
+    strategy_sets: dict[str, list[str]] = field(default_factory=dict)  # extra overrides of one strategy's configs
+    calibrate_on: list[str] | None = None  # held-out validation: the strategies calibration may use
 
     @classmethod
     def load(cls, path: str | Path | None) -> Grid:
@@ -74,6 +84,10 @@ class Grid:
         if unknown:
             raise ScenarioError(f"{path}: unknown grid field(s) {sorted(unknown)}")
         grid = cls(**data)
+        if not isinstance(grid.strategy_sets, dict) or not all(
+                isinstance(v, list) for v in grid.strategy_sets.values()):
+            raise ScenarioError(f"{path}: strategy_sets must map a strategy to a list of KEY=VALUE overrides, "
+                                f"got {grid.strategy_sets!r}")
         for name in ("rounds", "anchor_tokens", "generate_tokens", "seed"):
             value = getattr(grid, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1):
@@ -92,9 +106,12 @@ class Grid:
         return grid
 
     def anchors(self, has_draft: bool) -> list[tuple[str, list[str]]]:
-        """Anchor generations of every round: iterative (and speculative with a draft), no link emulation."""
+        """Anchor generations of every round: iterative (and speculative with a draft), no link emulation; with
+        ``calibrate_on``, only those of its strategies."""
         common = ["executor.link_emulation=false", f"workload.generate_tokens={self.anchor_tokens}"]
         strategies = ["iterative"] + (["speculative"] if has_draft else [])
+        if self.calibrate_on is not None:
+            strategies = [s for s in strategies if s in self.calibrate_on]
         return [(f"anchor {s}", [f"strategy.name={s}", *common]) for s in strategies]
 
     def schedule(self, has_draft: bool) -> list[tuple[int, str, list[str]]]:
@@ -109,6 +126,10 @@ class Grid:
             out += [(r, label, sets) for label, sets in anchors]
         return out
 
+    def held_out(self, strategy: str) -> bool | None:
+        """Whether ``strategy``'s configurations are held out from calibration (None: no held-out split)."""
+        return None if self.calibrate_on is None else strategy not in self.calibrate_on
+
     def variants(self) -> list[tuple[str, list[str]]]:
         """(label, scenario overrides) of every configuration."""
         out = []
@@ -116,7 +137,7 @@ class Grid:
             link = ["executor.link_emulation=true", f"network.bandwidth={bandwidth}", f"network.latency={self.latency}"]
             for strategy in self.strategies:
                 for alpha in ([None] if strategy == "iterative" else self.alphas):
-                    sets = [f"strategy.name={strategy}", *link]
+                    sets = [f"strategy.name={strategy}", *self.strategy_sets.get(strategy, []), *link]
                     label = f"{strategy} bw={bandwidth}"
                     if alpha is not None:
                         sets.append(f"acceptance.alpha={alpha}")
@@ -180,18 +201,22 @@ def run_executor(scenario: str, ranks: int, sets: list[str], variants: list[tupl
     reader = threading.Thread(target=lambda: errors.extend(process.stderr), daemon=True)
     reader.start()
     try:
-        with tqdm(total=len(variants), desc="validate: executor generations", unit="run", file=sys.stderr,
-                  disable=not progress) as bar:
+        with LoadSampler() as load, tqdm(total=len(variants), desc="validate: executor generations", unit="run",
+                                         file=sys.stderr, disable=not progress) as bar:
             for line in process.stdout:
                 if line.startswith("{"):
                     bar.update(1)
-        returncode = process.wait()
+            returncode = process.wait()
     finally:
         timer.cancel()
     reader.join(timeout=5)
     if returncode != 0:
         raise ScenarioError(f"executor run failed (exit {returncode}): {''.join(errors).strip()[-500:]}")
-    return json.loads(saved.read_text()), shlex.join(command)
+    entries = json.loads(saved.read_text())
+    for entry in entries:  # the machine's load over each generation's wall-clock window
+        window = entry["trace"]["meta"].get("wall_clock")
+        entry["machine_load"] = load.figures(*window) if window else load.figures()
+    return entries, shlex.join(command)
 
 
 def validate_profile(profile_path: Path, grid: Grid, out: Path, timeout: float = 3600,
@@ -203,6 +228,7 @@ def validate_profile(profile_path: Path, grid: Grid, out: Path, timeout: float =
     base_sets = [*profile.meta.get("sets", []), f"workload.generate_tokens={grid.generate_tokens}",
                  f"workload.seed={grid.seed}"]
     has_draft = load_scenario(scenario_path, base_sets).models.draft is not None  # one clear error up front
+    check_held_out(profile, grid, profile_path)
     schedule = grid.schedule(has_draft)
     saved, command = run_executor(scenario_path, ranks, base_sets, schedule, out, timeout, progress)
     runs: dict[str, list[tuple[int, dict]]] = {}
@@ -222,6 +248,8 @@ def validate_profile(profile_path: Path, grid: Grid, out: Path, timeout: float =
         anchored_path = anchored_paths[round_index]
         measured_trace = Trace.from_json(entry["trace"])
         measured = compute_metrics(measured_trace)
+        load = entry.get("machine_load") or {}
+        load = {key: load.get(key) for key in ("steal_fraction", "busy_fraction", "load1_mean")}
         prompt = int(measured_trace.meta.get("prompt_tokens", 0)) or None
         common = [*base_sets, *variant, "network.profile_links=add",
                   *([f"workload.prompt_tokens={prompt}"] if prompt else [])]
@@ -248,12 +276,32 @@ def validate_profile(profile_path: Path, grid: Grid, out: Path, timeout: float =
                          "rel_error": _rel(p_value, m_value),
                          "predicted_replay": r_value, "rel_error_replay": _rel(r_value, m_value),
                          "predicted_anchored": a_value, "rel_error_anchored": _rel(a_value, m_value),
-                         "strategy": scenario.strategy.name, "compute": compute, "ranks": ranks,
+                         "strategy": scenario.strategy.name, "held_out": grid.held_out(scenario.strategy.name),
+                         "steal_fraction": load["steal_fraction"], "busy_fraction": load["busy_fraction"],
+                         "load1_mean": load["load1_mean"], "compute": compute, "ranks": ranks,
                          "rounds": len(runs[label]), "round": round_index,
                          "measured_spread": _spread([e for _, e in runs[label]]),
                          "output_matches": measured_trace.output_tokens == sim_trace.output_tokens
                          if compute == "emulated" else entry["trace"]["meta"].get("matches_reference")})
     return pd.DataFrame(rows), {"command": command, "traces": traces, "anchoring": anchoring}
+
+
+def check_held_out(profile: HardwareProfile, grid: Grid, profile_path: Path) -> None:
+    """A held-out validation needs a profile calibrated on ``grid.calibrate_on`` strategies only, and at least one
+    held-out strategy in the grid; otherwise one clear error."""
+    if grid.calibrate_on is None:
+        return
+    used = profile.meta.get("calibrated_on")
+    if used is None:
+        raise ScenarioError(f"{profile_path}: the profile does not record the strategies it was calibrated on "
+                            "(calibrated_on); re-run pipesim calibrate")
+    outside = sorted(set(used) - set(grid.calibrate_on))
+    if outside:
+        raise ScenarioError(f"--calibrate-on {','.join(grid.calibrate_on)}: {profile_path} was also calibrated on "
+                            f"{','.join(outside)}")
+    if not any(grid.held_out(s) for s in grid.strategies):
+        raise ScenarioError(f"--calibrate-on {','.join(grid.calibrate_on)}: the grid's strategies "
+                            f"{grid.strategies} hold none out")
 
 
 def _rel(value: float | None, measured: float) -> float:
@@ -324,10 +372,16 @@ def anchor_profile(profile: HardwareProfile, profile_path: Path, anchors: list[d
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
     """Median and worst absolute relative error per metric family (node utilization as absolute error), over all
-    configurations (``scope`` all) and over each compute mode (real, emulated) apart."""
+    configurations (``scope`` all), over each compute mode (real, emulated) apart, and with a held-out split over
+    the held-out strategies (``held-out``, and each one), and the calibration strategies apart."""
     scopes = [("all", table)]
     if "compute" in table.columns and table["compute"].nunique() > 1:
         scopes += [(str(mode), part) for mode, part in table.groupby("compute")]
+    if "held_out" in table.columns and table["held_out"].notna().any():
+        held = table[table["held_out"] == True]  # noqa: E712 - a column of True/False/None
+        scopes += [("held-out", held), ("calibration strategies", table[table["held_out"] == False])]  # noqa: E712
+        scopes += [(f"held-out {strategy}", part) for strategy, part in held.groupby("strategy")]
+    scopes = [(scope, part) for scope, part in scopes if len(part)]
     return pd.concat([_summarize_scope(scope, part) for scope, part in scopes], ignore_index=True)
 
 
@@ -370,7 +424,8 @@ def parity_figure(table: pd.DataFrame, path: Path):
     metrics = [m for m in METRICS if (table["metric"] == m).any()]
     figure = new_figure(4.0 * len(metrics), 4.0)
     axes = figure.subplots(1, len(metrics), squeeze=False)[0]
-    colors = {"iterative": "#636363", "speculative": "#3182bd", "pipeinfer": "#de2d26"}
+    colors = {"iterative": "#636363", "speculative": "#3182bd", "pipeinfer": "#de2d26", "pipespec": "#31a354",
+              "speed": "#756bb1"}
     for ax, metric in zip(axes, metrics, strict=True):
         part = table[table["metric"] == metric]
         for (strategy, compute), rows in part.groupby(["strategy", "compute"]):
@@ -425,7 +480,8 @@ def validate(profiles: list[Path], grid: Grid, out: Path, timeout: float = 3600,
     summary = summarize(table)
     summary.to_csv(out / "summary.csv", index=False)
     parity_figure(table, out / "parity.png")
-    chosen = next((c for c in traces if "pipeinfer" in c and "a=0.6" in c), next(iter(traces)))
+    chosen = next((c for c in traces if "pipeinfer" in c and "a=0.6" in c),
+                  next((c for c in traces if "pipeinfer" in c), next(iter(traces))))
     trace_comparison_figure(*traces[chosen], chosen, out / "timeline_comparison.png")
     _write_report(out, table, summary, profiles, grid, commands, chosen, anchoring)
     return table
@@ -436,6 +492,8 @@ def _write_report(out: Path, table: pd.DataFrame, summary: pd.DataFrame, profile
     overall = summary[summary["scope"] == "all"].set_index("metric")
     tps = overall.loc["tokens_per_s"] if "tokens_per_s" in overall.index else None
     lines = ["# Simulator vs executor: validation", ""]
+    lines += _held_out_headline(summary, grid)
+    lines += _load_paragraph(table)
     if tps is not None:
         lines += [f"Over {int(tps['configs'])} configurations, the simulator's tokens/s is off by a median "
                   f"{tps['median']:.1%} (worst {tps['worst']:.1%}) with the profile as calibrated and i.i.d. "
@@ -454,8 +512,11 @@ def _write_report(out: Path, table: pd.DataFrame, summary: pd.DataFrame, profile
               "noise, a floor for any prediction.", "",
               "## Per configuration (tokens/s)", "",
               _markdown(table[table["metric"] == "tokens_per_s"][
-                  ["config", "measured", "measured_spread", "predicted", "rel_error", "predicted_replay",
-                   "rel_error_replay", "predicted_anchored", "rel_error_anchored", "output_matches"]]), "",
+                  ["config", *(["held_out"] if grid.calibrate_on is not None else []), "measured", "measured_spread",
+                   "predicted", "rel_error", "predicted_replay", "rel_error_replay", "predicted_anchored",
+                   "rel_error_anchored", "steal_fraction", "load1_mean", "output_matches"]]), "",
+              "`steal_fraction`: CPU time the hypervisor took from this machine during the configuration's "
+              "generation (/proc/stat); `load1_mean`: the 1-minute load average over it.", "",
               "## Anchoring", "",
               "`predicted_anchored` uses the profile scaled, per node, by the median ratio of measured to modelled "
               "stage time over the anchor generations that ran in the same job as the grid (1-token runs and longer "
@@ -476,6 +537,42 @@ def _write_report(out: Path, table: pd.DataFrame, summary: pd.DataFrame, profile
     (out / "validation.md").write_text("\n".join(lines) + "\n")
 
 
+def _held_out_headline(summary: pd.DataFrame, grid: Grid) -> list[str]:
+    """The held-out paragraph (first in the report): error on the strategies calibration never saw."""
+    if grid.calibrate_on is None:
+        return []
+    rows = summary.set_index(["scope", "metric"])
+    if ("held-out", "tokens_per_s") not in rows.index:
+        return []
+    held = rows.loc[("held-out", "tokens_per_s")]
+    lines = [f"**Held out.** Calibrated on {', '.join(grid.calibrate_on)} runs only, the simulator predicts the "
+             f"tokens/s of the strategies it never saw ({int(held['configs'])} configurations) with a median "
+             f"error of {held['median']:.1%} (worst {held['worst']:.1%}) as calibrated, "
+             f"{held['median_anchored']:.1%} (worst {held['worst_anchored']:.1%}) re-anchored on the same "
+             "strategies' anchor runs in the job."]
+    for scope in [s for s in summary["scope"].unique() if s.startswith("held-out ")]:
+        part = rows.loc[(scope, "tokens_per_s")]
+        util = rows.loc[(scope, "node_utilization")] if (scope, "node_utilization") in rows.index else None
+        lines[-1] += (f" {scope[len('held-out '):]}: median {part['median']:.1%}, worst {part['worst']:.1%}"
+                      + (f", node utilization within {util['worst']:.3f}" if util is not None else "") + ";")
+    if ("calibration strategies", "tokens_per_s") in rows.index:
+        cal = rows.loc[("calibration strategies", "tokens_per_s")]
+        lines[-1] += (f" the calibration strategies themselves: median {cal['median']:.1%} "
+                      f"(worst {cal['worst']:.1%}).")
+    return [*lines, ""]
+
+
+def _load_paragraph(table: pd.DataFrame) -> list[str]:
+    """How disturbed the machine was while the configurations were measured."""
+    part = table[table["metric"] == "tokens_per_s"]
+    if "steal_fraction" not in part or part["steal_fraction"].isna().all():
+        return ["The machine's load was not observed (no /proc).", ""]
+    steal, load = part["steal_fraction"].astype(float), part["load1_mean"].astype(float)
+    return [f"Machine load while measured: CPU steal time a median {steal.median():.1%} of CPU time (largest "
+            f"{steal.max():.1%}), 1-minute load average a median {load.median():.1f} (largest {load.max():.1f}) "
+            "per configuration; see the per-configuration table.", ""]
+
+
 def _markdown(frame: pd.DataFrame) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):
@@ -492,6 +589,14 @@ def _cmd_validate(args) -> int:
     grid = Grid.load(args.grid)
     if args.tokens is not None:
         grid.generate_tokens = args.tokens
+    if args.calibrate_on is not None:
+        from ..scenario import STRATEGY_NAMES
+
+        grid.calibrate_on = [s.strip() for s in args.calibrate_on.split(",") if s.strip()]
+        unknown = [s for s in grid.calibrate_on if s not in STRATEGY_NAMES]
+        if unknown or not grid.calibrate_on:
+            raise ScenarioError(f"--calibrate-on {args.calibrate_on!r}: unknown strategy {','.join(unknown) or '(none)'}"
+                                f" (choose from {', '.join(STRATEGY_NAMES)})")
     if args.rounds is not None:
         if args.rounds < 1:
             raise ScenarioError(f"--rounds must be >= 1, got {args.rounds}")
@@ -530,6 +635,10 @@ def register(subparsers) -> None:
                         help="override the grid's rounds (each configuration runs this often, rotated order; the "
                              "median-throughput round counts) (default: the grid's)")
     parser.add_argument("--out", default="runs/validation", metavar="DIR", type=check_output_dir, help="output folder")
+    parser.add_argument("--calibrate-on", metavar="S1,S2",
+                        help="held-out validation: calibration (the profile, the anchors) used only these strategies' "
+                             "runs; the error on the grid's other strategies is reported apart as the headline "
+                             "(e.g. iterative,speculative)")
     parser.add_argument("--timeout", type=positive_float, default=3600, metavar="SECONDS",
                         help="bound on each executor job")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")

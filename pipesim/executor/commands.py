@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..cli_args import int_at_least
+from ..scenario import ScenarioError
 from .launcher import START_MARGIN_S, launch_command, rank_environment, run_job
 from .limits import check_memory
 from .options import add_run_arguments, load_variants
@@ -22,6 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "pipesim.executor ...) and print its measured metrics. Rank 0 is the head.")
     add_run_arguments(run)
     run.add_argument("--ranks", type=int_at_least(1), metavar="N", help="number of MPI ranks (default: cluster.count)")
+    run.add_argument("--netns", action="store_true",
+                     help="root only: run each rank in its own network namespace, MPI over TCP on veth links shaped "
+                          "by the kernel (tc tbf) to network.bandwidth or --netns-bandwidth; torn down afterwards")
+    run.add_argument("--netns-bandwidth", metavar="RATE",
+                     help="with --netns: the kernel-shaped bandwidth of every link (e.g. 100Mbit/s), so the "
+                          "scenario's network section can stay for latency emulation")
     run.set_defaults(func=_cmd_run)
     return run
 
@@ -55,4 +62,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     command = launch_command(n_ranks, argv)
     threads = max(plan.executor.threads_per_rank for plan in plans)
     limit = sum(plan.executor.timeout_s for plan in plans) + START_MARGIN_S
+    if args.netns or args.netns_bandwidth:
+        from ..units import parse_bandwidth
+        from .netns import run_in_netns
+
+        try:
+            bandwidth = parse_bandwidth(args.netns_bandwidth or plans[0].scenario.network.bandwidth)
+        except ValueError as error:
+            raise ScenarioError(f"--netns-bandwidth {args.netns_bandwidth!r}: {error}") from None
+        return run_in_netns(n_ranks, argv, bandwidth, threads, limit)
     return run_job(command, rank_environment(threads), limit)

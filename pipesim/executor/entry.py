@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from ..cli_args import OneLineParser, int_at_least
 from ..scenario import ScenarioError
 from . import lifeline
+from .affinity import pin_to_core
 from .errors import ExecutorSetupError, InjectedFault
 from .limits import check_memory
 from .options import add_run_arguments, load_variants
@@ -76,12 +77,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .runtime import RankRuntime
 
         runtime = RankRuntime(comm, MPI.Wtime)
+        pinned = None
+        if any(plan.executor.pin_ranks for _, plan in plans):
+            width = max(plan.executor.threads_per_rank for _, plan in plans)
+            pinned = comm.allgather(pin_to_core(runtime.local_rank, width=width))  # each rank's first core
         runtime.sync(max(plan.executor.timeout_s for _, plan in plans))
         saved = []
         for index, (label, plan) in enumerate(plans):
+            wall_start = time.time()  # the host's wall clock, so load samples taken outside the job line up
             result = runtime.generate(plan)
             if rank != 0:
                 continue
+            result.trace.meta["wall_clock"] = [wall_start, time.time()]
+            result.trace.meta["pinned_cores"] = pinned
             print_result(result.metrics, label, args.json, scenario=plan.scenario)
             write_files(result, index, len(plans), args.trace, args.records)
             if args.save_trace:

@@ -20,6 +20,7 @@ from ..scheduling import make_strategies
 from ..trace import Record, Trace
 from ..world.acceptance import SyntheticTokens, level_predictor
 from ..world.build import World, build_world
+from .affinity import local_rank
 from .backend import StageBackend
 from .clock import Clock, sync_clocks
 from .drafts import Drafter, EmulatedRunner, FreeRunner, ReferenceTokens
@@ -70,8 +71,9 @@ class RankRuntime:
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         self.clock = Clock(wtime)
+        self.local_rank = local_rank(comm)  # picks this rank's GPU (and core, with executor.pin_ranks)
         self.offsets = [0.0] * self.size
-        self._store = None
+        self._stores: dict[str, Any] = {}  # real compute: the models loaded, per executor.device setting
         self._references: dict[tuple, list[int]] = {}
 
     def sync(self, timeout_s: float) -> None:
@@ -154,9 +156,12 @@ class RankRuntime:
         )
 
         set_threads(plan.executor.threads_per_rank)
-        if self._store is None:
-            self._store = ModelStore()
-        return self._store
+        setting = plan.executor.device
+        if setting not in self._stores:
+            from .device import resolve_device
+
+            self._stores[setting] = ModelStore(resolve_device(setting, self.local_rank))
+        return self._stores[setting]
 
     def _stage_backend(self, plan: Plan, world: World, capacity: int) -> StageBackend:
         """This rank's stage of its pipeline's model: real layers, or a modelled sleep (emulated compute, and the
@@ -286,9 +291,9 @@ class RankRuntime:
             "ranks": plan.n_ranks, "layer_ranges": plan.layer_ranges, "prompt_tokens": len(prompt), "prompt": prompt,
             "compute": ex.compute, "link_emulation": ex.link_emulation, "model": ex.model if plan.real else None,
             "draft": ex.draft, "oracle_cost": ex.oracle_cost if ex.draft == "oracle" else None,
-            "early_exit": plan.early_exit, "threads_per_rank": ex.threads_per_rank,
-            "clock_offsets": list(self.offsets), "kv_capacity": capacity, "kv_max_cells": kv_max,
-            "kv_final_cells": kv_final, "max_partitions_used": outcome.max_partitions_used,
+            "early_exit": plan.early_exit, "threads_per_rank": ex.threads_per_rank, "device": ex.device,
+            "pin_ranks": ex.pin_ranks, "clock_offsets": list(self.offsets), "kv_capacity": capacity,
+            "kv_max_cells": kv_max, "kv_final_cells": kv_final, "max_partitions_used": outcome.max_partitions_used,
             "messages_dropped_at_end": dropped, "records_after_end": after_end, "reference_tokens": reference,
             "matches_reference": None if reference is None else list(output) == reference,
         }

@@ -18,6 +18,7 @@ from ..models.tiny import make_tiny_model_weights, tiny_config
 from ..models.tokenizer import GGUFTokenizer
 from ..scheduling import KVOp
 from ..scheduling.prefix import common_prefix_len
+from .device import synchronize
 from .modelref import ModelRef
 from .protocol import PredictionMessage, RunMessage
 
@@ -36,10 +37,12 @@ class ModelStore:
     """Weights, stages and tokenizers this rank has loaded, kept across the generations of one job.
 
     A GGUF file is opened once (its reader parses the whole header, seconds for a large vocabulary); a stage
-    dequantizes only its own tensors unless the whole model was loaded already.
+    dequantizes only its own tensors unless the whole model was loaded already. Weights are read on the host
+    and each stage is moved to ``device`` (a torch device: the CPU, or the GPU of this rank).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: Any = "cpu") -> None:
+        self.device = torch.device(device)
         self._readers: dict[str, Any] = {}
         self._configs: dict[str, LlamaConfig] = {}
         self._weights: dict[tuple, dict[str, torch.Tensor]] = {}
@@ -78,8 +81,8 @@ class ModelStore:
             else:
                 names = stage_tensor_names(config, layer_start, layer_end, has_embedding, has_output_head)
                 weights = load_gguf_weights(self._reader(ref), names)
-            self._stages[key] = LlamaStage.from_weights(config, weights, layer_start, layer_end, has_embedding,
-                                                        has_output_head)
+            stage = LlamaStage.from_weights(config, weights, layer_start, layer_end, has_embedding, has_output_head)
+            self._stages[key] = stage.to(self.device)
         return self._stages[key]
 
     def full_model(self, ref: ModelRef) -> LlamaStage:
@@ -138,7 +141,7 @@ def load_exit_adapter(spec: str, exit_layer: int, head: LlamaStage, model_text: 
         path = shipped_adapter_path(layers, name)
     else:
         path = spec
-    adapter = ExitAdapter.load(path, head, layers)
+    adapter = ExitAdapter.load(path, head, layers).to(head.inv_freq.device)
     adapter.eval()
     adapter.requires_grad_(False)
     return adapter
@@ -163,6 +166,8 @@ class TorchStage:
     def apply_kv_ops(self, ops: Sequence[KVOp]) -> None:
         for op in ops:
             apply_kv_op(self.kv, op)
+        if ops:
+            synchronize(self.kv.k.device)
 
     def _exit_hook(self, msg: RunMessage, on_exit: Callable[[int, float], None] | None):
         stage = self.stage
@@ -196,6 +201,7 @@ class TorchStage:
         self.max_cells = max(self.max_cells, self.kv.used_cells())
         if out is None:
             return None
+        out = out.cpu()  # host buffers for MPI; the copy waits for the device, so the compute's end is real
         if not self.stage.has_output_head:
             return np.ascontiguousarray(out.numpy(), dtype=np.float32)
         logits = out  # the stage computed the output head for the returned tokens only

@@ -359,7 +359,8 @@ class LlamaStage(nn.Module):
     ) -> torch.Tensor | None:
         """Run a batch of tokens (possibly from several runs) through the stage.
 
-        ``inputs``: token ids [n] on a stage with the embedding, else hidden states [n, d_model].
+        ``inputs``: token ids [n] on a stage with the embedding, else hidden states [n, d_model]; inputs on another
+        device (host buffers) are copied to the stage's, and the result stays on the stage's device.
         ``positions``: [n] positions; ``token_seqs``: bool [n, kv.max_seqs] sequences of each token.
         Returns hidden states [n, d_model], or logits [n, vocab] on a stage with the output head, or None
         when ``should_cancel()`` turns true (checked before the run and between layers); an aborted run
@@ -381,12 +382,13 @@ class LlamaStage(nn.Module):
                 f"does not fit stage (layers={self.n_stage_layers}, kv_heads={cfg.n_kv_heads}, "
                 f"head_dim={cfg.head_dim})"
             )
-        x = self._embed(inputs)
+        device = self.inv_freq.device  # inputs may come from host buffers: they follow the stage's device
+        x = self._embed(inputs.to(device))
         n = x.shape[0]
-        positions = positions.reshape(-1).to(torch.int64)
+        positions = positions.reshape(-1).to(device, torch.int64)
         if positions.numel() != n:
             raise ValueError(f"positions has {positions.numel()} entries for {n} tokens")
-        token_seqs = token_seqs.to(torch.bool)
+        token_seqs = token_seqs.to(device, torch.bool)
         cells = kv.store(positions, token_seqs)
         n_cells = kv.span()
         mask = kv.attention_mask(positions, token_seqs, n_cells)
