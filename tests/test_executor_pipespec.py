@@ -192,3 +192,17 @@ def test_a_failing_rank_ends_a_chain_job_quickly():
     assert result.returncode != 0
     assert "rank 1: InjectedFault: injected fault at run" in result.stderr
     assert time.monotonic() - start < 30
+
+
+def test_an_emulated_draft_level_with_a_smaller_vocabulary_returns_full_logits(tmp_path):
+    """The 1B-class draft level has 256 tokens, the target 32000: the draft's emulated stage returns logits of
+    its own width (it used to index past them), and the chain still reproduces the target's tokens."""
+    scenario = tmp_path / "vocab.yaml"
+    scenario.write_text(
+        "name: vocab-chain\nmodels: {target: llama-2-7b, chain: [tiny-llama]}\n"
+        "cluster: {count: 2, flops: 400T, memory_bandwidth: 2TB/s}\nnetwork: {bandwidth: 10Gbit/s, latency: 10us}\n"
+        "placement: {chain_nodes: [[0], [1]]}\nworkload: {prompt_tokens: 8, generate_tokens: 12}\n"
+        "strategy: {name: pipespec}\nhead: {return_mode: logits}\n"
+        "executor: {compute: emulated, draft: oracle, timeout_s: 60}\n")
+    entry = run_job(scenario, 2, ["strategy.name=pipespec"], tmp_path)[0]
+    assert entry["trace"]["meta"]["matches_reference"] is True and entry["metrics"]["generated_tokens"] == 12

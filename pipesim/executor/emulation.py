@@ -98,4 +98,7 @@ class EmulatedStage:
         if not self.is_last:
             return np.zeros((msg.n_tokens, self.d_model), dtype=np.float32)
         greedy = self.tokens.predictions(msg.positions[msg.output_from:])
+        # a chain's draft model may have a smaller vocabulary than the synthetic target's tokens: its (oracle) head
+        # replaces these predictions anyway; the message keeps the model's own size
+        greedy = [token % self.vocab_size for token in greedy]
         return predictions_from_ids(msg.run_id, greedy, self.return_mode, self.vocab_size, self.top_k)
