@@ -158,7 +158,7 @@ def test_a_terminated_netns_run_stops_its_job_and_removes_its_namespaces(can_net
             front.kill()
             front.wait()
         netns.remove_stale_namespaces()
-    assert front.returncode == 128 + signal.SIGTERM and "namespaces removed" in err
+    assert front.returncode == 128 + signal.SIGTERM and "namespaces were removed" in err
     assert tag not in _namespaces()
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert marker not in ps  # no rank outlived its launcher

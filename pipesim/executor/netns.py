@@ -196,13 +196,15 @@ def run_in_netns(n_ranks: int, rank_args: Sequence[str], bandwidth: float, threa
               file=sys.stderr, flush=True)
     previous = signal.signal(signal.SIGTERM, _terminate)  # a terminated front end still tears the namespaces down
     try:
-        return _run(n_ranks, rank_args, bandwidth, threads, limit_s)
-    except _Terminated:  # the job was stopped (run_job kills its process group) and the namespaces removed
-        print("pipesim run: terminated; the job was stopped and its network namespaces removed", file=sys.stderr,
-              flush=True)
-        return 128 + signal.SIGTERM
+        code = _run(n_ranks, rank_args, bandwidth, threads, limit_s)
+    except _Terminated:  # SIGTERM before the job started: nothing runs yet, the namespaces are removed
+        code = 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if code > 128:  # run_job ended the job on a signal; leaving NetnsCluster removed the namespaces
+        print(f"pipesim run: stopped by {signal.Signals(code - 128).name}; its network namespaces were removed",
+              file=sys.stderr, flush=True)
+    return code
 
 
 class _Terminated(KeyboardInterrupt):
