@@ -83,7 +83,6 @@ class _Line:
         self.pipeline = pipeline
         self.level = pipeline.level
         self.head_node = pipeline.nodes[0]
-        self.records = engine.records
         names = engine.node_names
         n = pipeline.n_stages
         self.stages = [_Stage(k, node, span, StageMachine(k, n, names[node], engine.records, pipeline.level)
