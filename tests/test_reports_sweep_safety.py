@@ -50,10 +50,25 @@ def write_study(folder: Path, name: str = "tiny", seeds: int = 4, strategies=("s
     return path
 
 
+_STARTED: list[subprocess.Popen] = []  # every sweep a test started, ended at its teardown if still running
+
+
+@pytest.fixture(autouse=True)
+def _end_started_sweeps():
+    yield
+    while _STARTED:
+        process = _STARTED.pop()
+        if process.poll() is None:  # a test failed before its sweep ended: leave nothing running
+            process.kill()
+            process.wait(timeout=30)
+
+
 def start_sweep(study: Path, out: Path, *extra: str, slow: bool = True) -> subprocess.Popen:
     code = ["-c", SLOW_SWEEP] if slow else ["-m", "pipesim.reports"]
-    return subprocess.Popen([sys.executable, *code, "sweep", str(study), "--out", str(out), "-q", *extra],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, *code, "sweep", str(study), "--out", str(out), "-q", *extra],
+                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _STARTED.append(process)
+    return process
 
 
 def cached_rows(out: Path) -> int:
