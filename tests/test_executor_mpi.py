@@ -341,3 +341,17 @@ def test_speculation_waits_for_kv_room_instead_of_overflowing(tmp_path):
     throttled = compute_metrics(simulate(load_scenario(TINY, sets)))
     roomy = compute_metrics(simulate(load_scenario(TINY, [*sets, "executor.kv_headroom=100000"])))
     assert throttled["generated_tokens"] == 24 and throttled["runs_launched"] < roomy["runs_launched"]
+
+
+def test_an_uncalibrated_run_says_how_far_the_simulator_is():
+    sets = ["--set", "workload.generate_tokens=12", "--set", "strategy.name=iterative"]
+    result = run_pipesim(str(TINY), "--ranks", "2", *sets)
+    assert result.returncode == 0, result.stderr[-2000:]
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note: the scenario's node figures")]
+    predicted = compute_metrics(simulate(load_scenario(TINY, [sets[1], sets[3]])))["tokens_per_s"]
+    assert len(notes) == 1 and f"predicts {predicted:.4g} tokens/s" in notes[0] and "pipesim calibrate" in notes[0]
+    profile = ROOT / "reports" / "calibration" / "profile-tiny-emulated-4.yaml"
+    calibrated = run_pipesim(str(TINY), "--ranks", "4", *sets, "--set", "cluster.count=4", "--set",
+                             f"cluster.profile={profile}", "--set", "executor.compute=emulated")
+    assert calibrated.returncode == 0, calibrated.stderr[-2000:]
+    assert "node figures are not calibrated" not in calibrated.stdout

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
+
+import yaml
 
 from ..cli_args import int_at_least
 from ..scenario import ScenarioError
@@ -62,6 +68,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     command = launch_command(n_ranks, argv)
     threads = max(plan.executor.threads_per_rank for plan in plans)
     limit = sum(plan.executor.timeout_s for plan in plans) + START_MARGIN_S
+    env = rank_environment(threads)
+    if not args.json:  # uncalibrated node figures: rank 0 says how far the simulator's prediction is
+        env[PREDICTIONS_ENV] = json.dumps([predict_uncalibrated(scenario) for _, scenario in variants])
     if args.netns or args.netns_bandwidth:
         from ..units import parse_bandwidth
         from .netns import run_in_netns
@@ -71,4 +80,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise ScenarioError(f"--netns-bandwidth {args.netns_bandwidth!r}: {error}") from None
         return run_in_netns(n_ranks, argv, bandwidth, threads, limit)
-    return run_job(command, rank_environment(threads), limit)
+    return run_job(command, env, limit)
+
+
+PREDICTIONS_ENV = "PIPESIM_UNCALIBRATED_PREDICTIONS"  # per variant: the simulator's tokens/s, or null
+
+
+def predict_uncalibrated(scenario) -> float | None:
+    """The simulator's tokens/s for a scenario whose node figures are not from a calibrated profile (None when they
+    are, or when the prediction fails). It runs ``pipesim simulate`` as its own process: the executor package never
+    imports the simulator."""
+    if scenario.cluster.profile is not None:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "scenario.yaml"
+        path.write_text(yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False))
+        done = subprocess.run([sys.executable, "-m", "pipesim.cli", "simulate", str(path), "--json"],
+                              capture_output=True, text=True, timeout=120, check=False)
+    if done.returncode != 0:
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1]).get("tokens_per_s")
