@@ -69,8 +69,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     threads = max(plan.executor.threads_per_rank for plan in plans)
     limit = sum(plan.executor.timeout_s for plan in plans) + START_MARGIN_S
     env = rank_environment(threads)
-    if not args.json:  # uncalibrated node figures: rank 0 says how far the simulator's prediction is
-        env[PREDICTIONS_ENV] = json.dumps([predict_uncalibrated(scenario) for _, scenario in variants])
     if args.netns or args.netns_bandwidth:
         from ..units import parse_bandwidth
         from .netns import run_in_netns
@@ -80,23 +78,46 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise ScenarioError(f"--netns-bandwidth {args.netns_bandwidth!r}: {error}") from None
         return run_in_netns(n_ranks, argv, bandwidth, threads, limit)
-    return run_job(command, env, limit)
+    if args.json or all(scenario.cluster.profile is not None for _, scenario in variants):
+        return run_job(command, env, limit)
+    with tempfile.TemporaryDirectory() as folder:  # rank 0 writes each generation's measured tokens/s here
+        measured_file = Path(folder) / "measured.jsonl"
+        env[MEASURED_ENV] = str(measured_file)
+        code = run_job(command, env, limit)
+        measured = [json.loads(line) for line in measured_file.read_text().splitlines()] if code == 0 and \
+            measured_file.is_file() else []
+    for (_label, scenario), tokens_per_s in zip(variants, measured, strict=False):
+        note = uncalibrated_note(scenario, tokens_per_s)
+        if note:
+            print(note, flush=True)
+    return code
 
 
-PREDICTIONS_ENV = "PIPESIM_UNCALIBRATED_PREDICTIONS"  # per variant: the simulator's tokens/s, or null
+
+MEASURED_ENV = "PIPESIM_MEASURED_FILE"  # rank 0 appends each generation's measured tokens/s (JSON lines)
+PREDICTION_TIMEOUT_S = 60.0
 
 
-def predict_uncalibrated(scenario) -> float | None:
-    """The simulator's tokens/s for a scenario whose node figures are not from a calibrated profile (None when they
-    are, or when the prediction fails). It runs ``pipesim simulate`` as its own process: the executor package never
-    imports the simulator."""
-    if scenario.cluster.profile is not None:
+def uncalibrated_note(scenario, measured: float | None) -> str | None:
+    """One line for a scenario whose node figures are not from a calibrated profile: how far the simulator's
+    prediction is from ``measured`` (None when calibrated, or when either number is missing). The prediction is
+    ``pipesim simulate`` in its own process (the executor package never imports the simulator), bounded in time."""
+    if scenario.cluster.profile is not None or not measured:
         return None
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "scenario.yaml"
         path.write_text(yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False))
-        done = subprocess.run([sys.executable, "-m", "pipesim.cli", "simulate", str(path), "--json"],
-                              capture_output=True, text=True, timeout=120, check=False)
+        try:
+            done = subprocess.run([sys.executable, "-m", "pipesim.cli", "simulate", str(path), "--json"],
+                                  capture_output=True, text=True, timeout=PREDICTION_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired:
+            return None
     if done.returncode != 0:
         return None
-    return json.loads(done.stdout.strip().splitlines()[-1]).get("tokens_per_s")
+    predicted = json.loads(done.stdout.strip().splitlines()[-1]).get("tokens_per_s")
+    if not predicted:
+        return None
+    side = "above" if predicted > measured else "below"
+    return (f"note: the scenario's node figures are not calibrated: the simulator predicts {predicted:.4g} tokens/s "
+            f"for it, {abs(predicted / measured - 1):.0%} {side} this measurement; `pipesim calibrate` fits them to "
+            f"this machine")

@@ -20,7 +20,7 @@ from ..cli_args import OneLineParser, int_at_least
 from ..scenario import ScenarioError
 from . import lifeline
 from .affinity import pin_to_core
-from .commands import PREDICTIONS_ENV
+from .commands import MEASURED_ENV
 from .errors import ExecutorSetupError, InjectedFault
 from .limits import check_memory
 from .options import add_run_arguments, load_variants
@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pinned = comm.allgather(pin_to_core(runtime.local_rank, width=width))  # each rank's first core
         runtime.sync(max(plan.executor.timeout_s for _, plan in plans))
         saved = []
-        predictions = json.loads(os.environ.get(PREDICTIONS_ENV, "[]"))  # set by the `pipesim run` front end
+        measured_file = os.environ.get(MEASURED_ENV)  # set by the `pipesim run` front end, for its note
         for index, (label, plan) in enumerate(plans):
             wall_start = time.time()  # the host's wall clock, so load samples taken outside the job line up
             result = runtime.generate(plan)
@@ -93,8 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             result.trace.meta["wall_clock"] = [wall_start, time.time()]
             result.trace.meta["pinned_cores"] = pinned
-            print_result(result.metrics, label, args.json, scenario=plan.scenario,
-                         predicted=predictions[index] if index < len(predictions) else None)
+            print_result(result.metrics, label, args.json, scenario=plan.scenario)
+            if measured_file:
+                with open(measured_file, "a") as handle:
+                    handle.write(json.dumps(result.metrics.get("tokens_per_s")) + "\n")
             write_files(result, index, len(plans), args.trace, args.records)
             if args.save_trace:
                 saved.append({"variant": label, "metrics": result.metrics, "trace": result.trace.to_json()})

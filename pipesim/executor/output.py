@@ -12,11 +12,9 @@ from ..trace import write_chrome_trace
 from .options import indexed_path
 
 
-def print_result(metrics: dict[str, Any], variant: str, as_json: bool, file=sys.stdout, scenario=None,
-                 predicted: float | None = None) -> None:
+def print_result(metrics: dict[str, Any], variant: str, as_json: bool, file=sys.stdout, scenario=None) -> None:
     """One JSON object (``variant`` added when the job has several generations), or a readable table (headed by
-    what ``scenario`` describes, when given; ``predicted``: the simulator's tokens/s for an uncalibrated scenario,
-    compared in one line)."""
+    what ``scenario`` describes, when given)."""
     if as_json:
         payload = dict(metrics)
         if variant:
@@ -34,11 +32,6 @@ def print_result(metrics: dict[str, Any], variant: str, as_json: bool, file=sys.
         print(file=file)
     shown = {k: v for k, v in metrics.items() if k not in ("output_tokens", "output_text")}
     print_metrics(shown, file=file, simulated=False)
-    if predicted is not None and metrics.get("tokens_per_s"):
-        measured = metrics["tokens_per_s"]
-        print(f"note: the scenario's node figures are not calibrated: the simulator predicts {predicted:.4g} "
-              f"tokens/s for it, {abs(predicted / measured - 1):.0%} {'above' if predicted > measured else 'below'} "
-              f"this measurement; `pipesim calibrate` fits them to this machine", file=file)
     if metrics.get("output_text") is not None:
         print(f"output_text  {metrics['output_text']!r}", file=file)
     else:
