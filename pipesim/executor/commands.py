@@ -69,6 +69,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     threads = max(plan.executor.threads_per_rank for plan in plans)
     limit = sum(plan.executor.timeout_s for plan in plans) + START_MARGIN_S
     env = rank_environment(threads)
+    if sys.stderr.isatty() and not args.json:  # the ranks' output is piped through: rank 0 shows a tokens bar
+        env[PROGRESS_ENV] = "1"
     if args.netns or args.netns_bandwidth:
         from ..units import parse_bandwidth
         from .netns import run_in_netns
@@ -94,6 +96,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 
+PROGRESS_ENV = "PIPESIM_PROGRESS"  # the front end is at a terminal
 MEASURED_ENV = "PIPESIM_MEASURED_FILE"  # rank 0 appends each generation's measured tokens/s (JSON lines)
 PREDICTION_TIMEOUT_S = 60.0
 

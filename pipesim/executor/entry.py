@@ -20,7 +20,7 @@ from ..cli_args import OneLineParser, int_at_least
 from ..scenario import ScenarioError
 from . import lifeline
 from .affinity import pin_to_core
-from .commands import MEASURED_ENV
+from .commands import MEASURED_ENV, PROGRESS_ENV
 from .errors import ExecutorSetupError, InjectedFault
 from .limits import check_memory
 from .options import add_run_arguments, load_variants
@@ -88,7 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         measured_file = os.environ.get(MEASURED_ENV)  # set by the `pipesim run` front end, for its note
         for index, (label, plan) in enumerate(plans):
             wall_start = time.time()  # the host's wall clock, so load samples taken outside the job line up
-            result = runtime.generate(plan)
+            bar = _progress_bar(rank, args.json, plan.scenario.workload.generate_tokens, label)
+            runtime.progress = None if bar is None else (lambda n, bar=bar: bar.update(n - bar.n))
+            try:
+                result = runtime.generate(plan)
+            finally:
+                if bar is not None:
+                    bar.close()
             if rank != 0:
                 continue
             result.trace.meta["wall_clock"] = [wall_start, time.time()]
@@ -113,3 +119,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             time.sleep(ABORT_GRACE_S)  # let mpiexec forward the message before the abort tears its pipes down
             comm.Abort(1)
         return 1
+
+
+def _progress_bar(rank: int, as_json: bool, total: int, label: str):
+    """A tokens bar on stderr for rank 0 of a run whose front end is at a terminal (never in logs or tests)."""
+    if rank != 0 or as_json or not (sys.stderr.isatty() or os.environ.get(PROGRESS_ENV)):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"run{' ' + label if label else ''}: tokens", unit="tok", file=sys.stderr,
+                leave=False)

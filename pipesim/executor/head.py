@@ -83,12 +83,17 @@ class Head:
         self.stopped = False  # FINISH from the target's head (chains)
         self.driver = HeadDriver(strategy, self, node_name, len(self.pipeline), records, level)
 
-    def run(self) -> HeadOutcome:
-        """Generate until the strategy finishes; then stop the pipeline (the target's head tells the others)."""
+    def run(self, progress: Callable[[int], None] | None = None) -> HeadOutcome:
+        """Generate until the strategy finishes; then stop the pipeline (the target's head tells the others).
+        ``progress(n)`` is told each time the committed output has grown to ``n`` tokens."""
         driver = self.driver
         t_start = self.clock.now()
         driver.start()
+        shown = 0
         while not driver.finished and not self.stopped:
+            if progress is not None and len(driver.output) != shown:
+                shown = len(driver.output)
+                progress(shown)
             if time.monotonic() > self.deadline:
                 where = f"level {self.level}: " if len(self.level_heads) > 1 else ""
                 raise ExecutorTimeout(f"{where}generation did not finish in time ({len(driver.output)} tokens so far; "

@@ -75,6 +75,7 @@ class RankRuntime:
         self.offsets = [0.0] * self.size
         self._stores: dict[str, Any] = {}  # real compute: the models loaded, per executor.device setting
         self._references: dict[tuple, list[int]] = {}
+        self.progress = None  # rank 0 of an interactive run: told the committed tokens as they grow
 
     def sync(self, timeout_s: float) -> None:
         """Estimate clock offsets (the head learns all, each worker its own)."""
@@ -134,7 +135,7 @@ class RankRuntime:
             head = Head(strategy, level.ranks, level_heads, level.index, backend, parts.drafter, messenger,
                         self.clock, records, plan.node_names[rank], deadline, parts.verify_sleep, fault,
                         parts.early_oracle, parts.predict)
-            outcome = head.run()
+            outcome = head.run(self.progress if level.is_target else None)
         else:
             Worker(rank, self.size, backend, messenger, self.clock, records, plan.node_names[rank], deadline,
                    fault=fault, pipeline=level.ranks, level=level.index).run()
