@@ -29,7 +29,8 @@ def _set_parent_death_signal() -> None:
         pass
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, ended but not reaped, counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -55,7 +56,7 @@ def watch(rank: int, interval: float = 0.5) -> threading.Thread:
             gone = None
             if os.getppid() != parent:
                 gone = f"its parent process (pid {parent})"
-            elif launcher > 0 and not _alive(launcher):
+            elif launcher > 0 and not alive(launcher):
                 gone = f"the pipesim run launcher (pid {launcher})"
             if gone is not None:
                 print(f"rank {rank}: stopping: {gone} has ended", file=sys.stderr, flush=True)

@@ -23,6 +23,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .lifeline import alive
+
 SUBNET = "192.0.2"  # TEST-NET-1 (RFC 5737): never routed, only on the veth ends we create
 FIRST_HOST = 10
 MPI_TCP_ENV = {"MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp", "FI_TCP_IFACE": "eth0",
@@ -70,21 +72,12 @@ def remove_stale_namespaces() -> list[str]:
     for line in listed.splitlines():
         name = line.split()[0] if line.split() else ""
         match = STALE_NAME.match(name)
-        if match is None or _alive(int(match.group(1))):
+        if match is None or alive(int(match.group(1))):
             continue
         subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
         removed.append(name)
     return removed
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def tbf_arguments(bandwidth_bytes_per_s: float) -> list[str]:
