@@ -31,6 +31,9 @@ UNITS: dict[str, str] = {
     "stage_work_skipped": "stage runs",
     "stage_work_aborted": "stage runs",
     "wall_s": "s, start to last token",
+    "reference_ttft_s": "s, PipeInfer's code: first token to second",
+    "reference_decode_tokens_per_s": "tokens/s, PipeInfer's code: all tokens / time since the first",
+    "ms_per_token": "ms, PipeSpec's paper: whole request / tokens",
 }
 
 

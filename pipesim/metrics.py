@@ -111,6 +111,12 @@ def compute_metrics(trace: Trace) -> dict[str, Any]:
         "stage_work_skipped": sum(1 for r in trace.records if r.kind == "skip"),
         "stage_work_aborted": sum(1 for r in trace.records if r.kind == "compute" and r.aborted),
         "wall_s": t1 - t0,
+        # as the reference codes compute them: PipeInfer (examples/speculative/speculative.cpp) times from the end
+        # of the prompt's processing (the first token) to the second token, and decodes n_predict tokens over the
+        # time since the first; PipeSpec (decoding.py) divides the whole request's time, prefill included
+        "reference_ttft_s": times[1] - times[0] if n > 1 else None,
+        "reference_decode_tokens_per_s": n / decode_time if decode_time > 0 else None,
+        "ms_per_token": 1e3 * (times[-1] - t0) / n if n else None,
     }
 
 

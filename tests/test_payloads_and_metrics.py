@@ -93,3 +93,8 @@ def test_metrics_mean_what_the_readme_says():
     assert m["node_utilization"]["n0"] == pytest.approx(2.0 / 4.0)  # 0-0.5, 1-1.5 (the draft inside), 2-3
     assert m["node_utilization"]["n1"] == pytest.approx(0.75 / 4.0)
     assert m["link_utilization"]["n0->n1"] == pytest.approx(0.5 / 4.0)
+    # the reference codes' definitions: PipeInfer from the first token to the second, and all 6 tokens over the
+    # 3 s since the first; PipeSpec 4 s over 6 tokens
+    assert m["reference_ttft_s"] == pytest.approx(1.0)
+    assert m["reference_decode_tokens_per_s"] == pytest.approx(6 / 3.0)
+    assert m["ms_per_token"] == pytest.approx(1000 * 4.0 / 6)
