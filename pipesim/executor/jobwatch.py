@@ -111,7 +111,11 @@ class JobWatch:
                     if (letter := _state(pid)) is not None}
         with self._lock:
             if not self.first_gone:  # (if all went at once, all are named)
-                self.first_gone = sorted((rank, pid) for pid, rank in self.seen.items() if pid not in live)
+                gone = {pid for pid in self.seen if pid not in live}
+                if gone:  # the reads above are one after another: a rank read alive a moment before the first
+                    # gone one may have gone first (a loaded machine preempts between reads), so look once more
+                    gone |= {pid for pid in self.seen if _state(pid) is None}
+                self.first_gone = sorted((self.seen[pid], pid) for pid in gone)
             for pid, (rank, _letter) in live.items():
                 self.seen[pid] = rank
             for pid, (rank, letter) in live.items():  # a stopped rank stays named while it is killed
