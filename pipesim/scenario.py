@@ -35,6 +35,16 @@ Bytes = Annotated[float, BeforeValidator(parse_bytes), Field(gt=0, description="
 ModelRef = str | dict[str, Any]
 STRATEGY_NAMES = ("iterative", "speculative", "pipeinfer", "speed", "pipespec", "pipespec-sync")
 CHAIN_STRATEGIES = ("pipespec", "pipespec-sync")
+# Each strategy's variants, its default first: "reference" behaves as the authors' code runs it; the others are
+# named departures (README, "Strategies and their variants").
+STRATEGY_VARIANTS: dict[str, tuple[str, ...]] = {
+    "iterative": ("reference",),
+    "speculative": ("reference",),
+    "pipeinfer": ("reference", "continuous"),
+    "speed": ("reference",),
+    "pipespec": ("reference", "capped"),
+    "pipespec-sync": ("reference", "verify-only"),
+}
 
 
 class ScenarioError(ValueError):
@@ -320,6 +330,8 @@ class StrategyConfig(_Strict):
     """Which strategy runs, and its knobs (each strategy reads the ones it has)."""
 
     name: Literal["iterative", "speculative", "pipeinfer", "speed", "pipespec", "pipespec-sync"] = "pipeinfer"
+    variant: str = Field("reference", description="how the strategy runs: 'reference' as its authors' code does, "
+                                                  "or a named departure (see STRATEGY_VARIANTS)")
     gamma: int = Field(4, ge=1, le=64, description="speculative: drafted tokens per verification")
     micro_batch: int = Field(3, ge=1, le=64, description="pipeinfer: drafted tokens per speculative run")
     min_confidence: float = Field(0.1, ge=0.0, le=1.0, description="draft confidence cut-off")
@@ -329,6 +341,14 @@ class StrategyConfig(_Strict):
     exit_layer: int = Field(8, ge=0, description="speed: layer whose hidden state predicts the next token")
     lookahead: int = Field(8, ge=1, le=256, description="pipespec: tokens a model may run ahead of the next one")
     max_verify: int = Field(16, ge=1, le=256, description="pipespec: most candidates verified in one run")
+
+    @model_validator(mode="after")
+    def _check_variant(self) -> StrategyConfig:
+        allowed = STRATEGY_VARIANTS[self.name]
+        if self.variant not in allowed:
+            raise ValueError(f"strategy.variant={self.variant!r} is not a variant of {self.name!r} "
+                             f"(one of: {', '.join(allowed)})")
+        return self
 
     def params(self) -> dict[str, Any]:
         """Constructor parameters of the selected strategy."""

@@ -157,6 +157,8 @@ CASES = {
     # unknown commands and options
     "unknown option": (["simulate", TINY, "--bandwidth", "1"], "--bandwidth"),
     "unknown strategy": (["simulate", TINY, "--strategy", "fastest"], "--strategy"),
+    "variant of another strategy": (["simulate", TINY, "--set", "strategy.name=iterative",
+                                     "--set", "strategy.variant=continuous"], "strategy.variant='continuous'"),
 }
 
 
