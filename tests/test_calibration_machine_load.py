@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from pipesim.calibration.machine_load import LoadSampler, Sample, parse_loadavg, parse_stat, window_figures
+from pipesim.calibration.machine_load import (
+    LoadSampler,
+    Sample,
+    busy_warning,
+    parse_loadavg,
+    parse_stat,
+    window_figures,
+)
 
 STAT = "cpu  100 5 50 800 10 3 2 30 0 0\ncpu0 50 2 25 400 5 1 1 15 0 0\nintr 1 2 3\n"
 
@@ -45,3 +52,14 @@ def test_the_sampler_reads_a_fake_proc(tmp_path):
     figures = sampler.figures()
     assert figures["steal_fraction"] == pytest.approx(20 / 100)  # user +50, idle +30, steal +20
     assert figures["load1_max"] == 1.5
+
+
+def test_a_probe_on_a_machine_busier_than_its_cpus_is_warned_about():
+    quiet = {"load1_mean": 0.4, "load1_max": 0.7, "cpus": 2, "steal_fraction": 0.0}
+    exactly_full = {**quiet, "load1_mean": 2.0}
+    busy = {**quiet, "load1_mean": 7.0}  # the loaded probes of 2026-12-02 ran at 7.0 on 2 CPUs
+    assert busy_warning(quiet) is None
+    assert busy_warning(exactly_full) is None
+    assert busy_warning(None) is None and busy_warning({"load1_mean": None, "cpus": 2}) is None
+    warning = busy_warning(busy)
+    assert warning is not None and "load 7.0 on 2 CPUs" in warning

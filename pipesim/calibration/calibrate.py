@@ -28,7 +28,7 @@ from ..trace import records_from_json
 from ..world.profile import HardwareProfile, LinkCoefficients, NodeCoefficients
 from ..yamlio import YAMLFileError, read_json
 from .fit import DraftSample, LinkSample, StageSample, fit_draft, fit_link, fit_stage
-from .machine_load import LoadSampler, describe
+from .machine_load import LoadSampler, busy_warning, describe
 
 
 def probe_command(mpiexec: str, ranks: int, scenario: str, raw: Path, sets: Sequence[str], repeats: int,
@@ -285,6 +285,9 @@ def _cmd_calibrate(args) -> int:
         print(f"  {name}: latency {link.latency * 1e6:.1f} us, bandwidth {link.bandwidth * 8 / 1e9:.2f} Gbit/s")
     if profile.meta.get("machine_load"):
         print(f"  machine load during the probe: {describe(profile.meta['machine_load'])}")
+        warning = busy_warning(profile.meta["machine_load"])
+        if warning:
+            print(f"calibrate: warning: {warning}", file=sys.stderr)
     check = profile.meta.get("iterative_check") or {}
     if check:
         compute = check["compute_per_token_s"]

@@ -128,3 +128,16 @@ def describe(figures: dict[str, Any]) -> str:
         return "load not observed"
     return (f"steal {figures['steal_fraction']:.1%}, busy {figures['busy_fraction']:.0%}, load "
             f"{figures['load1_mean']:.1f} (max {figures['load1_max']:.1f}) on {figures['cpus']} CPUs")
+
+
+def busy_warning(figures: dict[str, Any] | None) -> str | None:
+    """A warning when the machine was busier than its CPUs during a probe (mean 1-minute load above the CPU
+    count): other jobs then compete with the probe's ranks, which inflates the measured concurrent slowdown
+    (on this project's 2-core VM: 1.0-1.1x quiet, 1.5-3.3x at a load of 3-8). None when quiet or not observed."""
+    if not figures or figures.get("load1_mean") is None or not figures.get("cpus"):
+        return None
+    load, cpus = figures["load1_mean"], figures["cpus"]
+    if load <= cpus:
+        return None
+    return (f"the machine was busy during the probe (load {load:.1f} on {cpus} CPUs): its concurrent slowdown "
+            f"and stage times are likely overstated; calibrate again when the machine is quiet")
