@@ -28,6 +28,7 @@ from .messaging import Messenger
 from .protocol import (
     TAG_CANCEL,
     TAG_CHAIN,
+    TAG_DRAFT,
     TAG_EARLY,
     TAG_PRED,
     TAG_RUN,
@@ -177,6 +178,8 @@ class Head:
                         raise RuntimeError("an early exit asks the head's oracle, but none is configured")
                     token = self.early_oracle(message.position)
                 driver.early_exit_arrived(message.run_id, token)
+            elif envelope.tag == TAG_DRAFT and self.remote_draft:
+                self.drafter.arrived(envelope.body)
             elif envelope.tag == TAG_CHAIN:
                 message = decode_chain(envelope.body)
                 if message is None:  # FINISH from the target's head

@@ -111,6 +111,13 @@ class RemoteDrafter:
         self.deadline = deadline
         self.known: list[int] = []  # tokens the draft rank surely holds (it may hold more: steps it ran ahead)
         self._next_id = 0
+        self._replies: dict[tuple[int, int], tuple[int, float, int]] = {}  # (task, step) -> reply, arrived early
+
+    def arrived(self, body) -> None:
+        """A reply the head's loop received while it did other work (the draft node runs ahead)."""
+        task_id, step, token, confidence, n_fed = decode_reply(body)
+        if task_id == self._next_id:  # replies of abandoned drafts are dropped
+            self._replies[(task_id, step)] = (token, confidence, n_fed)
 
     def begin(self, request: RequestDraft) -> RemoteDraftTask:
         proposals = None
@@ -128,6 +135,9 @@ class RemoteDrafter:
 
     def await_reply(self, task_id: int, step: int) -> tuple[int, float, int]:
         """(token, confidence, tokens processed) of step ``step`` of task ``task_id``; older replies are dropped."""
+        early = self._replies.pop((task_id, step), None)
+        if early is not None:
+            return early
         while True:
             envelope = self.messenger.wait_tag(TAG_DRAFT, self.deadline,
                                                f"draft step {step} from rank {self.draft_rank}")
