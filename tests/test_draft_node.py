@@ -216,3 +216,23 @@ def test_executor_draft_rank_on_8_emulated_ranks_equals_target_only(tmp_path):
     # the same scenario simulated commits the same tokens
     simulated = simulate(load_scenario(DRAFT_NODE, [*sets, "strategy.name=speculative"]))
     assert entries[1]["metrics"]["output_tokens"] == simulated.output_tokens
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(not _mpiexec_available(), reason="mpiexec not found (pip install mpich mpi4py)")
+def test_executor_real_draft_model_on_its_own_rank(tmp_path):
+    """The tiny model over 2 target ranks and a draft rank (real compute): a draft model with the target's own
+    weights proposes the target's tokens (every draft accepted); the output equals the oracle run's, which
+    matches target-only decoding."""
+    from .test_executor_mpi import by_variant, run_job
+
+    tiny = ROOT / "scenarios" / "local-tiny.yaml"
+    model = "strategy.name=speculative;executor.draft=model;executor.draft_model=tiny-llama@0;strategy.min_confidence=0"
+    oracle = "strategy.name=pipeinfer;acceptance.alpha=0.6"
+    entries = by_variant(run_job(tiny, 3, [model, oracle], tmp_path, "cluster.count=3", "placement.draft_node=2",
+                                 "placement.layer_split=[0.5, 0.5, 0]", "workload.generate_tokens=20"))
+    assert entries[oracle]["trace"]["meta"]["matches_reference"] is True
+    assert entries[model]["metrics"]["output_tokens"] == entries[oracle]["metrics"]["output_tokens"]
+    assert entries[model]["metrics"]["acceptance_rate"] == 1.0
+    for entry in entries.values():
+        assert {r[3] for r in entry["trace"]["records"] if r[0] == "compute" and r[9] == "draft"} == {"n2"}

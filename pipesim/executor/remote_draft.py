@@ -25,6 +25,7 @@ from ..world.acceptance import OracleDraft
 from ..world.draft_exchange import REPLY_VALUES, REQUEST_HEAD
 from .clock import Clock
 from .drafts import DraftRunner
+from .errors import InjectedFault
 from .messaging import Messenger
 from .protocol import DRAFT_REPLY, DRAFT_REQUEST, TAG_DRAFT, ProtocolError
 
@@ -157,8 +158,9 @@ class DraftServer:
     """The draft rank's loop for one generation: serve draft requests until the head's stop."""
 
     def __init__(self, runner: DraftRunner, messenger: Messenger, head: int, clock: Clock, records: list[Record],
-                 node_name: str, deadline: float) -> None:
+                 node_name: str, deadline: float, fault_rank: int | None = None) -> None:
         self.runner = runner
+        self.fault_rank = fault_rank  # executor.fault_rank: this rank fails at its first draft request
         self.messenger = messenger
         self.head = head
         self.clock = clock
@@ -176,6 +178,8 @@ class DraftServer:
             pending = None
             if task_id == STOP_TASK:
                 return
+            if self.fault_rank is not None:
+                raise InjectedFault(f"injected fault at draft request {task_id} (executor.fault_rank={self.fault_rank})")
             pending = self._draft(task_id, keep, n_tokens, min_confidence, tokens)
 
     def _draft(self, task_id: int, keep: int, n_tokens: int, min_confidence: float | None, tokens: list[int]):

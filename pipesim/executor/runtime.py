@@ -301,7 +301,8 @@ class RankRuntime:
         records: list[Record] = []
         link = LinkEmulator(plan.scenario, plan.node_names) if ex.link_emulation else None
         messenger = Messenger(self.data_comm, self.clock, plan.node_names, records, link, ex.poll_interval_s)
-        DraftServer(runner, messenger, 0, self.clock, records, plan.node_names[rank], deadline).run()
+        DraftServer(runner, messenger, 0, self.clock, records, plan.node_names[rank], deadline,
+                    rank if ex.fault_rank == rank else None).run()
         dropped = messenger.drain(deadline)
         self._send_report({"records": [tuple(r) for r in records], "kv_max_cells": 0, "kv_final_cells": 0,
                            "dropped": dropped}, deadline, ex.poll_interval_s)
