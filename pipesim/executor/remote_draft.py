@@ -125,6 +125,7 @@ class RemoteDrafter:
         if self.oracle is not None:
             proposals = self.oracle.propose(len(request.context), request.n_tokens, request.committed_len)
         self._next_id += 1
+        self._replies.clear()  # early replies of an abandoned draft
         return RemoteDraftTask(self, request, self._next_id, proposals)
 
     def send_request(self, task: RemoteDraftTask) -> None:
