@@ -213,9 +213,15 @@ def test_executor_draft_rank_on_8_emulated_ranks_equals_target_only(tmp_path):
             assert any(r[0] == "transfer" and r[3] == "n7->n0" and r[9] == "draft-reply" for r in trace["records"])
     for entry in (entries[1], entries[2], entries[4]):
         assert entry["metrics"]["output_tokens"] == target_only
-    # the same scenario simulated commits the same tokens
+    # the same scenario simulated commits the same tokens, and (synchronous speculation: the same drafts in both
+    # engines) its head and draft node exchange the same messages of the same bytes
     simulated = simulate(load_scenario(DRAFT_NODE, [*sets, "strategy.name=speculative"]))
     assert entries[1]["metrics"]["output_tokens"] == simulated.output_tokens
+    measured = sorted((r[9], r[6]) for r in entries[1]["trace"]["records"]
+                      if r[0] == "transfer" and r[9].startswith("draft-"))
+    modelled = sorted((r.what, r.nbytes) for r in simulated.records if r.kind == "transfer"
+                      and r.what.startswith("draft-"))
+    assert measured == modelled and len(modelled) > 10
 
 
 @pytest.mark.mpi
