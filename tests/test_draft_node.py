@@ -61,7 +61,7 @@ def test_the_draft_node_with_no_layers_is_not_a_stage():
     stage_nodes = {r.where for r in trace.records if r.kind == "compute" and r.what == "stage"}
     assert stage_nodes == {f"n{i}" for i in range(7)}
     draft_nodes = {r.where for r in trace.records if r.kind == "compute" and r.what == "draft"}
-    assert draft_nodes == {"n7"}
+    assert draft_nodes == {"n7"} and trace.meta["draft_node"] == 7
 
 
 # -- memory ----------------------------------------------------------------------------------------------
@@ -208,6 +208,7 @@ def test_executor_draft_rank_on_8_emulated_ranks_equals_target_only(tmp_path):
         drafts = {r[3] for r in trace["records"] if r[0] == "compute" and r[9] == "draft"}
         stages = {r[3] for r in trace["records"] if r[0] == "compute" and r[9] == "stage"}
         assert stages == {f"n{i}" for i in range(7)}, entry["variant"]
+        assert trace["meta"]["draft_node"] == 7
         if "iterative" not in entry["variant"]:
             assert drafts == {"n7"}, entry["variant"]  # the draft rank computes, the head waits
             assert any(r[0] == "transfer" and r[3] == "n7->n0" and r[9] == "draft-reply" for r in trace["records"])

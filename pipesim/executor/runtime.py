@@ -334,6 +334,8 @@ class RankRuntime:
             "messages_dropped_at_end": dropped, "records_after_end": after_end, "reference_tokens": reference,
             "matches_reference": None if reference is None else list(output) == reference,
         }
+        if plan.draft_rank is not None:
+            meta["draft_node"] = plan.draft_rank
         if plan.chain:
             meta.update({
                 "chain": [[spec.name for spec in scenario.models.chain_specs()]],

@@ -191,6 +191,8 @@ class SimulationEngine:
         target = self.lines[-1].driver
         meta = {"layer_ranges": list(world.target.layer_ranges), "prompt_tokens": len(prompt),
                 "cost_models": world.cost_sources(), "warnings": list(world.warnings)}
+        if world.remote_draft:
+            meta["draft_node"] = world.draft_node
         if len(self.lines) > 1:
             meta["chain"] = [[pipeline.spec.name for pipeline in world.pipelines]]
             meta["chain_nodes"] = [list(pipeline.nodes) for pipeline in world.pipelines]
