@@ -132,6 +132,18 @@ def test_speculative_closed_form_with_the_draft_on_its_own_node(alpha):
         assert simulated < rate < simulated * 1.08
 
 
+@pytest.mark.parametrize("variant", ["reference", "continuous"])
+def test_the_draft_node_computes_one_step_at_a_time_and_replies_to_each(variant):
+    for alpha in (0.3, 0.95):
+        trace = simulate(load_scenario(DRAFT_NODE, small(f"strategy.variant={variant}", f"acceptance.alpha={alpha}")))
+        steps = sorted((r.t0, r.t1) for r in trace.records if r.kind == "compute" and r.what == "draft")
+        assert all(later[0] >= earlier[1] - 1e-12 for earlier, later in zip(steps, steps[1:]))
+        replies = [r for r in trace.records if r.what == "draft-reply"]
+        requests = [r for r in trace.records if r.what == "draft-request"]
+        assert len(replies) == len(steps) <= 3 * len(requests)  # micro_batch 3: at most 3 steps per draft
+        assert {r.where for r in replies} == {"n7->n0"} and {r.where for r in requests} == {"n0->n7"}
+
+
 def test_draft_node_zero_records_the_draft_on_the_head():
     trace = simulate(load_scenario(PAPER, small("strategy.name=speculative")))
     assert {r.where for r in trace.records if r.kind == "compute" and r.what == "draft"} == {"n0"}
