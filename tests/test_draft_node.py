@@ -137,7 +137,7 @@ def test_the_draft_node_computes_one_step_at_a_time_and_replies_to_each(variant)
     for alpha in (0.3, 0.95):
         trace = simulate(load_scenario(DRAFT_NODE, small(f"strategy.variant={variant}", f"acceptance.alpha={alpha}")))
         steps = sorted((r.t0, r.t1) for r in trace.records if r.kind == "compute" and r.what == "draft")
-        assert all(later[0] >= earlier[1] - 1e-12 for earlier, later in zip(steps, steps[1:]))
+        assert all(later[0] >= earlier[1] - 1e-12 for earlier, later in zip(steps, steps[1:], strict=False))
         replies = [r for r in trace.records if r.what == "draft-reply"]
         requests = [r for r in trace.records if r.what == "draft-request"]
         assert len(replies) == len(steps) <= 3 * len(requests)  # micro_batch 3: at most 3 steps per draft
