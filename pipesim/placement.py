@@ -32,3 +32,22 @@ def split_layers(n_layers: int, fractions: Sequence[float] | None, n_stages: int
         bounds.append(boundary)
     bounds.append(n_layers)
     return [(bounds[i], bounds[i + 1]) for i in range(n)]
+
+
+def target_stages(n_layers: int, fractions: Sequence[float] | None,
+                  n_nodes: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """The target's pipeline over ``n_nodes`` nodes: the nodes that hold layers, in order, and their ranges.
+
+    A ``0`` fraction is a node without target layers (the draft's own node, as PipeInfer's script runs it: 7
+    target ranks and a draft rank); ``fractions=None`` spreads the layers over every node.
+    """
+    if fractions is None:
+        return list(range(n_nodes)), split_layers(n_layers, None, n_nodes)
+    if len(fractions) != n_nodes:
+        raise ValueError(f"layer split has {len(fractions)} entries for {n_nodes} nodes")
+    if any(f < 0 for f in fractions):
+        raise ValueError(f"layer split fractions must be >= 0, got {list(fractions)}")
+    nodes = [i for i, f in enumerate(fractions) if f > 0]
+    if not nodes:
+        raise ValueError(f"layer split {list(fractions)} gives no node any layer")
+    return nodes, split_layers(n_layers, [fractions[i] for i in nodes])

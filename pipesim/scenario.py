@@ -292,9 +292,12 @@ class NetworkConfig(_Strict):
 class PlacementConfig(_Strict):
     """Where the target layers and the draft model live."""
 
-    layer_split: list[Annotated[float, Field(gt=0)]] | None = Field(
-        None, description="fraction of the target's layers on each node, in pipeline order (default: even)")
-    draft_node: int = Field(0, ge=0, description="node running the draft model (the head, node 0, for now)")
+    layer_split: list[Annotated[float, Field(ge=0)]] | None = Field(
+        None, description="fraction of the target's layers on each node, in pipeline order (default: even); 0 "
+                          "for the draft node: it holds the draft only")
+    draft_node: int = Field(0, ge=0, description="node running the draft model: the head (0, the default) or any "
+                                                 "other node, which then exchanges each draft step with the head "
+                                                 "over their link")
     chain_nodes: list[list[Annotated[int, Field(ge=0)]]] | None = Field(
         None, description="PipeSpec: node indices of each model of the chain, drafts first, target last "
                           "(default: one node per draft, the rest for the target)")
@@ -399,11 +402,11 @@ class Scenario(_Strict):
         if split is not None and abs(sum(split) - 1.0) > 1e-3:  # rounded fractions are fine
             raise ValueError(f"placement.layer_split={split} sums to {sum(split):.6g}, not 1 "
                              "(fractions of the target's layers, one per node)")
+        self._check_draft_node()
         n_layers = self.models.target_spec().n_layers
-        if n > n_layers:
+        n_stages = n if split is None else sum(1 for f in split if f > 0)
+        if n_stages > n_layers:
             raise ValueError(f"cluster.count={n} is more stages than the target's {n_layers} layers")
-        if self.placement.draft_node != 0:
-            raise ValueError(f"placement.draft_node={self.placement.draft_node}: only the head (0) is supported")
         for override in self.cluster.overrides:
             if override.index >= n:
                 raise ValueError(f"cluster.overrides index {override.index} is not a node (count={n})")
@@ -430,6 +433,24 @@ class Scenario(_Strict):
             raise ValueError("acceptance.sequence must be given for acceptance.model=replay")
         return self
 
+
+    def _check_draft_node(self) -> None:
+        """``placement.draft_node`` is a node; only it may hold no target layers (a 0 in the split), never the
+        head (node 0 samples and holds the first layers)."""
+        n, draft_node, split = self.cluster.count, self.placement.draft_node, self.placement.layer_split
+        if draft_node >= n:
+            raise ValueError(f"placement.draft_node={draft_node} is not a node (cluster.count={n}: nodes 0..{n - 1})")
+        for i, fraction in enumerate(split or []):
+            if fraction == 0 and i == 0:
+                raise ValueError("placement.layer_split[0]=0: the head (node 0) holds the first target layers")
+            if fraction == 0 and i != draft_node:
+                raise ValueError(f"placement.layer_split[{i}]=0: only the draft node (placement.draft_node="
+                                 f"{draft_node}) may hold no target layers")
+
+    def target_nodes(self) -> list[int]:
+        """The nodes of the target's pipeline, in order (every node but a draft node given no layers)."""
+        split = self.placement.layer_split
+        return list(range(self.cluster.count)) if split is None else [i for i, f in enumerate(split) if f > 0]
 
     def acceptance_alpha(self) -> float:
         """The i.i.d. acceptance rate in effect: for ``speed`` with ``acceptance.exit_alphas``, the α of the exit

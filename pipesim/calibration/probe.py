@@ -388,6 +388,10 @@ def run_probe(argv: Sequence[str] | None = None) -> int:
     try:
         scenario = load_scenario(args.scenario, [*args.set, "strategy.name=iterative"])
         plan = make_plan(scenario, size)
+        if plan.draft_rank is not None:
+            raise ValueError(f"placement.draft_node={plan.draft_rank}: calibration profiles every rank as a target "
+                             "stage and the draft on the head (use --set placement.draft_node=0 and an even "
+                             "placement.layer_split)")
         tokens = [int(t) for t in args.tokens.split(",")]
         contexts = [int(c) for c in args.contexts.split(",")]
     except (ScenarioError, ValueError, OSError) as error:

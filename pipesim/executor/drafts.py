@@ -120,3 +120,6 @@ class Drafter:
         if self.oracle is not None:
             proposals = self.oracle.propose(len(request.context), request.n_tokens, request.committed_len)
         return DraftTask(request, self.runner, proposals)
+
+    def close(self) -> None:
+        """Nothing to end: this draft runs on the head (``remote_draft.RemoteDrafter`` ends its rank's loop)."""

@@ -28,6 +28,7 @@ from .messaging import Messenger
 from .protocol import (
     TAG_CANCEL,
     TAG_CHAIN,
+    TAG_DRAFT,
     TAG_EARLY,
     TAG_PRED,
     TAG_RUN,
@@ -41,6 +42,7 @@ from .protocol import (
     encode_chain,
     encode_run,
 )
+from .remote_draft import RemoteDrafter
 
 
 @dataclass
@@ -61,7 +63,7 @@ class Head:
     """
 
     def __init__(self, strategy: Strategy, pipeline: Sequence[int], level_heads: Sequence[int], level: int,
-                 backend: StageBackend, drafter: Drafter | None, messenger: Messenger, clock: Clock,
+                 backend: StageBackend, drafter: Drafter | RemoteDrafter | None, messenger: Messenger, clock: Clock,
                  records: list[Record], node_name: str, deadline: float, verify_sleep: float = 0.0,
                  fault: bool = False, early_oracle: Callable[[int], int] | None = None,
                  predict: Callable[[Run], list[int]] | None = None) -> None:
@@ -71,6 +73,7 @@ class Head:
         self.is_target = level == len(self.level_heads) - 1
         self.backend = backend
         self.drafter = drafter
+        self.remote_draft = isinstance(drafter, RemoteDrafter)  # its rank records the draft's compute
         self.messenger = messenger
         self.clock = clock
         self.name = node_name
@@ -120,8 +123,10 @@ class Head:
             else:
                 assert kind is DRAFT
                 batch = item.step()
-                driver.draft_step_done(item, start, batch)
+                driver.draft_step_done(item, start, batch, remote=self.remote_draft)
         t_end = self.clock.now()
+        if self.drafter is not None:
+            self.drafter.close()
         if self.is_target:
             for rank in self.level_heads[:-1]:
                 self.messenger.send(rank, TAG_CHAIN, encode_chain(None))
@@ -173,6 +178,8 @@ class Head:
                         raise RuntimeError("an early exit asks the head's oracle, but none is configured")
                     token = self.early_oracle(message.position)
                 driver.early_exit_arrived(message.run_id, token)
+            elif envelope.tag == TAG_DRAFT and self.remote_draft:
+                self.drafter.arrived(envelope.body)
             elif envelope.tag == TAG_CHAIN:
                 message = decode_chain(envelope.body)
                 if message is None:  # FINISH from the target's head

@@ -48,8 +48,8 @@ def rank_bytes(plan: Plan) -> list[int]:
     sizes[0] += records * (plan.n_ranks - 1)  # the head gathers every rank's records
     if plan.real and plan.target is not None and plan.oracle:  # the reference continuation (whole model)
         sizes[0] += _kv_bytes(plan.target.n_layers, _prompt_tokens(plan) + generate + 64, plan.target.kv_dim, 1)
-    if plan.real and plan.draft is not None:
-        sizes[0] += _kv_bytes(plan.draft.n_layers, capacity, plan.draft.kv_dim, 1)
+    if plan.real and plan.draft is not None:  # on the head, or on a draft rank of its own
+        sizes[plan.draft_rank or 0] += _kv_bytes(plan.draft.n_layers, capacity, plan.draft.kv_dim, 1)
     return sizes
 
 

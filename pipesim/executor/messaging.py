@@ -112,6 +112,27 @@ class Messenger:
             time.sleep(pause)
             sleep = min(2 * sleep, self.poll_interval)
 
+    def take_tag(self, tag: int) -> Envelope | None:
+        """The first delivered message with ``tag`` (others stay, in order), or None."""
+        for i, envelope in enumerate(self._ready):
+            if envelope.tag == tag:
+                del self._ready[i]
+                return envelope
+        return None
+
+    def wait_tag(self, tag: int, deadline: float, what: str) -> Envelope:
+        """Sleep until a message with ``tag`` is delivered (polling with backoff, others kept for later)."""
+        sleep = MIN_SLEEP
+        while True:
+            self.poll()
+            envelope = self.take_tag(tag)
+            if envelope is not None:
+                return envelope
+            if time.monotonic() > deadline:
+                raise ExecutorTimeout(f"timed out waiting for {what} ({self.silence()})")
+            time.sleep(sleep)
+            sleep = min(2 * sleep, self.poll_interval)
+
     def silence(self) -> str:
         """Who this rank last heard from and how long ago: names the rank or link that stopped answering."""
         now = time.monotonic()

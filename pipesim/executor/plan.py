@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from ..placement import split_layers
+from ..placement import split_layers, target_stages
 from ..scenario import Scenario
 from .errors import ExecutorSetupError
 from .modelref import ModelRef, resolve_model
@@ -46,6 +46,7 @@ class Plan:
     max_seqs: int  # KV sequences per cache: the canonical one plus the partitions of pipeinfer
     early_exit: str | None = None  # speed: "real" or "oracle"
     levels: list[LevelPlan] | None = None  # pipespec: the chain, drafts first
+    draft_rank: int | None = None  # the draft on a rank of its own (placement.draft_node with no target layers)
 
     @property
     def executor(self):
@@ -77,7 +78,8 @@ class Plan:
         """One pipeline per model: a chain's levels, or the target over every rank."""
         if self.levels is not None:
             return self.levels
-        return [LevelPlan(0, list(range(self.n_ranks)), list(self.layer_ranges), self.layer_ranges[-1][1],
+        ranks = [rank for rank in range(self.n_ranks) if rank != self.draft_rank]
+        return [LevelPlan(0, ranks, [self.layer_ranges[rank] for rank in ranks], self.layer_ranges[ranks[-1]][1],
                           self.target, True)]
 
     def level_of(self, rank: int) -> LevelPlan:
@@ -125,18 +127,36 @@ def make_plan(scenario: Scenario, n_ranks: int) -> Plan:
         if ex.draft == "model" and target is not None and draft.vocab_size != target.vocab_size:
             raise ExecutorSetupError(f"executor.draft_model={ex.draft_model!r} has a vocabulary of "
                                      f"{draft.vocab_size} tokens, the target {target.vocab_size}")
-    if n_ranks > n_layers:
+    draft_rank = _draft_rank(scenario)
+    n_stages = n_ranks - (draft_rank is not None)
+    if n_stages > n_layers:
         what = f"executor.model={ex.model!r}" if target is not None else f"models.target={scenario.models.target!r}"
-        raise ExecutorSetupError(f"{n_ranks} ranks is more pipeline stages than the {n_layers} layers of {what}")
+        raise ExecutorSetupError(f"{n_stages} ranks is more pipeline stages than the {n_layers} layers of {what}")
     try:
-        layer_ranges = split_layers(n_layers, scenario.placement.layer_split, count)
+        stage_ranks, ranges = target_stages(n_layers, scenario.placement.layer_split, count)
     except ValueError as error:
         raise ExecutorSetupError(f"placement.layer_split={scenario.placement.layer_split}: {error}") from None
+    layer_ranges = [(0, 0)] * n_ranks
+    for rank, span in zip(stage_ranks, ranges, strict=True):
+        layer_ranges[rank] = span
     pooled = scenario.strategy.name in ("pipeinfer", "speed")
     max_seqs = scenario.strategy.n_partitions + 1 if pooled else 1
     early_exit = _early_exit_mode(scenario, target, n_layers) if scenario.strategy.name == "speed" else None
     return Plan(scenario, n_ranks, [f"n{i}" for i in range(n_ranks)], layer_ranges, target, draft, max_seqs,
-                early_exit)
+                early_exit, draft_rank=draft_rank)
+
+
+def _draft_rank(scenario: Scenario) -> int | None:
+    """The rank of a draft on a node of its own: ``placement.draft_node`` when it holds no target layers."""
+    node, split = scenario.placement.draft_node, scenario.placement.layer_split
+    if node == 0:
+        return None
+    if split is not None and split[node] == 0:
+        return node
+    if scenario.strategy.name in ("speculative", "pipeinfer"):
+        raise ExecutorSetupError(f"placement.draft_node={node}: the executor runs a draft off the head on a rank "
+                                 f"of its own, with no target layers (give node {node} a 0 in placement.layer_split)")
+    return None
 
 
 def _check_common(scenario: Scenario, n_ranks: int) -> None:

@@ -46,7 +46,9 @@ TAG_SETUP = 22
 TAG_READY = 23
 TAG_RECORDS = 24
 TAG_GO = 25  # chain: rank 0 tells the other level heads that every rank is ready
-DATA_TAGS = (TAG_RUN, TAG_PRED, TAG_CANCEL, TAG_EARLY, TAG_CHAIN)
+DRAFT_REQUEST, DRAFT_REPLY = 0, 1  # the first value of a TAG_DRAFT body
+TAG_DRAFT = 27  # the head and a draft on a rank of its own (executor/remote_draft.py)
+DATA_TAGS = (TAG_RUN, TAG_PRED, TAG_CANCEL, TAG_EARLY, TAG_CHAIN, TAG_DRAFT)
 PAYLOAD_OFFSET = 1  # a payload travels on tag + 1
 
 FRAME_PREFIX = 3
@@ -312,4 +314,6 @@ def describe(tag: int, body: np.ndarray, has_payload: bool) -> tuple[str, int]:
         names = ("SendTokens", "SendRollback", "SendProgress", "StartRound", "finish")
         kind = int(body[0])
         return (names[kind] if 0 <= kind < len(names) else "control"), -1
+    if tag == TAG_DRAFT:
+        return ("draft-reply" if int(body[0]) == DRAFT_REPLY else "draft-request"), -1
     return "control", -1

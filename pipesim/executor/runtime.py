@@ -30,6 +30,7 @@ from .head import Head
 from .messaging import Messenger
 from .plan import Plan
 from .protocol import TAG_GO, TAG_READY, TAG_RECORDS, TAG_SETUP
+from .remote_draft import DraftServer, RemoteDrafter
 from .worker import Worker
 
 
@@ -53,6 +54,7 @@ class _HeadSetup:
     verify_sleep: float = 0.0
     early_oracle: Any = None
     predict: Any = None
+    oracle: Any = None  # the draft oracle's proposals, for a draft on a rank of its own
 
 
 def _wait_for(comm, source: int, tag: int, deadline: float, what: str, poll: float) -> None:
@@ -89,6 +91,8 @@ class RankRuntime:
         comm, ex, scenario = self.comm, plan.executor, plan.scenario
         poll, rank = ex.poll_interval_s, self.rank
         world = build_world(scenario)
+        if rank == plan.draft_rank:
+            return self._serve_draft(plan, world, deadline)
         level = plan.level_of(rank)
         level_heads = [lv.ranks[0] for lv in plan.pipelines]
         is_head = rank == level.ranks[0]
@@ -126,6 +130,8 @@ class RankRuntime:
         records: list[Record] = []
         link = LinkEmulator(scenario, plan.node_names) if ex.link_emulation else None
         messenger = Messenger(self.data_comm, self.clock, plan.node_names, records, link, poll)
+        if is_head and plan.draft_rank is not None and level.is_target:
+            parts.drafter = RemoteDrafter(messenger, plan.draft_rank, parts.oracle, deadline)
         fault = ex.fault_rank == rank
         outcome = None
         if is_head:
@@ -244,7 +250,9 @@ class RankRuntime:
         parts = _HeadSetup(prompt, tokenizer, stop_tokens, reference,
                            verify_sleep=0.0 if plan.real else world.verify_overhead)
         oracle = world.oracle_draft(acceptance, tokens)
-        if plan.uses_draft:
+        if plan.draft_rank is not None:  # the draft rank runs the draft (RemoteDrafter, once messaging is up)
+            parts.oracle = oracle if ex.draft == "oracle" else None
+        elif plan.uses_draft:
             if ex.draft == "model":
                 from .torch_backend import ModelRunner
 
@@ -270,7 +278,35 @@ class RankRuntime:
             from .torch_backend import ModelRunner
 
             return ModelRunner(store.full_model(plan.draft), capacity)
-        return EmulatedRunner(world.draft_cost, world.nodes[0], self.clock.now)
+        return EmulatedRunner(world.draft_cost, world.nodes[world.draft_node], self.clock.now)
+
+    def _serve_draft(self, plan: Plan, world: World, deadline: float) -> None:
+        """The draft's own rank: the SETUP/READY handshake, then the draft requests of the head until its stop,
+        then its report (executor/remote_draft.py)."""
+        comm, ex, rank = self.comm, plan.executor, self.rank
+        setup = np.zeros(2, dtype=np.int64)
+        _wait_for(comm, 0, TAG_SETUP, deadline, "SETUP", ex.poll_interval_s)
+        comm.Recv(setup, source=0, tag=TAG_SETUP)
+        capacity = int(setup[0])
+        store = self._models(plan) if plan.real else None
+        if not plan.uses_draft:
+            runner = FreeRunner()
+        elif ex.draft == "model":
+            from .torch_backend import ModelRunner
+
+            runner = ModelRunner(store.full_model(plan.draft), capacity)
+        else:
+            runner = self._oracle_runner(plan, world, store, capacity)
+        comm.Send(np.ones(1, dtype=np.int64), dest=0, tag=TAG_READY)
+        records: list[Record] = []
+        link = LinkEmulator(plan.scenario, plan.node_names) if ex.link_emulation else None
+        messenger = Messenger(self.data_comm, self.clock, plan.node_names, records, link, ex.poll_interval_s)
+        DraftServer(runner, messenger, 0, self.clock, records, plan.node_names[rank], deadline,
+                    rank if ex.fault_rank == rank else None).run()
+        dropped = messenger.drain(deadline)
+        self._send_report({"records": [tuple(r) for r in records], "kv_max_cells": 0, "kv_final_cells": 0,
+                           "dropped": dropped}, deadline, ex.poll_interval_s)
+        return None
 
     def _trace(self, plan: Plan, parts: _HeadSetup, backend, records, outcome, dropped, capacity, deadline):
         """Rank 0: every rank's records in its clock, the target's output, the trace and its metrics."""
@@ -298,6 +334,8 @@ class RankRuntime:
             "messages_dropped_at_end": dropped, "records_after_end": after_end, "reference_tokens": reference,
             "matches_reference": None if reference is None else list(output) == reference,
         }
+        if plan.draft_rank is not None:
+            meta["draft_node"] = plan.draft_rank
         if plan.chain:
             meta.update({
                 "chain": [[spec.name for spec in scenario.models.chain_specs()]],

@@ -7,7 +7,8 @@ draft catch-up batches, sampling of acceptances, the truncated last verification
 
 - iterative: one run in flight, so the time per token is exactly the sum of stage times and unloaded link
   times of a single-token run, summed over the growing context;
-- speculative: each iteration drafts γ tokens on the head, then sends γ+1 tokens through the pipeline once and
+- speculative: each iteration drafts γ tokens on the draft's node (the head by default; elsewhere it adds the
+  request to the draft node and the last step's reply), then sends γ+1 tokens through the pipeline once and
   commits on average (1-α^(γ+1))/(1-α) tokens.
 """
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 from ..scenario import Scenario
 from ..world.build import World, build_world
+from ..world.draft_exchange import reply_bytes, request_bytes
 
 
 def expected_tokens_per_verification(alpha: float, gamma: int) -> float:
@@ -60,11 +62,21 @@ class PipelineCosts:
         return total + world.verify_overhead
 
     def draft_step(self, n_tokens: int, context: int) -> float:
-        """One draft-model step on the head."""
+        """One draft-model step on the draft's node (the head unless ``placement.draft_node`` says otherwise)."""
         world = self.world
         if world.draft_cost is None:
             return 0.0
-        return world.draft_cost.model_cost(world.nodes[0], n_tokens, context)
+        return world.draft_cost.model_cost(world.nodes[world.draft_node], n_tokens, context)
+
+    def draft_exchange(self, n_new_tokens: float) -> float:
+        """A draft on a node of its own: the head's request (with ``n_new_tokens`` token ids) and the last
+        step's reply, unloaded (the draft's steps run back to back; world/draft_exchange.py); 0 on the head."""
+        world = self.world
+        if not world.remote_draft:
+            return 0.0
+        network, head, node = world.network(), world.target.nodes[0], world.draft_node
+        return (network.transfer_time(head, node, request_bytes(n_new_tokens))
+                + network.transfer_time(node, head, reply_bytes()))
 
     def ttft(self) -> float:
         """Time to first token: the prompt's prefill pass (its last token's prediction returns)."""
@@ -79,9 +91,12 @@ class PipelineCosts:
         total = sum(self.pass_time(1, p + k - 1, 1) for k in range(1, g))
         return (g - 1) / total
 
-    def speculative_iteration_time(self, gamma: int, context: int) -> float:
-        """γ single-token draft steps, then one verification pass of γ+1 tokens."""
-        return gamma * self.draft_step(1, context) + self.pass_time(gamma + 1, context, gamma + 1)
+    def speculative_iteration_time(self, gamma: int, context: int, tokens_per_verification: float = 1.0) -> float:
+        """γ single-token draft steps, then one verification pass of γ+1 tokens (a draft on its own node: plus
+        its exchange, whose request carries the committed tokens the draft was not fed: 1 + max(0, E - γ))."""
+        n_new = 1.0 + max(0.0, tokens_per_verification - gamma)
+        return (gamma * self.draft_step(1, context) + self.draft_exchange(n_new)
+                + self.pass_time(gamma + 1, context, gamma + 1))
 
     def speculative_tokens_per_s(self, alpha: float | None = None, gamma: int | None = None) -> float | None:
         """Decode rate of synchronous speculation at mid-generation context (α, γ default to the scenario's)."""
@@ -92,7 +107,8 @@ class PipelineCosts:
         gamma = scenario.strategy.gamma if gamma is None else gamma
         workload = scenario.workload
         context = workload.prompt_tokens + workload.generate_tokens // 2
-        return expected_tokens_per_verification(alpha, gamma) / self.speculative_iteration_time(gamma, context)
+        tokens = expected_tokens_per_verification(alpha, gamma)
+        return tokens / self.speculative_iteration_time(gamma, context, tokens)
 
 
 def analytic_columns(scenario: Scenario, realized_alpha: float | None = None) -> dict[str, float | None]:

@@ -35,6 +35,7 @@ from ..world.build import Pipeline, World, build_world
 from ..world.network import LinkDirection
 from .host_cpu import SharedHosts
 from .polling import PollBackoff
+from .remote_draft import RemoteDraft
 
 
 class SimulationError(RuntimeError):
@@ -93,6 +94,7 @@ class _Line:
         self.idle_since = 0.0
         self.draft_cache: tuple[int, ...] = ()
         self.frame_bytes: dict[int, tuple[float, float]] = {}  # run id -> (header, with activations)
+        self.remote_draft = engine.remote_draft(pipeline)  # the draft on a node of its own, else None
         tokens = engine.world.tokens
         if pipeline.is_target:
             self.predict = tokens.predictions
@@ -133,6 +135,9 @@ class _Line:
     def end_draft(self, task: _DraftTask) -> None:
         """The draft model holds in its cache what the task's steps processed."""
         context = task.request.context
+        if self.remote_draft is not None and 0 < task.step < len(task.tokens):  # abandoned: the draft node goes on
+            base = task.context_start + task.first_batch - 1
+            self.remote_draft.abandon([(1, base + j) for j in range(task.step, len(task.tokens))])
         self.draft_cache = context[:task.context_start] if task.step == 0 else context + tuple(task.tokens[:task.step - 1])
 
     def finish(self) -> None:
@@ -186,6 +191,8 @@ class SimulationEngine:
         target = self.lines[-1].driver
         meta = {"layer_ranges": list(world.target.layer_ranges), "prompt_tokens": len(prompt),
                 "cost_models": world.cost_sources(), "warnings": list(world.warnings)}
+        if world.remote_draft:
+            meta["draft_node"] = world.draft_node
         if len(self.lines) > 1:
             meta["chain"] = [[pipeline.spec.name for pipeline in world.pipelines]]
             meta["chain_nodes"] = [list(pipeline.nodes) for pipeline in world.pipelines]
@@ -206,6 +213,16 @@ class SimulationEngine:
         self._head_iterations += 1
         if self._head_iterations > self.max_events:
             raise SimulationError(f"simulation exceeded {self.max_events} head steps without finishing")
+
+    def remote_draft(self, pipeline: Pipeline) -> RemoteDraft | None:
+        """The draft's timeline when it runs on a node other than this (target) pipeline's head."""
+        world = self.world
+        if not pipeline.is_target or not world.remote_draft:
+            return None
+        head, node = pipeline.nodes[0], world.draft_node
+        profile, cost = world.nodes[node], world.draft_cost
+        return RemoteDraft(node, self.node_names[node], lambda batch, context: cost.model_cost(profile, batch, context),
+                           self.network.link(head, node), self.network.link(node, head), self.records, pipeline.level)
 
     # -- messaging ---------------------------------------------------------------------------------
     def send(self, src: int, dst: int, nbytes: float, what: str, run_id: int, deliver, level: int = 0) -> None:
@@ -472,9 +489,16 @@ class SimulationEngine:
                 task = item
                 batch = task.first_batch if task.step == 0 else 1
                 context = task.context_start if task.step == 0 else task.context_start + task.first_batch + task.step - 1
-                yield from hosts.compute(node, draft_cost.model_cost(head, batch, context))
+                remote = line.remote_draft
+                if remote is None:
+                    yield from hosts.compute(node, draft_cost.model_cost(head, batch, context))
+                    task.step += 1
+                    driver.draft_step_done(task, start, batch)
+                    continue
+                # the draft on its own node: the head waits for the step's reply (sim/remote_draft.py)
+                yield env.timeout(remote.step(start, task.step == 0, batch, batch, context) - start)
                 task.step += 1
-                driver.draft_step_done(task, start, batch)
+                driver.draft_step_done(task, start, batch, remote=True)
 
 
 def simulate(scenario: Scenario) -> Trace:

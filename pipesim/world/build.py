@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..models.catalog import ModelSpec
-from ..placement import split_layers
+from ..placement import split_layers, target_stages
 from ..scenario import CHAIN_STRATEGIES, Scenario
 from .acceptance import AcceptanceModel, OracleDraft, SyntheticTokens
 from .costs import NodeProfile, Payloads, StageCost, make_cost_model, scenario_nodes
@@ -73,6 +73,12 @@ class World:
     host_of: list[str | None] = field(default_factory=list)
     concurrent_slowdown: list[float] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    draft_node: int = 0  # where the draft model runs (placement.draft_node); its cost uses that node's figures
+
+    @property
+    def remote_draft(self) -> bool:
+        """The draft runs on a node other than the target's head: each draft step crosses their link."""
+        return self.draft_cost is not None and self.draft_node != self.target.nodes[0]
 
     @property
     def node_names(self) -> list[str]:
@@ -167,8 +173,8 @@ def build_world(scenario: Scenario) -> World:
         pipelines = _chain_pipelines(scenario, profile, cluster.profile)
         draft_cost = None
     else:
-        ranges = split_layers(target.n_layers, scenario.placement.layer_split, cluster.count)
-        pipelines = [Pipeline(0, target, tuple(range(cluster.count)), tuple(ranges),
+        stage_nodes, ranges = target_stages(target.n_layers, scenario.placement.layer_split, cluster.count)
+        pipelines = [Pipeline(0, target, tuple(stage_nodes), tuple(ranges),
                               _cost(target, scenario, profile, "target"), _payloads(target, scenario), 1.0,
                               cluster.profile or cluster.cost_model)]
         draft_cost = _cost(draft, scenario, profile, "draft") if draft else None
@@ -187,4 +193,4 @@ def build_world(scenario: Scenario) -> World:
                     if p.cost_source == cluster.cost_model]
     return World(scenario, nodes, pipelines, draft_cost, profile, verify_overhead,
                  SyntheticTokens(target.vocab_size, scenario.workload.seed), acceptance_seed(scenario), host_of,
-                 slowdown, warnings)
+                 slowdown, warnings, scenario.placement.draft_node if draft_cost is not None else 0)

@@ -2,7 +2,8 @@
 
 A node holds: the weights of its target layers at their quantization (the first node also the token embedding
 table, the last the output head unless embeddings are tied and both are on one node; the head node also the
-whole draft model), the KV cache of those layers for every cell that can be live at once, and activation
+whole draft model: the draft's node, ``placement.draft_node``, the head by default, which may hold no target
+layers at all), the KV cache of those layers for every cell that can be live at once, and activation
 buffers for the largest run. KV cells: prompt + generated tokens, plus the speculative tokens that can be in
 flight (PipeInfer: runs in flight x micro-batch, every run owning a KV sequence partition; speculative: γ),
 bounded by the tokens to generate (a speculated cell is a future position). Activation buffers (an estimate
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..models.catalog import ModelSpec
-from ..placement import split_layers
+from ..placement import split_layers, target_stages
 
 
 @dataclass(frozen=True)
@@ -107,14 +108,16 @@ def memory_plan(scenario: Any) -> list[NodeMemory]:
         placed = [(spec, group, None, i == len(specs) - 1)
                   for i, (spec, group) in enumerate(zip(specs, scenario.chain_node_groups(), strict=True))]
     else:
-        placed = [(models.target_spec(), list(range(count)), scenario.placement.layer_split, True)]
+        target = models.target_spec()
+        stage_nodes, ranges = target_stages(target.n_layers, scenario.placement.layer_split, count)
+        placed = [(target, stage_nodes, ranges, True)]
         draft = models.draft_spec()
         if draft is not None and strategy.name != "iterative":
             placed.append((draft, [scenario.placement.draft_node], None, False))
     totals = [[0.0, 0.0, 0.0] for _ in range(count)]
     layers: list[tuple[int, int]] = [(0, 0)] * count
-    for spec, nodes, split, is_target in placed:
-        ranges = split_layers(spec.n_layers, split, len(nodes))
+    for spec, nodes, ranges, is_target in placed:
+        ranges = ranges if ranges is not None else split_layers(spec.n_layers, None, len(nodes))
         parts = _model_on_nodes(spec, ranges, cells, models.kv_bytes, run_tokens, outputs)
         for node, layer_range, part in zip(nodes, ranges, parts, strict=True):
             for k in range(3):
@@ -135,8 +138,9 @@ def check_memory_fit(scenario: Any) -> list[NodeMemory]:
     for node in plan:
         if not node.fits:
             start, end = node.layers
+            held = f"layers {start}-{end - 1}" if end > start else "no target layers"
             raise MemoryFitError(
-                f"does not fit: node {node.node} (layers {start}-{end - 1}) needs {format_bytes(node.needed)} "
+                f"does not fit: node {node.node} ({held}) needs {format_bytes(node.needed)} "
                 f"({node.needed:.0f} bytes: weights {format_bytes(node.weights)}, KV cache "
                 f"{format_bytes(node.kv_cache)}, activations {format_bytes(node.activations)}) but has "
                 f"{format_bytes(node.available)} ({node.available:.0f} bytes)")
