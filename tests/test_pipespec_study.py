@@ -1,0 +1,83 @@
+"""The kept PipeSpec study (reports/pipespec) is what the current code produces, and its report quotes its table."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipesim.metrics import compute_metrics
+from pipesim.reports.pipespec_study import load_points, main
+from pipesim.reports.regenerate import KEPT_REPORTS
+from pipesim.sim import simulate
+
+ROOT = Path(__file__).resolve().parents[1]
+KEPT = next(k for k in KEPT_REPORTS if k.name == "pipespec")
+TABLE = pd.read_csv(ROOT / KEPT.report / "results.csv")
+
+
+def _points():
+    return load_points(ROOT / KEPT.study)
+
+
+def test_kept_table_covers_the_study_point_by_point():
+    _, points = _points()
+    kept = {(r.machine, r.chain, r.strategy, float(r.alpha)) for r in TABLE.itertuples()}
+    assert kept == {(p.machine, p.chain, p.strategy, p.alpha) for p in points} and len(TABLE) == len(points)
+
+
+SAMPLE = [("4-GPU host", "1B -> 8B -> 70B", "PipeSpec reference", 0.7),
+          ("4-GPU host", "1B -> 70B", "sync chain", 0.3),
+          ("8 CPU nodes", "1.1B -> 70B", "PipeSpec reference", 0.5),
+          ("8 CPU nodes", "1.1B -> 7B -> 70B", "PipeSpec capped", 0.9),
+          ("8 CPU nodes", "1.1B -> 70B", "autoregressive", 0.1)]
+
+
+@pytest.mark.parametrize("machine,chain,strategy,alpha", SAMPLE)
+def test_kept_row_is_what_the_current_simulator_produces(machine, chain, strategy, alpha):
+    _, points = _points()
+    point = next(p for p in points if (p.machine, p.chain, p.strategy, p.alpha) == (machine, chain, strategy, alpha))
+    row = TABLE[(TABLE["machine"] == machine) & (TABLE["chain"] == chain) & (TABLE["strategy"] == strategy)
+                & (TABLE["alpha"] == alpha)].iloc[0]
+    metrics = compute_metrics(simulate(point.scenario))
+    assert math.isclose(row["ms_per_token"], metrics["ms_per_token"], rel_tol=1e-6), (
+        "reports/pipespec is stale: regenerate with `python -m pipesim.reports.regenerate pipespec`")
+    assert row["drafted_accepted"] == metrics["drafted_accepted"]
+
+
+def test_the_baseline_is_the_target_alone_on_its_chain_nodes():
+    _, points = _points()
+    cpu = next(p for p in points if p.chain == "1.1B -> 7B -> 70B" and p.strategy == "autoregressive")
+    assert cpu.scenario.strategy.name == "iterative" and cpu.scenario.cluster.count == 6
+    gpu = next(p for p in points if p.machine == "4-GPU host" and p.strategy == "autoregressive")
+    assert gpu.scenario.cluster.count == 2 and gpu.scenario.models.chain is None
+
+
+def test_the_report_quotes_its_table():
+    markdown = (ROOT / KEPT.report / "report.md").read_text()
+    for (machine, chain), rows in TABLE.groupby(["machine", "chain"], sort=False):
+        section = markdown.split(f"### {machine}, {chain}\n", 1)[1].split("###", 1)[0]
+        at = rows[rows["alpha"] == 0.7].set_index("strategy")
+        line = re.search(r"^\| 0\.7 \| (.+) \|$", section, re.MULTILINE)
+        assert line is not None
+        cells = [c.strip() for c in line.group(1).split("|")]
+        assert cells[0] == f"{at.loc['PipeSpec reference', 'ms_per_token']:.3g}"
+        assert cells[1] == f"{at.loc['PipeSpec reference', 'vs_baseline']:.2f}x"
+        ar = at.loc["autoregressive", "ms_per_token"]
+        assert at.loc["PipeSpec reference", "vs_baseline"] == pytest.approx(ar / at.loc["PipeSpec reference",
+                                                                                     "ms_per_token"])
+    cpu = TABLE[(TABLE["chain"] == "1.1B -> 70B") & (TABLE["strategy"] == "PipeSpec reference")]
+    if (cpu["vs_baseline"] < 1).all():
+        assert "**8 CPU nodes, 1.1B -> 70B**: the reference PipeSpec is slower than autoregressive at every alpha" \
+            in markdown
+
+
+def test_a_bad_study_is_one_line_and_exit_2(tmp_path, capsys):
+    study = tmp_path / "bad.yaml"
+    study.write_text("name: bad\nmachines: {m: {base: ../nowhere.yaml}}\nstrategies: {s: {}}\n")
+    assert main([str(study), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "nowhere.yaml" in err
