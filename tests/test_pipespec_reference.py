@@ -4,7 +4,10 @@ scenarios, and "never slower than autoregressive" where verification costs what 
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -289,3 +292,11 @@ def test_reference_pipespec_is_never_slower_than_autoregressive_at_flat_verifica
     assert spec["ms_per_token"] <= autoregressive + wait_bound
     if alpha >= 0.5:  # and clearly faster once drafts are often right
         assert spec["ms_per_token"] <= 0.95 * autoregressive
+
+
+def test_the_simulators_json_has_pipespecs_metric():
+    out = subprocess.run([sys.executable, "-m", "pipesim.cli", "simulate", "scenarios/pipespec-4gpu.yaml", "--json",
+                          "--set", "workload.generate_tokens=16"], capture_output=True, text=True, check=True).stdout
+    result = json.loads(out)
+    assert result["strategy"] == "pipespec"
+    assert result["ms_per_token"] == pytest.approx(1e3 * result["wall_s"] / result["generated_tokens"])
