@@ -20,7 +20,7 @@ TABLE = pd.read_csv(ROOT / KEPT.report / "results.csv")
 
 
 def _points():
-    return load_points(ROOT / KEPT.study)
+    return load_points([ROOT / KEPT.study, *(ROOT / study for study in KEPT.more_studies)])
 
 
 def test_kept_table_covers_the_study_point_by_point():
@@ -77,7 +77,12 @@ def test_the_report_quotes_its_table():
 
 def test_a_bad_study_is_one_line_and_exit_2(tmp_path, capsys):
     study = tmp_path / "bad.yaml"
-    study.write_text("name: bad\nmachines: {m: {base: ../nowhere.yaml}}\nstrategies: {s: {}}\n")
+    study.write_text("name: bad\nbase: ../nowhere.yaml\naxes: {acceptance.alpha: [0.5]}\n")
     assert main([str(study), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "nowhere.yaml" in err
+    shipped = (ROOT / KEPT.study).read_text().replace("/ autoregressive", "/ greedy")
+    study.write_text(shipped.replace("../pipespec-4gpu.yaml", str(ROOT / "scenarios" / "pipespec-4gpu.yaml")))
+    assert main([str(study), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "is not 'chain / strategy'" in err

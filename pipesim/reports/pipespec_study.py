@@ -1,17 +1,17 @@
-"""The PipeSpec study and its kept report: ``python -m pipesim.reports.pipespec_study STUDY --out DIR``.
+"""The PipeSpec study and its kept report: ``python -m pipesim.reports.pipespec_study STUDY... --out DIR``.
 
-A study file (``scenarios/studies/pipespec.yaml``) names machines (a base scenario and its chains, each a set of
-overrides), strategies (overrides), a baseline strategy and the alphas; every (machine, chain, strategy, alpha)
-is simulated. The autoregressive baseline runs the target alone on the nodes it holds in the chain (as the
-reference's ``GreedyDecoder`` runs the target on its own devices). ``DIR`` receives ``results.csv`` and
-``report.md``, whose findings are computed from the table. The metric is PipeSpec's: milliseconds per token over
-the whole request, prefill included (``ms_per_token``, decoding.py ``time_per_token``).
+Each study file is an ordinary study (``pipesim.reports.study``: ``scenarios/studies/pipespec.yaml`` on the 4-GPU
+host, ``pipespec-cpu.yaml`` on the CPU cluster) whose variants are named ``"chain / strategy"`` and whose axis is
+``acceptance.alpha``; ``report.machine`` names its machine. The autoregressive baseline is a variant too: the
+target alone on the nodes it holds in the chain (as the reference's ``GreedyDecoder`` runs the target on its own
+devices). Every point is simulated; ``DIR`` receives ``results.csv`` and ``report.md``, whose findings are computed
+from the table. The metric is PipeSpec's: milliseconds per token over the whole request, prefill included
+(``ms_per_token``, decoding.py ``time_per_token``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,14 +21,17 @@ from typing import Any
 import pandas as pd
 
 from ..metrics import compute_metrics
-from ..scenario import Scenario, ScenarioError, load_scenario
+from ..scenario import Scenario, ScenarioError
 from ..sim import simulate
 from ..world.build import build_world
-from ..yamlio import YAMLFileError, read_yaml
+from ..yamlio import YAMLFileError
+from .study import VARIANT, load_study
 
 COLUMNS = ("machine", "chain", "strategy", "alpha", "ms_per_token", "tokens_per_s", "vs_baseline",
            "acceptance_rate", "drafted_accepted", "generated_tokens", "target_steps", "target_step_tokens")
 RATIO_SIZES = (8, 32, 100)  # verification sizes whose cost the report compares with a single-token step
+STRATEGIES = ("PipeSpec reference", "PipeSpec capped", "sync chain", "autoregressive")
+BASELINE = "autoregressive"
 
 
 @dataclass(frozen=True)
@@ -42,45 +45,24 @@ class StudyPoint:
     scenario: Scenario
 
 
-def _assign(overrides: dict[str, Any]) -> list[str]:
-    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+def load_points(paths: Sequence[Path]) -> tuple[dict[str, Any], list[StudyPoint]]:
+    """The studies' points; the first study's name and description head the report."""
+    points, head = [], {}
+    for path in paths:
+        study = load_study(path)
+        machine = study.spec.report.get("machine", study.spec.name)
+        head = head or {"name": study.spec.name, "description": study.spec.description}
+        for point in study.points():
+            chain, sep, strategy = point.labels[VARIANT].partition(" / ")
+            if not sep or strategy not in STRATEGIES:
+                raise ScenarioError(f"{path}: variant {point.labels[VARIANT]!r} is not 'chain / strategy' with a "
+                                    f"strategy of {', '.join(STRATEGIES)}")
+            points.append(StudyPoint(machine, chain, strategy, float(point.labels["acceptance.alpha"]),
+                                     point.scenario))
+    return head, points
 
 
-def load_points(path: Path) -> tuple[dict[str, Any], list[StudyPoint]]:
-    """The study document and its points (scenario errors name the study and the point)."""
-    spec = read_yaml(path)
-    if not isinstance(spec, dict) or not spec.get("machines") or not spec.get("strategies"):
-        raise ScenarioError(f"{path}: a PipeSpec study needs 'machines' and 'strategies'")
-    common = _assign(spec.get("set") or {})
-    baseline = spec.get("baseline")
-    points = []
-    for machine, entry in spec["machines"].items():
-        base = (path.parent / entry["base"]).resolve()
-        for chain, chain_overrides in (entry.get("chains") or {"": {}}).items():
-            chain_set = [*common, *_assign(chain_overrides or {})]
-            for strategy, strategy_overrides in spec["strategies"].items():
-                for alpha in spec.get("alphas") or [0.7]:
-                    assignments = [*chain_set, f"acceptance.alpha={alpha}", *_assign(strategy_overrides)]
-                    try:
-                        scenario = load_scenario(base, assignments)
-                        if strategy == baseline:
-                            scenario = _target_alone(base, chain_set, assignments)
-                    except ScenarioError as error:
-                        raise ScenarioError(f"{path}: {machine} / {chain} / {strategy} / alpha {alpha}: {error}") \
-                            from None
-                    points.append(StudyPoint(machine, chain, strategy, float(alpha), scenario))
-    return spec, points
-
-
-def _target_alone(base: Path, chain_set: list[str], assignments: list[str]) -> Scenario:
-    """The target on the nodes the chain gives it, without the drafts."""
-    chained = load_scenario(base, [*chain_set, "strategy.name=pipespec"])
-    n_target = len(chained.chain_node_groups()[-1])
-    return load_scenario(base, [*assignments, f"cluster.count={n_target}", "placement.chain_nodes=null",
-                                "placement.layer_split=null", "models.chain=null"])
-
-
-def run_points(points: Sequence[StudyPoint], baseline: str | None) -> pd.DataFrame:
+def run_points(points: Sequence[StudyPoint], baseline: str = BASELINE) -> pd.DataFrame:
     """Simulate every point; ``vs_baseline``: the baseline's ms/token over the point's (above 1: faster)."""
     rows = []
     for point in points:
@@ -124,7 +106,7 @@ def _fmt_alpha_range(alphas: Sequence[float]) -> str:
 def findings(table: pd.DataFrame, spec: dict[str, Any], ratios: dict[str, dict[int, float]]) -> list[str]:
     """One sentence per (machine, chain) and one per machine, computed from the table."""
     out = []
-    reference, capped, sync = list(spec["strategies"])[:3]
+    reference, capped, sync = STRATEGIES[:3]
     for (machine, chain), rows in table.groupby(["machine", "chain"], sort=False):
         ref = rows[rows["strategy"] == reference].set_index("alpha")["vs_baseline"]
         holds = [a for a, v in ref.items() if v >= 1.0]
@@ -156,7 +138,7 @@ def findings(table: pd.DataFrame, spec: dict[str, Any], ratios: dict[str, dict[i
 
 def render(table: pd.DataFrame, spec: dict[str, Any], ratios: dict[str, dict[int, float]], command: str) -> str:
     """report.md: description, findings, the explanation, and one table per (machine, chain)."""
-    strategies = list(spec["strategies"])
+    strategies = list(STRATEGIES)
     lines = [f"# pipesim study: {spec.get('name', 'pipespec')}", "", spec.get("description", "").strip(), "",
              f"{len(table)} simulated points. Metric: ms per token over the whole request, prefill included "
              "(PipeSpec's `time_per_token`, decoding.py); `vs AR`: autoregressive ms/token over the strategy's "
@@ -201,21 +183,21 @@ def render(table: pd.DataFrame, spec: dict[str, Any], ratios: dict[str, dict[int
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipesim.reports.pipespec_study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", help="the study file (scenarios/studies/pipespec.yaml)")
+    parser.add_argument("studies", nargs="+", help="study files (scenarios/studies/pipespec.yaml, pipespec-cpu.yaml)")
     parser.add_argument("--out", required=True, help="folder for results.csv and report.md")
     args = parser.parse_args(argv)
     try:
-        spec, points = load_points(Path(args.study))
-    except (ScenarioError, YAMLFileError, KeyError, TypeError) as error:
+        spec, points = load_points([Path(p) for p in args.studies])
+    except (ScenarioError, YAMLFileError) as error:
         print(f"pipesim: error: {error}", file=sys.stderr)
         return 2
-    table = run_points(points, spec.get("baseline"))
-    machines = {p.machine: p.scenario for p in points if p.strategy == list(spec["strategies"])[0]}
+    table = run_points(points)
+    machines = {p.machine: p.scenario for p in points if p.strategy == STRATEGIES[0]}
     ratios = {machine: {n: step_cost_ratio(scenario, n) for n in RATIO_SIZES} for machine, scenario in machines.items()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "results.csv", index=False)
-    command = f"python -m pipesim.reports.pipespec_study {args.study} --out {args.out}"
+    command = f"python -m pipesim.reports.pipespec_study {' '.join(args.studies)} --out {args.out}"
     (out / "report.md").write_text(render(table, spec, ratios, command))
     print(f"wrote {out / 'report.md'} and {out / 'results.csv'} ({len(table)} points)", file=sys.stderr)
     return 0

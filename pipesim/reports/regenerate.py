@@ -29,11 +29,12 @@ class KeptReport:
     report: str  # relative to the repository root
     failed_points: bool = False  # the study holds points that fail on purpose (e.g. a model that does not fit)
     module: str = "pipesim.cli"  # the module that runs its commands (a study with a report of its own: its module)
+    more_studies: tuple[str, ...] = ()  # such a module's further study files
 
     def commands(self, work: Path) -> list[list[str]]:
         """The command lines (without ``python -m MODULE``) that regenerate it."""
         if self.module != "pipesim.cli":
-            return [[self.study, "--out", self.report]]
+            return [[self.study, *self.more_studies, "--out", self.report]]
         sweep_dir = str(work / self.name)
         return [["sweep", self.study, "--out", sweep_dir, "--force", "--quiet"],
                 ["report", sweep_dir, "--out", self.report]]
@@ -43,7 +44,7 @@ KEPT_REPORTS: tuple[KeptReport, ...] = (
     KeptReport("bandwidth", "scenarios/studies/bandwidth.yaml", "reports/bandwidth"),
     KeptReport("cluster-70b", "scenarios/studies/cluster-70b.yaml", "reports/cluster-70b", failed_points=True),
     KeptReport("pipespec", "scenarios/studies/pipespec.yaml", "reports/pipespec",
-               module="pipesim.reports.pipespec_study"),
+               module="pipesim.reports.pipespec_study", more_studies=("scenarios/studies/pipespec-cpu.yaml",)),
 )
 
 
