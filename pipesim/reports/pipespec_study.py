@@ -51,7 +51,8 @@ def load_points(paths: Sequence[Path]) -> tuple[dict[str, Any], list[StudyPoint]
     for path in paths:
         study = load_study(path)
         machine = study.spec.report.get("machine", study.spec.name)
-        head = head or {"name": study.spec.name, "description": study.spec.description}
+        head.setdefault("name", study.spec.name)
+        head["description"] = " ".join(filter(None, [head.get("description"), study.spec.description.strip()]))
         for point in study.points():
             chain, sep, strategy = point.labels[VARIANT].partition(" / ")
             if not sep or strategy not in STRATEGIES:
