@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from pipesim.metrics import compute_metrics
-from pipesim.reports.pipespec_study import load_points, main
+from pipesim.reports.pipespec_study import load_points, main, published_comparison
 from pipesim.reports.regenerate import KEPT_REPORTS
+from pipesim.scenario import load_scenario
 from pipesim.sim import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,3 +87,31 @@ def test_a_bad_study_is_one_line_and_exit_2(tmp_path, capsys):
     assert main([str(study), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "is not 'chain / strategy'" in err
+
+
+# the reference repository's greedy runs (benchmark_results/humaneval/greedy_*.json: mean time_per_token, ms)
+PUBLISHED_GREEDY = {"llama-3.2-1b": (0, "f16", 11.72), "llama-3.1-8b": (1, "f16", 22.45),
+                    "llama-3.1-70b": (2, "q4_0", 123.6)}
+
+
+@pytest.mark.parametrize("model", list(PUBLISHED_GREEDY))
+def test_the_4gpu_floors_reproduce_the_published_greedy_runs(model):
+    """Each model alone on its GPU(s) of scenarios/pipespec-4gpu.yaml, with that GPU's layer floor from the file,
+    decodes at the reference's measured greedy speed (the floors were fitted to these)."""
+    node, quantization, published = PUBLISHED_GREEDY[model]
+    scenario = load_scenario(ROOT / "scenarios" / "pipespec-4gpu.yaml")
+    floor = next(o.layer_floor for o in scenario.cluster.overrides if o.index == node)
+    count = 2 if model == "llama-3.1-70b" else 1
+    alone = load_scenario(ROOT / "scenarios" / "pipespec-4gpu.yaml", [
+        "strategy.name=iterative", "placement.chain_nodes=null", "models.chain=null", f"models.target={model}",
+        f"models.target_quantization={quantization}", f"cluster.count={count}", "workload.generate_tokens=300",
+        "cluster.overrides=" + str([{"index": i, "layer_floor": floor} for i in range(count)])])
+    assert compute_metrics(simulate(alone))["ms_per_token"] == pytest.approx(published, rel=0.02)
+
+
+def test_kept_published_comparison_is_current():
+    kept = pd.read_csv(ROOT / KEPT.report / "published.csv")
+    now = published_comparison(ROOT)
+    assert list(kept["run"]) == list(now["run"])
+    for a, b in zip(kept["simulated_ms_per_token"], now["simulated_ms_per_token"], strict=True):
+        assert math.isclose(a, b, rel_tol=1e-6)
