@@ -300,3 +300,21 @@ def test_the_simulators_json_has_pipespecs_metric():
     result = json.loads(out)
     assert result["strategy"] == "pipespec"
     assert result["ms_per_token"] == pytest.approx(1e3 * result["wall_s"] / result["generated_tokens"])
+
+
+@pytest.mark.parametrize("chain_alphas", [[0.5], [0.8], [0.6, 0.8]])
+def test_acceptance_over_a_long_run_is_the_last_drafts_alpha(chain_alphas):
+    """A position is verified at most once, and whether it is depends on the positions before it, never on its own
+    draw: over a long run the target accepts the model before it at that model's alpha (binomial error: 3 sigma)."""
+    document = _flat("pipespec", 0.5)
+    document["workload"]["generate_tokens"] = 600
+    document["acceptance"]["chain_alphas"] = chain_alphas
+    drafts = [{"index": i, "layer_floor": 2e-4} for i in range(len(chain_alphas))]  # ~25 draft steps a target step
+    document["cluster"] = {**document["cluster"], "count": len(chain_alphas) + 1, "overrides": drafts}
+    if len(chain_alphas) == 2:
+        document["models"]["chain"] = ["llama-3.2-1b", "llama-3.2-1b"]
+        document["placement"] = {"chain_nodes": [[0], [1], [2]]}
+    metrics = compute_metrics(simulate(scenario_from_dict(document)))
+    alpha, n = chain_alphas[-1], metrics["drafted_checked"]
+    assert n > 250
+    assert abs(metrics["acceptance_rate"] - alpha) <= 3 * (alpha * (1 - alpha) / n) ** 0.5
