@@ -24,6 +24,11 @@ Messages: ``SendTokens`` tells the next level how the sender's sequence changed 
 receiver's resync requests the sender has answered (``sync_responses``); ``SendRollback`` is a resync request
 carrying the requester's sequence.
 
+Defaults: ``AsyncChainSpeculativeDecoder(draft_lookahead=0)``, ``ChainSpeculativeDecoder(draft_lookahead=5)``,
+``build_verify_inputs(max_verify_tokens=100)``. ``benchmark.py`` passes its ``--lookahead`` (default 5) to both;
+the repository's kept runs (``benchmark_results/humaneval``) ran the asynchronous chain at 0 and the synchronous
+one at 8 (3-model) or 1-20 (2-model).
+
 Synchronous chain (``ChainSpeculativeDecoder.generate``), one ``ReferenceLockstepLevel`` per model, in rounds:
 level 0 drafts while it is less than ``lookahead - 1`` tokens ahead of level 1; each middle level verifies its
 predecessor's tokens in one step (``build_verify_inputs``) and then drafts itself while it is less than
