@@ -30,7 +30,7 @@ from .study import VARIANT, load_study
 COLUMNS = ("machine", "chain", "strategy", "alpha", "ms_per_token", "tokens_per_s", "vs_baseline",
            "acceptance_rate", "drafted_accepted", "generated_tokens", "target_steps", "target_step_tokens")
 RATIO_SIZES = (8, 32, 100)  # verification sizes whose cost the report compares with a single-token step
-STRATEGIES = ("PipeSpec reference", "PipeSpec capped", "sync chain", "autoregressive")
+STRATEGIES = ("PipeSpec reference", "reference, no handshake", "PipeSpec capped", "sync chain", "autoregressive")
 BASELINE = "autoregressive"
 
 
@@ -142,7 +142,7 @@ def _fmt_alpha_range(alphas: Sequence[float]) -> str:
 def findings(table: pd.DataFrame, spec: dict[str, Any], ratios: dict[str, dict[int, float]]) -> list[str]:
     """One sentence per (machine, chain) and one per machine, computed from the table."""
     out = []
-    reference, capped, sync = STRATEGIES[:3]
+    reference, no_handshake, capped, sync = STRATEGIES[:4]
     for (machine, chain), rows in table.groupby(["machine", "chain"], sort=False):
         ref = rows[rows["strategy"] == reference].set_index("alpha")["vs_baseline"]
         holds = [a for a, v in ref.items() if v >= 1.0]
@@ -160,7 +160,12 @@ def findings(table: pd.DataFrame, spec: dict[str, Any], ratios: dict[str, dict[i
         at = rows.set_index(["strategy", "alpha"])["vs_baseline"]
         alpha = 0.7 if 0.7 in ref.index else ref.index[len(ref) // 2]
         text += (f"; at alpha {alpha:g} it runs {at[(reference, alpha)]:.2f}x autoregressive speed, the capped "
-                 f"variant {at[(capped, alpha)]:.2f}x and the synchronous chain {at[(sync, alpha)]:.2f}x.")
+                 f"variant {at[(capped, alpha)]:.2f}x and the synchronous chain {at[(sync, alpha)]:.2f}x")
+        free = rows[rows["strategy"] == no_handshake].set_index("alpha")["vs_baseline"]
+        slower = [a for a, v in free.items() if v < 1.0]
+        text += ("; without the handshake it is never slower than autoregressive" if not slower else
+                 f"; without the handshake it is slower than autoregressive at alpha {_fmt_alpha_range(slower)}")
+        text += f" ({free.min():.3f}x-{free.max():.2f}x)."
         out.append(text)
     for machine, by_size in ratios.items():
         rows = table[(table["machine"] == machine) & (table["strategy"] == reference)]
