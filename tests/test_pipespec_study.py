@@ -115,3 +115,12 @@ def test_kept_published_comparison_is_current():
     assert list(kept["run"]) == list(now["run"])
     for a, b in zip(kept["simulated_ms_per_token"], now["simulated_ms_per_token"], strict=True):
         assert math.isclose(a, b, rel_tol=1e-6)
+
+
+def test_the_generic_sweep_reads_the_pipespec_study(tmp_path):
+    """Its variants set strategy.handshake (a boolean) in some points only: the sweep's table stays one type."""
+    from pipesim import cli
+
+    assert cli.main(["sweep", str(ROOT / KEPT.study), "--out", str(tmp_path / "sweep"), "--quiet", "-j", "1"]) == 0
+    table = pd.read_parquet(tmp_path / "sweep" / "results.parquet")
+    assert set(table["value.strategy.handshake"]) == {"false", "null"}
