@@ -342,8 +342,16 @@ class StrategyConfig(_Strict):
     n_partitions: int = Field(1000, ge=1, description="pipeinfer: KV partitions in the pool")
     early_cancellation: bool = Field(True, description="pipeinfer/speed: cancel invalidated runs")
     exit_layer: int = Field(8, ge=0, description="speed: layer whose hidden state predicts the next token")
-    lookahead: int = Field(8, ge=1, le=256, description="pipespec: tokens a model may run ahead of the next one")
-    max_verify: int = Field(16, ge=1, le=256, description="pipespec: most candidates verified in one run")
+    lookahead: int | None = Field(
+        None, ge=0, le=256, description="pipespec reference: a model verifies once the one before it holds "
+        "lookahead-1 tokens more (0: whenever; default 0, pipespec-sync 5, as decoding.py); capped / verify-only: "
+        "how far a model may run ahead of the next one (>= 1, default 8)")
+    max_verify: int | None = Field(
+        None, ge=1, le=256, description="pipespec reference: most tokens a verification feeds, its last verified "
+        "token included (max_verify_tokens, default 100); capped / verify-only: most candidates (default 16)")
+    handshake: bool | None = Field(
+        None, description="pipespec reference: a verifier waits for the model before it to resync before its "
+        "next step (decoding.py sync_requests/sync_responses; default true)")
 
     @model_validator(mode="after")
     def _check_variant(self) -> StrategyConfig:
@@ -351,7 +359,27 @@ class StrategyConfig(_Strict):
         if self.variant not in allowed:
             raise ValueError(f"strategy.variant={self.variant!r} is not a variant of {self.name!r} "
                              f"(one of: {', '.join(allowed)})")
+        if self.name in CHAIN_STRATEGIES:
+            reference = self.variant == "reference"
+            if not reference and self.lookahead == 0:
+                raise ValueError(f"strategy.lookahead=0 needs the reference variant ({self.name} "
+                                 f"variant={self.variant!r} caps the run-ahead: lookahead >= 1)")
+            if self.handshake is not None and not (reference and self.name == "pipespec"):
+                raise ValueError(f"strategy.handshake={self.handshake} applies to pipespec's reference variant only "
+                                 f"(not {self.name} variant={self.variant!r})")
         return self
+
+    def chain_knobs(self) -> dict[str, Any]:
+        """PipeSpec's knobs with the variant's defaults filled in (explicit fields win)."""
+        reference = self.variant == "reference"
+        lookahead, max_verify = ((0 if self.name == "pipespec" else 5), 100) if reference else (8, 16)
+        knobs: dict[str, Any] = {
+            "lookahead": lookahead if self.lookahead is None else self.lookahead,
+            "max_verify": max_verify if self.max_verify is None else self.max_verify,
+            "variant": self.variant}
+        if reference and self.name == "pipespec":
+            knobs["handshake"] = True if self.handshake is None else self.handshake
+        return knobs
 
     def params(self) -> dict[str, Any]:
         """Constructor parameters of the selected strategy."""
@@ -362,7 +390,7 @@ class StrategyConfig(_Strict):
                     "max_runs_in_flight": self.max_runs_in_flight, "n_partitions": self.n_partitions,
                     "early_cancellation": self.early_cancellation}
         if self.name in ("pipespec", "pipespec-sync"):
-            return {"lookahead": self.lookahead, "max_verify": self.max_verify}
+            return self.chain_knobs()
         if self.name == "speed":
             return {"exit_layer": self.exit_layer, "max_runs_in_flight": self.max_runs_in_flight,
                     "n_partitions": self.n_partitions, "early_cancellation": self.early_cancellation}

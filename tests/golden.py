@@ -33,6 +33,14 @@ CASES: list[tuple[str, str, list[str]]] = [
     ("pipespec-3model", "scenarios/pipespec-3model.yaml", []),
     ("pipespec-3model-sync", "scenarios/pipespec-3model.yaml", ["strategy.name=pipespec-sync"]),
     ("tiny-chain", "scenarios/local-tiny-chain.yaml", []),
+    # the earlier PipeSpec semantics by name: these reproduce the entries the three cases above had before the
+    # reference variants became the default
+    ("pipespec-3model-capped", "scenarios/pipespec-3model.yaml",
+     ["strategy.variant=capped", "strategy.lookahead=16", "strategy.max_verify=8"]),
+    ("pipespec-3model-sync-verify-only", "scenarios/pipespec-3model.yaml",
+     ["strategy.name=pipespec-sync", "strategy.variant=verify-only", "strategy.lookahead=16", "strategy.max_verify=8"]),
+    ("tiny-chain-capped", "scenarios/local-tiny-chain.yaml",
+     ["strategy.variant=capped", "strategy.lookahead=4", "strategy.max_verify=8"]),
 ]
 
 METRIC_KEYS = ("generated_tokens", "tokens_per_s", "e2e_tokens_per_s", "ttft_s", "acceptance_rate",

@@ -236,7 +236,8 @@ class RankRuntime:
 
             # a run verified at the end may check drafted tokens past the last one generated
             strategy = scenario.strategy
-            margin = max(strategy.gamma, strategy.micro_batch, strategy.lookahead + strategy.max_verify) + 2
+            knobs = strategy.chain_knobs()
+            margin = max(strategy.gamma, strategy.micro_batch, knobs["lookahead"] + knobs["max_verify"]) + 2
             key = (plan.target.key, tuple(prompt), n_generate + margin, stop_tokens)
             if key not in self._references:
                 self._references[key] = reference_continuation(store.full_model(plan.target), prompt,

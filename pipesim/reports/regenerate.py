@@ -28,9 +28,13 @@ class KeptReport:
     study: str  # relative to the repository root
     report: str  # relative to the repository root
     failed_points: bool = False  # the study holds points that fail on purpose (e.g. a model that does not fit)
+    module: str = "pipesim.cli"  # the module that runs its commands (a study with a report of its own: its module)
+    more_studies: tuple[str, ...] = ()  # such a module's further study files
 
     def commands(self, work: Path) -> list[list[str]]:
-        """The ``pipesim`` command lines (without the program name) that regenerate it."""
+        """The command lines (without ``python -m MODULE``) that regenerate it."""
+        if self.module != "pipesim.cli":
+            return [[self.study, *self.more_studies, "--out", self.report]]
         sweep_dir = str(work / self.name)
         return [["sweep", self.study, "--out", sweep_dir, "--force", "--quiet"],
                 ["report", sweep_dir, "--out", self.report]]
@@ -39,6 +43,8 @@ class KeptReport:
 KEPT_REPORTS: tuple[KeptReport, ...] = (
     KeptReport("bandwidth", "scenarios/studies/bandwidth.yaml", "reports/bandwidth"),
     KeptReport("cluster-70b", "scenarios/studies/cluster-70b.yaml", "reports/cluster-70b", failed_points=True),
+    KeptReport("pipespec", "scenarios/studies/pipespec.yaml", "reports/pipespec",
+               module="pipesim.reports.pipespec_study", more_studies=("scenarios/studies/pipespec-cpu.yaml",)),
 )
 
 
@@ -55,9 +61,10 @@ def regenerate(names: Sequence[str] = (), work: Path = Path("runs/regenerate"), 
     try:
         for kept in [known[n] for n in names] or list(KEPT_REPORTS):
             for argv in kept.commands(work):
-                ran.append("pipesim " + " ".join(argv))
+                program = "pipesim" if kept.module == "pipesim.cli" else f"python -m {kept.module}"
+                ran.append(f"{program} " + " ".join(argv))
                 print(ran[-1], file=sys.stderr, flush=True)
-                status = subprocess.run([sys.executable, "-m", "pipesim.cli", *argv], check=False).returncode
+                status = subprocess.run([sys.executable, "-m", kept.module, *argv], check=False).returncode
                 if status != 0 and not (status == 1 and argv[0] == "sweep" and kept.failed_points):
                     raise RuntimeError(f"`{ran[-1]}` exited with status {status}")
     finally:

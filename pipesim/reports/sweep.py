@@ -138,7 +138,8 @@ def point_fields(point: Point, key: str, study: Study, document: dict[str, Any] 
             column = value_column(k)
             if column not in row:
                 value = get_dotted(document, k)
-                row[column] = value if isinstance(value, int | float | str) else json.dumps(value)
+                plain = isinstance(value, int | float | str) and not isinstance(value, bool)  # True next to "null"
+                row[column] = value if plain else json.dumps(value)  # would give a column of mixed types
     return row
 
 

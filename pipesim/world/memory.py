@@ -54,7 +54,7 @@ def kv_cells(scenario: Any) -> int:
     elif name == "speculative":
         speculative = strategy.gamma
     elif name in ("pipespec", "pipespec-sync"):
-        speculative = strategy.lookahead
+        speculative = strategy.chain_knobs()["lookahead"]
     else:
         speculative = 0
     return workload.prompt_tokens + workload.generate_tokens + min(speculative, workload.generate_tokens)
@@ -100,8 +100,8 @@ def memory_plan(scenario: Any) -> list[NodeMemory]:
     cells = kv_cells(scenario)
     run_tokens = scenario.workload.prompt_tokens  # the prefill is the largest run
     strategy = scenario.strategy
-    outputs = 1 + max(strategy.gamma, strategy.micro_batch, strategy.max_verify if strategy.name.startswith(
-        "pipespec") else 0)  # most logits one run returns
+    outputs = 1 + max(strategy.gamma, strategy.micro_batch, strategy.chain_knobs()["max_verify"]
+                      if strategy.name.startswith("pipespec") else 0)  # most logits one run returns
     # (model, its nodes, its layer split, whether it is the target)
     if strategy.name in ("pipespec", "pipespec-sync"):
         specs = models.chain_specs()

@@ -11,6 +11,13 @@ its neighbours only by messages, so an engine can place each level on its own no
 - a rejection at level i sends its corrected sequence upstream: each upstream level adopts it (rolls back),
   drops its in-flight work (its epoch changes) and passes it further up.
 
+These are the ``capped`` (asynchronous) and ``verify-only`` (synchronous) variants: pipesim's earlier semantics,
+kept by name. The default ``reference`` variants, as BradMcDanel/pipespec's ``decoding.py`` runs them (lookahead
+as a threshold, 0 allowed; level 0 uncapped; single-token steps on empty buffers at every level; the 100-token
+window; the blocking resync handshake; middle models that draft in the synchronous chain), are in
+``pipespec_reference``. Known departure of ``capped``: a verifier keeps candidates drafted after a token it
+rejected and may accept them (issue 19); the reference variants never verify such a candidate.
+
 ``LockstepLevel`` is the synchronous baseline: the chain runs in rounds. The target starts a round by sending its
 sequence to every level; level 0 drafts ``lookahead`` tokens; each level verifies its predecessor's round in one
 run and hands on what it keeps; the target verifies, commits, and starts the next round.
@@ -90,11 +97,12 @@ class _ChainLevel(Strategy):
 
     one_run_in_flight = True
     expects_messages = True
+    min_lookahead = 1  # the reference variants take 0 ("verify whenever")
 
     def __init__(self, level: int, n_levels: int, prompt: Sequence[int], n_generate: int, run_ids,
                  lookahead: int, max_verify: int, stop_tokens: Sequence[int]) -> None:
-        if lookahead < 1:
-            raise ValueError(f"lookahead must be >= 1, got {lookahead}")
+        if lookahead < self.min_lookahead:
+            raise ValueError(f"lookahead must be >= {self.min_lookahead} for {type(self).__name__}, got {lookahead}")
         if max_verify < 1:
             raise ValueError(f"max_verify must be >= 1, got {max_verify}")
         self.level = level
@@ -341,26 +349,53 @@ class LockstepLevel(_ChainLevel):
         return [SendTokens(self.level + 1, self.epoch, start, tuple(tokens), round=self._round)]
 
 
+def _level_class(synchronous: bool, variant: str | None) -> type[_ChainLevel]:
+    """The level class of a chain: ``reference`` as BradMcDanel/pipespec runs it (``pipespec_reference``),
+    ``capped`` (asynchronous) / ``verify-only`` (synchronous), or None, the earlier pipesim semantics of this
+    module."""
+    from .pipespec_reference import ReferenceLevel, ReferenceLockstepLevel
+
+    if variant == "reference":
+        return ReferenceLockstepLevel if synchronous else ReferenceLevel
+    expected = "verify-only" if synchronous else "capped"
+    if variant not in (None, expected):
+        raise ValueError(f"variant {variant!r} is not a variant of {'pipespec-sync' if synchronous else 'pipespec'} "
+                         f"(reference, {expected})")
+    return LockstepLevel if synchronous else PipeSpecLevel
+
+
+def _knobs(cls: type[_ChainLevel], handshake: bool | None) -> dict:
+    if handshake is None:
+        return {}
+    if not getattr(cls, "takes_handshake", False):
+        raise ValueError(f"handshake applies to the reference asynchronous chain only, not {cls.__name__}")
+    return {"handshake": handshake}
+
+
 def make_pipespec_chain(prompt: Sequence[int], n_generate: int, n_levels: int, lookahead: int = 8,
                         max_verify: int = 16, synchronous: bool = False,
-                        stop_tokens: Sequence[int] = ()) -> list[_ChainLevel]:
+                        stop_tokens: Sequence[int] = (), variant: str | None = None,
+                        handshake: bool | None = None) -> list[_ChainLevel]:
     """The levels of a chain (level 0 the smallest draft, the last the target), sharing one run-id counter.
 
     Engines drive every level with its own ``HeadDriver`` and route each level's messages to the level they
-    name (``to_level``). ``synchronous=True`` builds the lockstep baseline.
+    name (``to_level``). ``synchronous=True`` builds the lockstep baseline; ``variant`` picks the semantics
+    (``_level_class``); ``handshake``: the reference asynchronous chain's blocking resync (default on).
     """
     if n_levels < 2:
         raise ValueError(f"a PipeSpec chain needs at least 2 models, got {n_levels}")
     run_ids = itertools.count(1)
-    cls = LockstepLevel if synchronous else PipeSpecLevel
-    return [cls(i, n_levels, prompt, n_generate, run_ids, lookahead, max_verify, stop_tokens)
+    cls = _level_class(synchronous, variant)
+    knobs = _knobs(cls, handshake)
+    return [cls(i, n_levels, prompt, n_generate, run_ids, lookahead, max_verify, stop_tokens, **knobs)
             for i in range(n_levels)]
 
 
 def make_level(level: int, n_levels: int, prompt: Sequence[int], n_generate: int, lookahead: int = 8,
-               max_verify: int = 16, synchronous: bool = False, stop_tokens: Sequence[int] = ()) -> _ChainLevel:
+               max_verify: int = 16, synchronous: bool = False, stop_tokens: Sequence[int] = (),
+               variant: str | None = None, handshake: bool | None = None) -> _ChainLevel:
     """One level of a chain on its own (an engine process per level): its run ids form the arithmetic progression
     ``level + 1, level + 1 + n_levels, ...``, unique across the chain without a shared counter."""
-    cls = LockstepLevel if synchronous else PipeSpecLevel
+    cls = _level_class(synchronous, variant)
     return cls(level, n_levels, prompt, n_generate, itertools.count(level + 1, n_levels), lookahead, max_verify,
-               stop_tokens)
+               stop_tokens, **_knobs(cls, handshake))
