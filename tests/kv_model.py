@@ -101,8 +101,12 @@ class _Head(HeadDriver):
         self.engine.rollbacks += type(message).__name__ == "SendRollback"
 
     def begin_draft(self, request) -> _DraftTask:
-        return _DraftTask(request, self.engine.draft.propose(len(request.context), request.n_tokens,
-                                                             request.committed_len))
+        draft = self.engine.draft
+        confident = getattr(draft, "propose_confident", None)  # a draft that reports confidences stops below
+        if confident is not None:  # the request's threshold
+            return _DraftTask(request, confident(len(request.context), request.n_tokens, request.committed_len,
+                                                 request.min_confidence))
+        return _DraftTask(request, draft.propose(len(request.context), request.n_tokens, request.committed_len))
 
     def end_draft(self, task) -> None:
         pass
