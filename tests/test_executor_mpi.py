@@ -208,7 +208,12 @@ def test_emulated_protocol_on_8_ranks_matches_the_synthetic_target(tmp_path):
     scenario.write_text(EMULATED)
     variants = ["strategy.name=iterative", "strategy.name=speculative", "strategy.name=pipeinfer",
                 "strategy.name=pipeinfer;executor.link_emulation=true;network.bandwidth=1Gbit/s;head.return_mode=topk",
-                "strategy.name=speculative;executor.link_emulation=true;head.return_mode=ids"]
+                "strategy.name=speculative;executor.link_emulation=true;head.return_mode=ids",
+                # PipeInfer's continuous variant, and each reference switch on it alone
+                "strategy.name=pipeinfer;strategy.variant=continuous",
+                "strategy.name=pipeinfer;strategy.variant=continuous;strategy.pipeinfer_run_pattern=reference",
+                "strategy.name=pipeinfer;strategy.variant=continuous;strategy.pipeinfer_head_priority=run",
+                "strategy.name=pipeinfer;strategy.variant=continuous;strategy.pipeinfer_sync_prefill=true"]
     entries = run_job(scenario, 8, variants, tmp_path)
     baseline = entries[0]["metrics"]["output_tokens"]
     for entry in entries:

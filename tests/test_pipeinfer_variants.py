@@ -64,6 +64,23 @@ def test_variants_exact_with_depth_dependent_drafts_and_small_pools(variant, see
         assert result.checked_contexts >= 50
 
 
+@pytest.mark.parametrize("variant", ["reference", "continuous"])
+def test_speculation_never_outgrows_the_kv_cache_even_when_cancelled_runs_compute(variant):
+    # 16 prompt + 24 generated + 2 headroom cells; every cancelled run is computed anyway (the worst case for
+    # cells). A surviving run's partition, and those copied from it, hold their own cell at the position of the
+    # next single-token run, which the reference removes first (begin_async_run): without that removal 6 of these
+    # 200 runs overflow by a cell
+    for seed in range(200):
+        alpha = (0.7, 0.9, 1.0)[seed % 3]
+        tokens = SyntheticTokens(vocab_size=97, seed=seed)
+        draft = OracleDraft(tokens, AcceptanceModel("iid", alpha, prompt_len=16, seed=seed))
+        strategy = make_strategy("pipeinfer", [tokens.token(p) for p in range(16)], 24, {"variant": variant})
+        strategy.kv_capacity = 16 + 24 + 2
+        result = drive(strategy, tokens, draft, random.Random(seed), p_late=1.0)
+        assert result.output == result.truth
+        assert result.max_cells <= 42, (seed, alpha)
+
+
 class _ConfidentDraft:
     """A fake draft that reports a confidence per token: high where the oracle is right, low where it is wrong
     (deterministic per position), and stops before a token below the request's threshold."""
@@ -277,3 +294,14 @@ def test_cancelled_runs_travel_whole_in_the_reference_and_as_headers_when_switch
     for r in skipped:  # the same frame as when the run was computed
         if r.run_id in computed:
             assert r.nbytes == computed[r.run_id]
+
+
+@pytest.mark.parametrize("exit_layer", [None, 3])
+def test_the_executor_frame_carries_the_transaction_count(exit_layer):
+    from pipesim.executor.protocol import RunMessage, decode_run, encode_run
+    from pipesim.scheduling import KVOp
+
+    msg = RunMessage(7, (1, 2), (5, 6), (3,), 0, (KVOp("rm", 2, p0=4, p1=5),), exit_layer=exit_layer,
+                     kv_transactions=2005)
+    assert decode_run(encode_run(msg)) == msg
+    assert decode_run(encode_run(msg.skipped())).kv_transactions == 2005  # a header still carries them

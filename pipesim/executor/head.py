@@ -22,7 +22,7 @@ from ..trace import Record
 from .backend import StageBackend
 from .clock import Clock
 from .drafts import Drafter, DraftTask
-from .emulation import sleep_until
+from .emulation import charge_kv_transactions, sleep_until
 from .errors import ExecutorTimeout, InjectedFault
 from .messaging import Messenger
 from .protocol import (
@@ -64,8 +64,10 @@ class Head:
                  backend: StageBackend, drafter: Drafter | None, messenger: Messenger, clock: Clock,
                  records: list[Record], node_name: str, deadline: float, verify_sleep: float = 0.0,
                  fault: bool = False, early_oracle: Callable[[int], int] | None = None,
-                 predict: Callable[[Run], list[int]] | None = None) -> None:
+                 predict: Callable[[Run], list[int]] | None = None, kv_transaction_time: float = 0.0) -> None:
         self.pipeline = list(pipeline)
+        self.kv_transaction_time = kv_transaction_time
+        self.records = records
         self.level_heads = list(level_heads)
         self.level = level
         self.is_target = level == len(self.level_heads) - 1
@@ -136,6 +138,7 @@ class Head:
     def drop(self, run: Run, send_header: bool) -> None:
         msg = RunMessage.of_run(run)
         self.backend.apply_kv_ops(msg.kv_ops)
+        charge_kv_transactions(msg, self.kv_transaction_time, self.clock.now, self.records, self.name)
         if self.fault:
             raise InjectedFault(f"injected fault at run {run.run_id} (executor.fault_rank={self.pipeline[0]})")
         if send_header:
@@ -194,6 +197,7 @@ class Head:
     def _launch(self, run: Run) -> None:
         msg = RunMessage.of_run(run)
         self.backend.apply_kv_ops(msg.kv_ops)
+        charge_kv_transactions(msg, self.kv_transaction_time, self.clock.now, self.records, self.name)
         if self.fault:
             raise InjectedFault(f"injected fault at run {run.run_id} (executor.fault_rank={self.pipeline[0]})")
         start = self.clock.now()

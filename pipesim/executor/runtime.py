@@ -134,11 +134,12 @@ class RankRuntime:
                                        level.index if len(plan.pipelines) > 1 else None, capacity)[0]
             head = Head(strategy, level.ranks, level_heads, level.index, backend, parts.drafter, messenger,
                         self.clock, records, plan.node_names[rank], deadline, parts.verify_sleep, fault,
-                        parts.early_oracle, parts.predict)
+                        parts.early_oracle, parts.predict, scenario.cluster.kv_transaction_time)
             outcome = head.run(self.progress if level.is_target else None)
         else:
             Worker(rank, self.size, backend, messenger, self.clock, records, plan.node_names[rank], deadline,
-                   fault=fault, pipeline=level.ranks, level=level.index).run()
+                   fault=fault, pipeline=level.ranks, level=level.index,
+                   kv_transaction_time=scenario.cluster.kv_transaction_time).run()
         dropped = messenger.drain(deadline)
         if rank != 0:
             report = {"records": [tuple(r) for r in records], "kv_max_cells": getattr(backend, "max_cells", 0),

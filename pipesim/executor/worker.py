@@ -16,6 +16,7 @@ from ..scheduling.stage import ACTIVATIONS, HEADER, PREDICTIONS, StageMachine
 from ..trace import Record
 from .backend import StageBackend
 from .clock import Clock
+from .emulation import charge_kv_transactions
 from .errors import InjectedFault
 from .messaging import Messenger
 from .protocol import (
@@ -43,8 +44,9 @@ class Worker:
 
     def __init__(self, rank: int, n_ranks: int, backend: StageBackend, messenger: Messenger, clock: Clock,
                  records: list[Record], node_name: str, deadline: float, fault: bool = False,
-                 pipeline: Sequence[int] | None = None, level: int = 0) -> None:
+                 pipeline: Sequence[int] | None = None, level: int = 0, kv_transaction_time: float = 0.0) -> None:
         self.rank = rank
+        self.kv_transaction_time = kv_transaction_time
         pipeline = list(range(n_ranks)) if pipeline is None else list(pipeline)
         index = pipeline.index(rank)  # its stage in the pipeline (the rank itself by default)
         self.head = pipeline[0]
@@ -95,6 +97,7 @@ class Worker:
     def _process(self, msg: RunMessage, computed: bool, activations: np.ndarray | None) -> None:
         machine = self.machine
         self.backend.apply_kv_ops(msg.kv_ops)
+        charge_kv_transactions(msg, self.kv_transaction_time, self.clock.now, self.records, self.name)
         if self.fault:
             raise InjectedFault(f"injected fault at run {msg.run_id} (executor.fault_rank={self.rank})")
         self._pump()  # a cancellation that came in while this run was received counts before the forward

@@ -301,6 +301,11 @@ class PipeInferStrategy(Strategy):
         actions.extend(self._check_for_cancel(len(self.sequence) - 1))
         self._epoch += 1  # speculation restarts from the committed point
         self._drafted.clear()
+        # begin_async_run (non-speculative) first removes every sequence's cell at the run's position: a
+        # surviving run's partition (and the partitions copied from it) hold their own cell there
+        q = len(self.sequence) - 1
+        for partition in self.pool.in_use:
+            self._queue_kv(KVOp("rm", partition, p0=q, p1=q + 1))
         actions.append(self._launch_nonspec())
         return actions
 
