@@ -28,9 +28,12 @@ class KeptReport:
     study: str  # relative to the repository root
     report: str  # relative to the repository root
     failed_points: bool = False  # the study holds points that fail on purpose (e.g. a model that does not fit)
+    module: str | None = None  # a report built by its own module (``python -m MODULE --out REPORT``)
 
     def commands(self, work: Path) -> list[list[str]]:
         """The ``pipesim`` command lines (without the program name) that regenerate it."""
+        if self.module is not None:
+            return [["-m", self.module, "--out", self.report]]
         sweep_dir = str(work / self.name)
         return [["sweep", self.study, "--out", sweep_dir, "--force", "--quiet"],
                 ["report", sweep_dir, "--out", self.report]]
@@ -39,6 +42,8 @@ class KeptReport:
 KEPT_REPORTS: tuple[KeptReport, ...] = (
     KeptReport("bandwidth", "scenarios/studies/bandwidth.yaml", "reports/bandwidth"),
     KeptReport("cluster-70b", "scenarios/studies/cluster-70b.yaml", "reports/cluster-70b", failed_points=True),
+    KeptReport("pipeinfer-reference", "scenarios/studies/pipeinfer-reference.yaml", "reports/pipeinfer-reference",
+               module="pipesim.reports.pipeinfer_reference"),
 )
 
 
@@ -55,9 +60,11 @@ def regenerate(names: Sequence[str] = (), work: Path = Path("runs/regenerate"), 
     try:
         for kept in [known[n] for n in names] or list(KEPT_REPORTS):
             for argv in kept.commands(work):
-                ran.append("pipesim " + " ".join(argv))
+                own = argv[0] == "-m"
+                ran.append(("python " if own else "pipesim ") + " ".join(argv))
                 print(ran[-1], file=sys.stderr, flush=True)
-                status = subprocess.run([sys.executable, "-m", "pipesim.cli", *argv], check=False).returncode
+                command = [sys.executable, *argv] if own else [sys.executable, "-m", "pipesim.cli", *argv]
+                status = subprocess.run(command, check=False).returncode
                 if status != 0 and not (status == 1 and argv[0] == "sweep" and kept.failed_points):
                     raise RuntimeError(f"`{ran[-1]}` exited with status {status}")
     finally:
