@@ -305,3 +305,21 @@ def test_the_executor_frame_carries_the_transaction_count(exit_layer):
                      kv_transactions=2005)
     assert decode_run(encode_run(msg)) == msg
     assert decode_run(encode_run(msg.skipped())).kv_transactions == 2005  # a header still carries them
+
+
+def test_a_profiles_kv_transaction_term_replaces_the_scenarios(tmp_path):
+    from pipesim.world.profile import HardwareProfile
+
+    base = Path(__file__).resolve().parent.parent / "reports" / "calibration" / "profile-tiny-emulated-4.yaml"
+    profile = HardwareProfile.load(base)
+    for coefficients in profile.nodes.values():
+        coefficients.kv_transaction = 40e-6
+    path = profile.save(tmp_path / "profile.yaml")
+    tiny = Path(__file__).resolve().parent.parent / "scenarios" / "local-tiny.yaml"
+    sets = ["cluster.count=4", "executor.compute=emulated", "cluster.kv_transaction_time=1us"]
+    trace = simulate(load_scenario(tiny, [*sets, f"cluster.profile={path}"]))
+    kv = [r for r in trace.records if r.kind == "compute" and r.what == "kv"]
+    # the profile's ranks share a host: a transaction costs 40 us alone, more while a host-mate computes
+    per_transaction = [(r.t1 - r.t0) / r.n_tokens for r in kv]
+    assert min(per_transaction) == pytest.approx(40e-6, rel=1e-9)
+    assert all(t >= 40e-6 * (1 - 1e-9) for t in per_transaction)

@@ -20,6 +20,7 @@ from ..scheduling import make_strategies
 from ..trace import Record, Trace
 from ..world.acceptance import SyntheticTokens, level_predictor
 from ..world.build import World, build_world
+from ..world.profile import kv_transaction_time
 from .affinity import local_rank
 from .backend import StageBackend
 from .clock import Clock, sync_clocks
@@ -128,18 +129,19 @@ class RankRuntime:
         messenger = Messenger(self.data_comm, self.clock, plan.node_names, records, link, poll)
         fault = ex.fault_rank == rank
         outcome = None
+        kv_time = kv_transaction_time(world.profile, plan.node_names[rank], scenario.cluster.kv_transaction_time)
         if is_head:
             strategy = make_strategies(scenario.strategy.name, parts.prompt, scenario.workload.generate_tokens,
                                        scenario.strategy.params(), parts.stop_tokens, len(plan.pipelines),
                                        level.index if len(plan.pipelines) > 1 else None, capacity)[0]
             head = Head(strategy, level.ranks, level_heads, level.index, backend, parts.drafter, messenger,
                         self.clock, records, plan.node_names[rank], deadline, parts.verify_sleep, fault,
-                        parts.early_oracle, parts.predict, scenario.cluster.kv_transaction_time)
+                        parts.early_oracle, parts.predict, kv_time)
             outcome = head.run(self.progress if level.is_target else None)
         else:
             Worker(rank, self.size, backend, messenger, self.clock, records, plan.node_names[rank], deadline,
                    fault=fault, pipeline=level.ranks, level=level.index,
-                   kv_transaction_time=scenario.cluster.kv_transaction_time).run()
+                   kv_transaction_time=kv_time).run()
         dropped = messenger.drain(deadline)
         if rank != 0:
             report = {"records": [tuple(r) for r in records], "kv_max_cells": getattr(backend, "max_cells", 0),

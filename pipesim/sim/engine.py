@@ -40,6 +40,7 @@ from ..trace import Trace
 from ..world.acceptance import level_predictor
 from ..world.build import Pipeline, World, build_world
 from ..world.network import LinkDirection
+from ..world.profile import kv_transaction_time
 from .host_cpu import SharedHosts
 from .polling import PollBackoff
 
@@ -177,6 +178,8 @@ class SimulationEngine:
         self.acceptance = world.acceptance()
         self.draft = world.oracle_draft(self.acceptance)
         self.hosts = SharedHosts(self.env, world.host_of, world.concurrent_slowdown)
+        self.kv_time = [kv_transaction_time(world.profile, name, scenario.cluster.kv_transaction_time)
+                        for name in self.node_names]  # per relayed KV transaction, by node
         self.records: list[tuple] = []  # plain tuples in Record's field order (fast); Records at the end
         self._head_iterations = 0
         self.finished = self.env.event()
@@ -438,7 +441,7 @@ class SimulationEngine:
     def _kv_transactions(self, node: int, run: Run):
         """The relayed KV transactions ahead of ``run`` (PipeInfer's reference): one event for all of them."""
         start = self.env.now
-        yield from self.hosts.compute(node, run.kv_transactions * self.scenario.cluster.kv_transaction_time)
+        yield from self.hosts.compute(node, run.kv_transactions * self.kv_time[node])
         self.records.append((COMPUTE, start, self.env.now, self.node_names[node], run.run_id, run.kv_transactions,
                              0.0, 0, 0, "kv", -1, 0, False, False))  # busy, not target compute
 
