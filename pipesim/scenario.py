@@ -370,8 +370,15 @@ class StrategyConfig(_Strict):
                                                                 "run of one speculation loop (speculative.cpp)")
     p_decay: float = Field(0.0, ge=0.0, le=1.0, description="pipeinfer: p_adjust falls by this per draft that "
                                                              "stopped before its first token (speculative.cpp)")
-    n_parallel: int = Field(1, ge=1, le=1, description="pipeinfer: draft branches (token trees); only 1 (a linear "
-                                                        "draft) is modelled")
+    n_parallel: int = Field(1, ge=1, description="pipeinfer: draft branches (token trees); only 1 (a linear "
+                                                  "draft) is modelled")
+
+    @field_validator("n_parallel")
+    @classmethod
+    def _linear_draft(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("token trees (n_parallel > 1, p_split) are not modelled: only 1, a linear draft")
+        return n
 
     @model_validator(mode="after")
     def _check_variant(self) -> StrategyConfig:
