@@ -28,6 +28,7 @@ from .messaging import Messenger
 from .protocol import (
     TAG_CANCEL,
     TAG_CHAIN,
+    TAG_DISCARD,
     TAG_EARLY,
     TAG_PRED,
     TAG_RUN,
@@ -166,6 +167,8 @@ class Head:
         self.messenger.poll()
         driver = self.driver
         while (envelope := self.messenger.take()) is not None:
+            if envelope.tag == TAG_DISCARD:  # the full logits of a run nobody computed: read, then dropped
+                continue
             if envelope.tag == TAG_PRED:
                 self._on_predictions(decode_predictions(envelope.body, envelope.payload))
             elif envelope.tag == TAG_EARLY:

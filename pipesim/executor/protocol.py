@@ -46,7 +46,8 @@ TAG_SETUP = 22
 TAG_READY = 23
 TAG_RECORDS = 24
 TAG_GO = 25  # chain: rank 0 tells the other level heads that every rank is ready
-DATA_TAGS = (TAG_RUN, TAG_PRED, TAG_CANCEL, TAG_EARLY, TAG_CHAIN)
+TAG_DISCARD = 27  # full logits of a run the last stage did not compute (PipeInfer's reference): the head drops them
+DATA_TAGS = (TAG_RUN, TAG_PRED, TAG_CANCEL, TAG_EARLY, TAG_CHAIN, TAG_DISCARD)
 PAYLOAD_OFFSET = 1  # a payload travels on tag + 1
 
 FRAME_PREFIX = 3
@@ -309,9 +310,16 @@ def describe(tag: int, body: np.ndarray, has_payload: bool) -> tuple[str, int]:
     if tag == TAG_RUN:
         run_id = int(body[0])
         stop = bool(int(body[1]) & STOP)
-        return ("stop" if stop else "activations" if has_payload else "header"), run_id
+        computed = bool(int(body[1]) & COMPUTED)
+        if stop:
+            return "stop", run_id
+        if has_payload:
+            return ("activations" if computed else "skipped-activations"), run_id
+        return "header", run_id
     if tag == TAG_PRED:
         return "predictions", int(body[0])
+    if tag == TAG_DISCARD:
+        return "skipped-predictions", int(body[0])
     if tag == TAG_CANCEL:
         return "cancel", -1
     if tag == TAG_EARLY:

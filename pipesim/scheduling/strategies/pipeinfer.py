@@ -50,6 +50,15 @@ PIPEINFER_VARIANT_SWITCHES: dict[str, dict[str, object]] = {
 }
 
 
+def resolve_switches(variant: str = "reference", **given: object) -> dict[str, object]:
+    """Every switch's setting: the variant's, overridden by each one ``given`` (not None)."""
+    if variant not in PIPEINFER_VARIANT_SWITCHES:
+        raise ValueError(f"variant must be one of {', '.join(PIPEINFER_VARIANT_SWITCHES)}, got {variant!r}")
+    switches = dict(PIPEINFER_VARIANT_SWITCHES[variant])
+    switches.update({key: value for key, value in given.items() if key in switches and value is not None})
+    return switches
+
+
 def reference_kv_transactions(n_partitions: int, n_parallel: int = 1) -> dict[str, int]:
     """Relayed KV transactions on the target context that ``speculative.cpp`` issues, by occasion.
 
@@ -99,12 +108,9 @@ class PipeInferStrategy(Strategy):
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
         if max_runs_in_flight is not None and max_runs_in_flight < 1:
             raise ValueError(f"max_runs_in_flight must be >= 1 or None, got {max_runs_in_flight}")
-        if variant not in PIPEINFER_VARIANT_SWITCHES:
-            raise ValueError(f"variant must be one of {', '.join(PIPEINFER_VARIANT_SWITCHES)}, got {variant!r}")
-        switches = dict(PIPEINFER_VARIANT_SWITCHES[variant])
-        given = {"run_pattern": run_pattern, "head_priority": head_priority, "sync_prefill": sync_prefill,
-                 "cancelled_traffic": cancelled_traffic, "kv_transactions": kv_transactions}
-        switches.update({key: value for key, value in given.items() if value is not None})
+        switches = resolve_switches(variant, run_pattern=run_pattern, head_priority=head_priority,
+                                    sync_prefill=sync_prefill, cancelled_traffic=cancelled_traffic,
+                                    kv_transactions=kv_transactions)
         self.variant = variant
         self.run_pattern: str = switches["run_pattern"]
         self.head_priority: str = switches["head_priority"]  # read by the driver
