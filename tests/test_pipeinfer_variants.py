@@ -323,3 +323,14 @@ def test_a_profiles_kv_transaction_term_replaces_the_scenarios(tmp_path):
     per_transaction = [(r.t1 - r.t0) / r.n_tokens for r in kv]
     assert min(per_transaction) == pytest.approx(40e-6, rel=1e-9)
     assert all(t >= 40e-6 * (1 - 1e-9) for t in per_transaction)
+
+
+@pytest.mark.parametrize("knobs", [{"early_cancellation": False}, {"max_runs_in_flight": 2},
+                                   {"max_runs_in_flight": 5, "micro_batch": 1}, {"n_partitions": 2},
+                                   {"p_recovery": 0.3, "p_decay": 0.2}])
+def test_the_reference_stays_exact_with_the_other_knobs(knobs):
+    for seed in range(6):
+        for alpha in (0.3, 0.8):
+            strategy, result = _drive(alpha, seed, **knobs)
+            assert result.output == result.truth, (knobs, seed, alpha)
+            assert strategy.pool.n_used == 0
