@@ -180,6 +180,10 @@ class ClusterConfig(_Strict):
     cost_model: Literal["roofline", "floor"] = Field(
         "roofline", description="roofline, or floor: the roofline plus a per-layer minimum time (kernel launches)")
     overhead_per_run: Duration = Field(0.0, description="fixed time a node spends per run it evaluates")
+    kv_transaction_time: Duration = Field(
+        10e-6, description="pipeinfer, kv_transactions=reference: time every stage spends on one relayed KV "
+                           "transaction (seq_rm/seq_cp: four small eager MPI messages per hop in ggml-mpi.c; an "
+                           "assumed 10us, not measured: set it from your cluster)")
     overrides: list[NodeOverride] = Field(default_factory=list)
     profile: str | None = Field(
         None, description="hardware profile from `pipesim calibrate` (fitted costs replace the roofline; "
@@ -352,6 +356,40 @@ class StrategyConfig(_Strict):
     handshake: bool | None = Field(
         None, description="pipespec reference: a verifier waits for the model before it to resync before its "
         "next step (decoding.py sync_requests/sync_responses; default true)")
+    # -- pipeinfer: each departure from the reference code is a switch; None takes the variant's setting
+    # (PIPEINFER_VARIANT_SWITCHES), so an ablation turns them on one at a time
+    pipeinfer_run_pattern: Literal["reference", "continuous"] | None = Field(
+        None, description="pipeinfer: 'reference' launches a single-token run after every verification that commits "
+                          "tokens and restarts speculation from there (speculative.cpp); 'continuous' keeps one "
+                          "chain going and launches a single-token run only when it breaks")
+    pipeinfer_head_priority: Literal["run", "step"] | None = Field(
+        None, description="pipeinfer: when the head looks for returned predictions: 'run' only between whole "
+                          "speculative runs (all draft steps and the head's own layers, as speculative.cpp), 'step' "
+                          "between single draft steps")
+    pipeinfer_sync_prefill: bool | None = Field(
+        None, description="pipeinfer: process the prompt before any speculation (speculative.cpp), else speculate "
+                          "during the prefill")
+    pipeinfer_cancelled_traffic: Literal["full", "header"] | None = Field(
+        None, description="pipeinfer: a cancelled run still travels as full activations and the last stage returns "
+                          "its full logits ('full', ggml-mpi.c), or goes on as a header only when it carries KV "
+                          "operations ('header')")
+    kv_transactions: Literal["reference", "compact"] | None = Field(
+        None, description="pipeinfer: charge every seq_rm/seq_cp the reference issues as its own transaction at "
+                          "every stage ('reference': thousands per verification, cluster.kv_transaction_time each), "
+                          "or carry the few operations needed in the next run's header for free ('compact')")
+    p_recovery: float = Field(0.0, ge=0.0, le=1.0, description="pipeinfer: p_adjust grows by this per speculative "
+                                                                "run of one speculation loop (speculative.cpp)")
+    p_decay: float = Field(0.0, ge=0.0, le=1.0, description="pipeinfer: p_adjust falls by this per draft that "
+                                                             "stopped before its first token (speculative.cpp)")
+    n_parallel: int = Field(1, ge=1, description="pipeinfer: draft branches (token trees); only 1 (a linear "
+                                                  "draft) is modelled")
+
+    @field_validator("n_parallel")
+    @classmethod
+    def _linear_draft(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("token trees (n_parallel > 1, p_split) are not modelled: only 1, a linear draft")
+        return n
 
     @model_validator(mode="after")
     def _check_variant(self) -> StrategyConfig:
@@ -388,7 +426,11 @@ class StrategyConfig(_Strict):
         if self.name == "pipeinfer":
             return {"micro_batch": self.micro_batch, "min_confidence": self.min_confidence,
                     "max_runs_in_flight": self.max_runs_in_flight, "n_partitions": self.n_partitions,
-                    "early_cancellation": self.early_cancellation}
+                    "early_cancellation": self.early_cancellation, "variant": self.variant,
+                    "run_pattern": self.pipeinfer_run_pattern, "head_priority": self.pipeinfer_head_priority,
+                    "sync_prefill": self.pipeinfer_sync_prefill,
+                    "cancelled_traffic": self.pipeinfer_cancelled_traffic, "kv_transactions": self.kv_transactions,
+                    "p_recovery": self.p_recovery, "p_decay": self.p_decay}
         if self.name in ("pipespec", "pipespec-sync"):
             return self.chain_knobs()
         if self.name == "speed":

@@ -101,8 +101,12 @@ class _Head(HeadDriver):
         self.engine.rollbacks += type(message).__name__ == "SendRollback"
 
     def begin_draft(self, request) -> _DraftTask:
-        return _DraftTask(request, self.engine.draft.propose(len(request.context), request.n_tokens,
-                                                             request.committed_len))
+        draft = self.engine.draft
+        confident = getattr(draft, "propose_confident", None)  # a draft that reports confidences stops below
+        if confident is not None:  # the request's threshold
+            return _DraftTask(request, confident(len(request.context), request.n_tokens, request.committed_len,
+                                                 request.min_confidence))
+        return _DraftTask(request, draft.propose(len(request.context), request.n_tokens, request.committed_len))
 
     def end_draft(self, task) -> None:
         pass
@@ -122,7 +126,7 @@ class _Head(HeadDriver):
         if run.run_id in self.stage_cancelled:
             # A cancelled run is skipped, or computed anyway (the cancel came late). Its context may be broken
             # (an earlier run of its chain was skipped), so it is not checked; it writes only its own partition.
-            if rng.random() < 0.3:
+            if rng.random() < self.engine.p_late:
                 kv.write(run)
                 self.predictions_arrived(run.run_id, self.engine.predict(self, run), run.n_outputs)
             return
@@ -169,6 +173,7 @@ class _Engine:
         self.early_exits: deque[tuple[_Head, int, int]] = deque()  # (head, run id, early prediction)
         self.finished = False
         self.steps = self.launched = self.n_cancelled = self.checked = self.max_cells = self.rollbacks = 0
+        self.p_late = 0.3  # how often a cancelled run is computed anyway (its cancel came late)
 
     def predict(self, head: _Head, run: Run) -> list[int]:
         accuracy = self.accuracies[head.level]
@@ -219,9 +224,11 @@ class _Engine:
 
 
 def drive(strategy: Strategy, tokens: SyntheticTokens, draft: OracleDraft, rng: random.Random,
-          max_steps: int = 2_000_000) -> DriveResult:
-    """Run ``strategy`` to completion against the synthetic target, checking every run's KV context."""
+          max_steps: int = 2_000_000, p_late: float = 0.3) -> DriveResult:
+    """Run ``strategy`` to completion against the synthetic target, checking every run's KV context
+    (``p_late``: how often a cancelled run in the pipeline is computed anyway)."""
     engine = _Engine(tokens, draft, [1.0], lambda p: 0.0)
+    engine.p_late = p_late
     head = _Head(engine, strategy, 0)
     engine.run([head], rng, max_steps)
     output = head.output

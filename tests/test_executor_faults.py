@@ -10,6 +10,7 @@ environment (``PIPESIM_LAUNCHER_PID``).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -188,7 +189,8 @@ def test_a_rank_that_times_out_names_whom_it_waited_for():
     assert code != 0
     head = [line for line in err.splitlines() if line.startswith("rank 0: ExecutorTimeout")]
     assert head, err
-    assert "predictions of runs [1," in head[0]  # rank 1 stopped at its first run: nothing ever came back
+    # rank 1 stopped at its first run (the prefill; PipeInfer's reference speculates only after it): nothing came back
+    assert re.search(r"predictions of runs \[1[,\]]", head[0]), head[0]
     assert "no message from any rank in" in head[0]
     assert f"pipesim run: error: rank 1 (pid {victim}) was stopped" in err
     assert_no_orphans(launcher.pid)

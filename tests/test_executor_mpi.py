@@ -208,7 +208,12 @@ def test_emulated_protocol_on_8_ranks_matches_the_synthetic_target(tmp_path):
     scenario.write_text(EMULATED)
     variants = ["strategy.name=iterative", "strategy.name=speculative", "strategy.name=pipeinfer",
                 "strategy.name=pipeinfer;executor.link_emulation=true;network.bandwidth=1Gbit/s;head.return_mode=topk",
-                "strategy.name=speculative;executor.link_emulation=true;head.return_mode=ids"]
+                "strategy.name=speculative;executor.link_emulation=true;head.return_mode=ids",
+                # PipeInfer's continuous variant, and each reference switch on it alone
+                "strategy.name=pipeinfer;strategy.variant=continuous",
+                "strategy.name=pipeinfer;strategy.variant=continuous;strategy.pipeinfer_run_pattern=reference",
+                "strategy.name=pipeinfer;strategy.variant=continuous;strategy.pipeinfer_head_priority=run",
+                "strategy.name=pipeinfer;strategy.variant=continuous;strategy.pipeinfer_sync_prefill=true"]
     entries = run_job(scenario, 8, variants, tmp_path)
     baseline = entries[0]["metrics"]["output_tokens"]
     for entry in entries:
@@ -217,6 +222,15 @@ def test_emulated_protocol_on_8_ranks_matches_the_synthetic_target(tmp_path):
         assert entry["trace"]["nodes"] == [f"n{i}" for i in range(8)]
     stages = {r[10] for r in entries[2]["trace"]["records"] if r[0] == "compute" and r[9] == "stage"}
     assert set(range(8)) <= stages
+    # PipeInfer's reference: runs a stage did not compute still travel whole, and their logits return; not so in
+    # the continuous variant
+    transfers = [r for r in entries[2]["trace"]["records"] if r[0] == "transfer"]
+    computed = {r[4]: r[6] for r in transfers if r[9] == "activations"}  # a run's frame is the same on every link
+    skipped = [r for r in transfers if r[9] == "skipped-activations"]
+    assert skipped and any(r[9] == "skipped-predictions" for r in transfers)
+    pairs = [(r[6], computed[r[4]]) for r in skipped if r[4] in computed]
+    assert pairs and all(a == b for a, b in pairs)
+    assert not any(r[9].startswith("skipped-") for r in entries[5]["trace"]["records"] if r[0] == "transfer")
     cancels_seen = {r[3] for r in entries[2]["trace"]["records"] if r[0] == "cancel_seen"}
     assert cancels_seen <= {f"n{k}" for k in range(1, 8)} and cancels_seen  # cancellations travel backwards
     # synchronous speculation launches the same runs in both engines: the counters mean the same in each

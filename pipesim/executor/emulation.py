@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..scenario import Scenario
+from ..trace import Record
 from ..world.acceptance import SyntheticTokens
 from ..world.build import build_world
 from ..world.costs import NodeProfile
@@ -27,6 +28,18 @@ def sleep_until(deadline: float, now: Callable[[], float]) -> None:
     """Sleep until ``now() >= deadline`` (absolute deadlines, so per-layer sleeps do not add up errors)."""
     while (remaining := deadline - now()) > 0:
         time.sleep(min(remaining, SLEEP_SLICE))
+
+
+def charge_kv_transactions(msg: RunMessage, seconds_each: float, now: Callable[[], float], records: list,
+                           where: str) -> None:
+    """PipeInfer's reference KV bookkeeping, emulated: the stage spends ``msg.kv_transactions`` x ``seconds_each``
+    (``cluster.kv_transaction_time``) before the run, as the simulator charges it, and records it as compute
+    ``kv``. The operations themselves stay the compact ones of ``msg.kv_ops``; no per-transaction messages."""
+    if not msg.kv_transactions or seconds_each <= 0:
+        return
+    start = now()
+    sleep_until(start + msg.kv_transactions * seconds_each, now)
+    records.append(Record("compute", start, now(), where, msg.run_id, msg.kv_transactions, what="kv"))
 
 
 class LinkEmulator:

@@ -22,12 +22,13 @@ from ..trace import Record
 from .backend import StageBackend
 from .clock import Clock
 from .drafts import Drafter, DraftTask
-from .emulation import sleep_until
+from .emulation import charge_kv_transactions, sleep_until
 from .errors import ExecutorTimeout, InjectedFault
 from .messaging import Messenger
 from .protocol import (
     TAG_CANCEL,
     TAG_CHAIN,
+    TAG_DISCARD,
     TAG_DRAFT,
     TAG_EARLY,
     TAG_PRED,
@@ -66,8 +67,10 @@ class Head:
                  backend: StageBackend, drafter: Drafter | RemoteDrafter | None, messenger: Messenger, clock: Clock,
                  records: list[Record], node_name: str, deadline: float, verify_sleep: float = 0.0,
                  fault: bool = False, early_oracle: Callable[[int], int] | None = None,
-                 predict: Callable[[Run], list[int]] | None = None) -> None:
+                 predict: Callable[[Run], list[int]] | None = None, kv_transaction_time: float = 0.0) -> None:
         self.pipeline = list(pipeline)
+        self.kv_transaction_time = kv_transaction_time
+        self.records = records
         self.level_heads = list(level_heads)
         self.level = level
         self.is_target = level == len(self.level_heads) - 1
@@ -141,6 +144,7 @@ class Head:
     def drop(self, run: Run, send_header: bool) -> None:
         msg = RunMessage.of_run(run)
         self.backend.apply_kv_ops(msg.kv_ops)
+        charge_kv_transactions(msg, self.kv_transaction_time, self.clock.now, self.records, self.name)
         if self.fault:
             raise InjectedFault(f"injected fault at run {run.run_id} (executor.fault_rank={self.pipeline[0]})")
         if send_header:
@@ -168,6 +172,8 @@ class Head:
         self.messenger.poll()
         driver = self.driver
         while (envelope := self.messenger.take()) is not None:
+            if envelope.tag == TAG_DISCARD:  # the full logits of a run nobody computed: read, then dropped
+                continue
             if envelope.tag == TAG_PRED:
                 self._on_predictions(decode_predictions(envelope.body, envelope.payload))
             elif envelope.tag == TAG_EARLY:
@@ -201,6 +207,7 @@ class Head:
     def _launch(self, run: Run) -> None:
         msg = RunMessage.of_run(run)
         self.backend.apply_kv_ops(msg.kv_ops)
+        charge_kv_transactions(msg, self.kv_transaction_time, self.clock.now, self.records, self.name)
         if self.fault:
             raise InjectedFault(f"injected fault at run {run.run_id} (executor.fault_rank={self.pipeline[0]})")
         start = self.clock.now()

@@ -48,7 +48,8 @@ TAG_RECORDS = 24
 TAG_GO = 25  # chain: rank 0 tells the other level heads that every rank is ready
 DRAFT_REQUEST, DRAFT_REPLY = 0, 1  # the first value of a TAG_DRAFT body
 TAG_DRAFT = 27  # the head and a draft on a rank of its own (executor/remote_draft.py)
-DATA_TAGS = (TAG_RUN, TAG_PRED, TAG_CANCEL, TAG_EARLY, TAG_CHAIN, TAG_DRAFT)
+TAG_DISCARD = 29  # full logits of a run the last stage did not compute (PipeInfer's reference): the head drops them
+DATA_TAGS = (TAG_RUN, TAG_PRED, TAG_CANCEL, TAG_EARLY, TAG_CHAIN, TAG_DRAFT, TAG_DISCARD)
 PAYLOAD_OFFSET = 1  # a payload travels on tag + 1
 
 FRAME_PREFIX = 3
@@ -57,6 +58,7 @@ NO_PAYLOAD, FLOAT32_PAYLOAD = 0, 1
 COMPUTED = 1
 STOP = 2
 EXIT = 4
+KVTX = 8  # the run carries a count of relayed KV transactions (PipeInfer's reference bookkeeping)
 
 RETURN_MODES = ("logits", "topk", "ids")
 _OP_KINDS = ("cp", "rm", "keep")
@@ -100,6 +102,7 @@ class RunMessage:
     computed: bool = True
     stop: bool = False
     exit_layer: int | None = None  # SPEED: the layer whose hidden state predicts the next token
+    kv_transactions: int = 0  # relayed KV transactions every stage spends time on before the run
 
     @property
     def n_tokens(self) -> int:
@@ -112,7 +115,7 @@ class RunMessage:
     @classmethod
     def of_run(cls, run: Run) -> RunMessage:
         return cls(run.run_id, tuple(run.tokens), tuple(run.positions), tuple(run.seq_ids), run.output_from,
-                   tuple(run.kv_ops), exit_layer=run.meta.get("exit_layer"))
+                   tuple(run.kv_ops), exit_layer=run.meta.get("exit_layer"), kv_transactions=run.kv_transactions)
 
     @classmethod
     def stop_message(cls) -> RunMessage:
@@ -121,16 +124,19 @@ class RunMessage:
     def skipped(self) -> RunMessage:
         """The same run, forwarded as a header only (not computed upstream)."""
         return RunMessage(self.run_id, self.tokens, self.positions, self.seq_ids, self.output_from, self.kv_ops,
-                          computed=False, stop=self.stop, exit_layer=self.exit_layer)
+                          computed=False, stop=self.stop, exit_layer=self.exit_layer,
+                          kv_transactions=self.kv_transactions)
 
 
 def encode_run(msg: RunMessage) -> np.ndarray:
     flags = (COMPUTED if msg.computed else 0) | (STOP if msg.stop else 0) | (EXIT if msg.exit_layer is not None else 0)
+    flags |= KVTX if msg.kv_transactions else 0
     ops: list[int] = []
     for op in msg.kv_ops:
         ops.extend((_OP_KINDS.index(op.kind), op.seq, op.dst, op.p0, -1 if op.p1 is None else op.p1))
     head = [msg.run_id, flags, msg.n_tokens, msg.output_from, len(msg.seq_ids), len(msg.kv_ops)]
     tail = [msg.exit_layer] if msg.exit_layer is not None else []
+    tail += [msg.kv_transactions] if msg.kv_transactions else []
     return np.asarray([*head, *msg.tokens, *msg.positions, *msg.seq_ids, *ops, *tail], dtype=np.int64)
 
 
@@ -139,7 +145,7 @@ def decode_run(body: np.ndarray) -> RunMessage:
     if len(values) < 6:
         raise ProtocolError(f"run body of {len(values)} values is shorter than its 6-value header")
     run_id, flags, n, output_from, n_seqs, n_ops = values[:6]
-    expected = 6 + 2 * n + n_seqs + 5 * n_ops + (1 if flags & EXIT else 0)
+    expected = 6 + 2 * n + n_seqs + 5 * n_ops + (1 if flags & EXIT else 0) + (1 if flags & KVTX else 0)
     if len(values) != expected:
         raise ProtocolError(f"run {run_id}: body has {len(values)} values, its header announces {expected}")
     at = 6
@@ -152,9 +158,12 @@ def decode_run(body: np.ndarray) -> RunMessage:
     for i in range(n_ops):
         kind, seq, dst, p0, p1 = values[at + 5 * i:at + 5 * i + 5]
         ops.append(KVOp(_OP_KINDS[kind], seq, dst, p0, None if p1 < 0 else p1))
-    exit_layer = values[-1] if flags & EXIT else None
+    at += 5 * n_ops
+    exit_layer = values[at] if flags & EXIT else None
+    kv_transactions = values[-1] if flags & KVTX else 0
     return RunMessage(run_id, tokens, positions, seq_ids, output_from, tuple(ops),
-                      computed=bool(flags & COMPUTED), stop=bool(flags & STOP), exit_layer=exit_layer)
+                      computed=bool(flags & COMPUTED), stop=bool(flags & STOP), exit_layer=exit_layer,
+                      kv_transactions=kv_transactions)
 
 
 # -- predictions ------------------------------------------------------------------------------------
@@ -303,9 +312,16 @@ def describe(tag: int, body: np.ndarray, has_payload: bool) -> tuple[str, int]:
     if tag == TAG_RUN:
         run_id = int(body[0])
         stop = bool(int(body[1]) & STOP)
-        return ("stop" if stop else "activations" if has_payload else "header"), run_id
+        computed = bool(int(body[1]) & COMPUTED)
+        if stop:
+            return "stop", run_id
+        if has_payload:
+            return ("activations" if computed else "skipped-activations"), run_id
+        return "header", run_id
     if tag == TAG_PRED:
         return "predictions", int(body[0])
+    if tag == TAG_DISCARD:
+        return "skipped-predictions", int(body[0])
     if tag == TAG_CANCEL:
         return "cancel", -1
     if tag == TAG_EARLY:

@@ -16,10 +16,13 @@ from typing import Any
 import numpy as np
 
 from ..metrics import clean_for_json, compute_metrics
+from ..scenario import Scenario
 from ..scheduling import make_strategies
+from ..scheduling.strategies import full_cancelled_traffic
 from ..trace import Record, Trace
 from ..world.acceptance import SyntheticTokens, level_predictor
 from ..world.build import World, build_world
+from ..world.profile import kv_transaction_time
 from .affinity import local_rank
 from .backend import StageBackend
 from .clock import Clock, sync_clocks
@@ -31,7 +34,7 @@ from .messaging import Messenger
 from .plan import Plan
 from .protocol import TAG_GO, TAG_READY, TAG_RECORDS, TAG_SETUP
 from .remote_draft import DraftServer, RemoteDrafter
-from .worker import Worker
+from .worker import FullTraffic, Worker
 
 
 @dataclass
@@ -134,17 +137,19 @@ class RankRuntime:
             parts.drafter = RemoteDrafter(messenger, plan.draft_rank, parts.oracle, deadline)
         fault = ex.fault_rank == rank
         outcome = None
+        kv_time = kv_transaction_time(world.profile, plan.node_names[rank], scenario.cluster.kv_transaction_time)
         if is_head:
             strategy = make_strategies(scenario.strategy.name, parts.prompt, scenario.workload.generate_tokens,
                                        scenario.strategy.params(), parts.stop_tokens, len(plan.pipelines),
                                        level.index if len(plan.pipelines) > 1 else None, capacity)[0]
             head = Head(strategy, level.ranks, level_heads, level.index, backend, parts.drafter, messenger,
                         self.clock, records, plan.node_names[rank], deadline, parts.verify_sleep, fault,
-                        parts.early_oracle, parts.predict)
+                        parts.early_oracle, parts.predict, kv_time)
             outcome = head.run(self.progress if level.is_target else None)
         else:
             Worker(rank, self.size, backend, messenger, self.clock, records, plan.node_names[rank], deadline,
-                   fault=fault, pipeline=level.ranks, level=level.index).run()
+                   fault=fault, pipeline=level.ranks, level=level.index,
+                   kv_transaction_time=kv_time, full_traffic=self._full_traffic(scenario, world, level)).run()
         dropped = messenger.drain(deadline)
         if rank != 0:
             report = {"records": [tuple(r) for r in records], "kv_max_cells": getattr(backend, "max_cells", 0),
@@ -370,6 +375,14 @@ class RankRuntime:
             dropped += report["dropped"]
         gathered.sort(key=lambda r: r.t0)
         return gathered, kv_max, kv_final, dropped
+
+    @staticmethod
+    def _full_traffic(scenario: Scenario, world: World, level) -> FullTraffic | None:
+        """How a worker sends on runs it did not compute, when the strategy keeps their full traffic."""
+        if not full_cancelled_traffic(scenario.strategy.name, scenario.strategy.params()):
+            return None
+        spec = world.pipelines[level.index].spec
+        return FullTraffic(spec.d_model, spec.vocab_size, scenario.head.return_mode, scenario.head.top_k)
 
     def _send_report(self, report: dict, deadline: float, poll: float) -> None:
         request = self.comm.isend(report, dest=0, tag=TAG_RECORDS)

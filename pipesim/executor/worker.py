@@ -9,17 +9,27 @@ before the forward, and at every layer boundary while computing.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..scheduling.stage import ACTIVATIONS, HEADER, PREDICTIONS, StageMachine
+from ..scheduling.stage import (
+    ACTIVATIONS,
+    HEADER,
+    PREDICTIONS,
+    SKIPPED_ACTIVATIONS,
+    SKIPPED_PREDICTIONS,
+    StageMachine,
+)
 from ..trace import Record
 from .backend import StageBackend
 from .clock import Clock
+from .emulation import charge_kv_transactions
 from .errors import InjectedFault
 from .messaging import Messenger
 from .protocol import (
     TAG_CANCEL,
+    TAG_DISCARD,
     TAG_EARLY,
     TAG_PRED,
     TAG_RUN,
@@ -32,7 +42,18 @@ from .protocol import (
     encode_cancel,
     encode_early_exit,
     encode_run,
+    predictions_from_ids,
 )
+
+
+@dataclass(frozen=True)
+class FullTraffic:
+    """What a stage needs to send a run it did not compute on at full size (PipeInfer's reference)."""
+
+    d_model: int
+    vocab_size: int
+    return_mode: str
+    top_k: int
 
 
 class Worker:
@@ -43,14 +64,17 @@ class Worker:
 
     def __init__(self, rank: int, n_ranks: int, backend: StageBackend, messenger: Messenger, clock: Clock,
                  records: list[Record], node_name: str, deadline: float, fault: bool = False,
-                 pipeline: Sequence[int] | None = None, level: int = 0) -> None:
+                 pipeline: Sequence[int] | None = None, level: int = 0, kv_transaction_time: float = 0.0,
+                 full_traffic: FullTraffic | None = None) -> None:
         self.rank = rank
+        self.kv_transaction_time = kv_transaction_time
+        self.full_traffic = full_traffic
         pipeline = list(range(n_ranks)) if pipeline is None else list(pipeline)
         index = pipeline.index(rank)  # its stage in the pipeline (the rank itself by default)
         self.head = pipeline[0]
         self.next = pipeline[index + 1] if index + 1 < len(pipeline) else None
         self.previous = pipeline[index - 1]
-        self.machine = StageMachine(index, len(pipeline), node_name, records, level)
+        self.machine = StageMachine(index, len(pipeline), node_name, records, level, full_traffic is not None)
         self.backend = backend
         self.messenger = messenger
         self.clock = clock
@@ -95,6 +119,7 @@ class Worker:
     def _process(self, msg: RunMessage, computed: bool, activations: np.ndarray | None) -> None:
         machine = self.machine
         self.backend.apply_kv_ops(msg.kv_ops)
+        charge_kv_transactions(msg, self.kv_transaction_time, self.clock.now, self.records, self.name)
         if self.fault:
             raise InjectedFault(f"injected fault at run {msg.run_id} (executor.fault_rank={self.rank})")
         self._pump()  # a cancellation that came in while this run was received counts before the forward
@@ -115,6 +140,14 @@ class Worker:
             assert isinstance(out, PredictionMessage)
             body, payload = out.encode()
             self.messenger.send(self.head, TAG_PRED, body, payload)
+        elif what == SKIPPED_ACTIVATIONS:  # a whole frame of activations nobody computed (PipeInfer's reference)
+            self.messenger.send(self.next, TAG_RUN, encode_run(msg.skipped()),
+                                np.zeros(msg.n_tokens * self.full_traffic.d_model, dtype=np.float32))
+        elif what == SKIPPED_PREDICTIONS:  # full-size results of a run nobody computed: the head drops them
+            traffic = self.full_traffic
+            body, payload = predictions_from_ids(msg.run_id, [0] * msg.n_outputs, traffic.return_mode,
+                                                 traffic.vocab_size, traffic.top_k).encode()
+            self.messenger.send(self.head, TAG_DISCARD, body, payload)
 
     def _exit_sender(self, msg: RunMessage):
         """SPEED: send the early prediction to the head right after the exit layer (unless cancelled by then)."""

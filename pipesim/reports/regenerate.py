@@ -30,11 +30,13 @@ class KeptReport:
     failed_points: bool = False  # the study holds points that fail on purpose (e.g. a model that does not fit)
     module: str = "pipesim.cli"  # the module that runs its commands (a study with a report of its own: its module)
     more_studies: tuple[str, ...] = ()  # such a module's further study files
+    study_args: bool = True  # such a module takes its study files as arguments (else it knows them itself)
 
     def commands(self, work: Path) -> list[list[str]]:
         """The command lines (without ``python -m MODULE``) that regenerate it."""
         if self.module != "pipesim.cli":
-            return [[self.study, *self.more_studies, "--out", self.report]]
+            studies = [self.study, *self.more_studies] if self.study_args else []
+            return [[*studies, "--out", self.report]]
         sweep_dir = str(work / self.name)
         return [["sweep", self.study, "--out", sweep_dir, "--force", "--quiet"],
                 ["report", sweep_dir, "--out", self.report]]
@@ -45,6 +47,9 @@ KEPT_REPORTS: tuple[KeptReport, ...] = (
     KeptReport("cluster-70b", "scenarios/studies/cluster-70b.yaml", "reports/cluster-70b", failed_points=True),
     KeptReport("pipespec", "scenarios/studies/pipespec.yaml", "reports/pipespec",
                module="pipesim.reports.pipespec_study", more_studies=("scenarios/studies/pipespec-cpu.yaml",)),
+    KeptReport("pipeinfer-reference", "scenarios/studies/pipeinfer-reference.yaml", "reports/pipeinfer-reference",
+               module="pipesim.reports.pipeinfer_reference", more_studies=("scenarios/studies/pipeinfer-ablation.yaml",),
+               study_args=False),
 )
 
 

@@ -19,6 +19,11 @@ before anything else is launched or drafted): returned predictions first, then m
 none of its runs is in the pipeline, for strategies that keep ``one_run_in_flight``, as PipeSpec's levels do),
 then launching runs through its own layers, then one draft step at a time. A draft the strategy no longer wants
 is abandoned after the predictions that made it stale.
+
+A strategy whose ``head_priority`` is ``"run"`` (PipeInfer's reference) looks for returned predictions only
+between whole speculative runs, as ``run_speculation_loop`` probes (``llama_mpi_iprobe``) only before each
+``start_async_spec_run``: runs are launched through the head's layers as soon as they are made, and a draft task
+once begun runs all its steps first.
 """
 
 from __future__ import annotations
@@ -80,6 +85,8 @@ class HeadDriver:
         self.defer_messages = strategy.one_run_in_flight
         self._pool = getattr(strategy, "pool", None)
         self.max_partitions_used = 0
+        self.whole_runs = getattr(strategy, "head_priority", "step") == "run"
+        self._draft_begun = False  # a step of the current draft task has run
 
     def start(self) -> None:
         self.execute(self.strategy.start())
@@ -101,6 +108,14 @@ class HeadDriver:
         cancelled run) is done here."""
         strategy = self.strategy
         while not self.finished:
+            if self.whole_runs:
+                if self.launch_queue:
+                    run = self._take_launch()
+                    if run is not None:
+                        return STAGE0, run
+                    continue
+                if self.draft_task is not None and self._draft_begun:
+                    return DRAFT, self.draft_task
             if self.results:
                 item = self.results.popleft()
                 if item[0] == _EARLY:
@@ -111,18 +126,25 @@ class HeadDriver:
                 self.execute(strategy.on_message(self.messages.popleft()))
                 continue
             if self.launch_queue:
-                run = self.launch_queue.popleft()
-                if run.run_id not in self.cancelled:
+                run = self._take_launch()
+                if run is not None:
                     return STAGE0, run
-                now = self.port.now()
-                self.records.append((SKIP, now, now, self.where, run.run_id, run.n_tokens, 0.0, 0, 0, "", 0,
-                                     self.level, False, False))
-                self.port.drop(run, forward_after_skip(run, self.n_stages == 1) is not None)
-                self.execute(strategy.on_dropped(run.run_id))
                 continue
             if self.draft_task is not None:
                 return DRAFT, self.draft_task
             return None
+        return None
+
+    def _take_launch(self) -> Run | None:
+        """The next run of the launch queue, or None when it was cancelled (the head skips it here)."""
+        run = self.launch_queue.popleft()
+        if run.run_id not in self.cancelled:
+            return run
+        now = self.port.now()
+        self.records.append((SKIP, now, now, self.where, run.run_id, run.n_tokens, 0.0, 0, 0, "", 0,
+                             self.level, False, False))
+        self.port.drop(run, forward_after_skip(run, self.n_stages == 1) is not None)
+        self.execute(self.strategy.on_dropped(run.run_id))
         return None
 
     def waiting_for(self) -> str | None:
@@ -142,6 +164,7 @@ class HeadDriver:
         task = self.draft_task
         if task is not None and not strategy.wants_draft(task.request.request_id):
             self.draft_task = None
+            self._draft_begun = False
             self.port.end_draft(task)
             self.execute(strategy.on_draft(task.request.request_id, []))
         now = self.port.now()
@@ -160,8 +183,10 @@ class HeadDriver:
         draft's own node (placement.draft_node), which records its compute itself."""
         if not remote:
             self.records.append(span(COMPUTE, start, self.port.now(), self.where, -1, batch, "draft", level=self.level))
+        self._draft_begun = True
         if task.done:
             self.draft_task = None
+            self._draft_begun = False
             self.port.end_draft(task)
             self.execute(self.strategy.on_draft(task.request.request_id, task.tokens))
 
@@ -179,6 +204,7 @@ class HeadDriver:
                 self.launch_queue.append(run)
             elif kind is RequestDraft:
                 self.draft_task = self.port.begin_draft(action)
+                self._draft_begun = False
             elif kind is EmitTokens:
                 self.output.extend(action.tokens)
                 records.append((TOKENS, now, now, where, -1, len(action.tokens), 0.0, action.n_drafted_checked,

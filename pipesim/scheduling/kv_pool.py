@@ -35,6 +35,11 @@ class KVPartitionPool:
         self._free.append(partition)
 
     @property
+    def in_use(self) -> tuple[int, ...]:
+        """The partitions now owned, in id order."""
+        return tuple(sorted(self._owned))
+
+    @property
     def n_free(self) -> int:
         return len(self._free)
 

@@ -45,6 +45,7 @@ class Run:
     partition: int | None = None
     kind: str = "decode"  # "prefill" | "decode" | "verify" | "spec"
     meta: dict = field(default_factory=dict)
+    kv_transactions: int = 0  # relayed KV transactions (seq_rm/seq_cp) every stage applies before this run
 
     @property
     def n_tokens(self) -> int:

@@ -11,6 +11,11 @@ probe in ``llama.cpp``):
 - a stage that sees a cancellation records it and passes it on towards stage 1 (the head sent it to the last);
 - a run cancelled while it is computed is aborted at the next layer boundary and goes on as a header;
 - a computed run goes on as activations, or from the last stage as predictions to the pipeline's head.
+
+With ``full_traffic`` (PipeInfer's reference, ``pipeinfer_cancelled_traffic: full``) a run a stage skips or aborts
+still goes on as a whole activations frame and the last stage still returns its full logits: in ``llama.cpp``
+``llama_decode_internal`` skips the compute of a cancelled batch but ``ggml_mpi_graph_compute_post`` sends the
+buffer on, and the last rank sends ``n_vocab * n_tokens`` logits to the head all the same.
 """
 
 from __future__ import annotations
@@ -22,11 +27,14 @@ from .records import CANCEL_SEEN, COMPUTE, SKIP
 ACTIVATIONS = "activations"
 HEADER = "header"
 PREDICTIONS = "predictions"
+SKIPPED_ACTIVATIONS = "skipped-activations"  # full traffic: a whole activations frame of a run not computed
+SKIPPED_PREDICTIONS = "skipped-predictions"  # full traffic: full logits of a run not computed, to the head
 
 
 def forward_after_skip(run, is_last: bool) -> str | None:
-    """What a stage sends on for a run it did not compute: a header when it carries KV operations, else nothing."""
-    return HEADER if run.kv_ops and not is_last else None
+    """What a stage sends on for a run it did not compute: a header when it carries KV operations (or counted KV
+    transactions), else nothing."""
+    return HEADER if (run.kv_ops or getattr(run, "kv_transactions", 0)) and not is_last else None
 
 
 class StageMachine:
@@ -38,9 +46,11 @@ class StageMachine:
     ``PREDICTIONS`` or None). Records go to ``records`` as plain tuples in ``Record``'s field order.
     """
 
-    __slots__ = ("index", "is_last", "passes_cancels", "where", "level", "records", "queue", "cancelled", "current")
+    __slots__ = ("index", "is_last", "passes_cancels", "where", "level", "records", "queue", "cancelled", "current",
+                 "full_traffic")
 
-    def __init__(self, index: int, n_stages: int, where: str, records: list, level: int = 0) -> None:
+    def __init__(self, index: int, n_stages: int, where: str, records: list, level: int = 0,
+                 full_traffic: bool = False) -> None:
         if not 1 <= index < n_stages:
             raise ValueError(f"stage index {index} is not a stage after the head of {n_stages} stages")
         self.index = index
@@ -52,6 +62,7 @@ class StageMachine:
         self.queue: deque = deque()
         self.cancelled: set[int] = set()
         self.current: int | None = None
+        self.full_traffic = full_traffic
 
     # -- events ----------------------------------------------------------------------------------------
     def arrive(self, run, computed_upstream: bool, payload=None) -> None:
@@ -83,6 +94,11 @@ class StageMachine:
     def skipped(self, run, now: float) -> str | None:
         self.records.append((SKIP, now, now, self.where, run.run_id, run.n_tokens, 0.0, 0, 0, "", self.index,
                              self.level, False, False))
+        return self._not_computed(run)
+
+    def _not_computed(self, run) -> str | None:
+        if self.full_traffic:
+            return SKIPPED_PREDICTIONS if self.is_last else SKIPPED_ACTIVATIONS
         return forward_after_skip(run, self.is_last)
 
     def finished(self, run, t0: float, t1: float, aborted: bool) -> str | None:
@@ -91,5 +107,5 @@ class StageMachine:
         self.records.append((COMPUTE, t0, t1, self.where, run.run_id, run.n_tokens, 0.0, 0, 0, "stage", self.index,
                              self.level, False, aborted))
         if aborted:
-            return forward_after_skip(run, self.is_last)
+            return self._not_computed(run)
         return PREDICTIONS if self.is_last else ACTIVATIONS

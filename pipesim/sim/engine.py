@@ -28,11 +28,19 @@ from ..scheduling import RequestDraft, Run, Strategy, make_strategies
 from ..scheduling.driver import DRAFT, STAGE0, VERIFY, HeadDriver
 from ..scheduling.prefix import common_prefix_len
 from ..scheduling.records import COMPUTE, DISPATCH, TRANSFER, Record
-from ..scheduling.stage import ACTIVATIONS, HEADER, PREDICTIONS, StageMachine
+from ..scheduling.stage import (
+    ACTIVATIONS,
+    HEADER,
+    PREDICTIONS,
+    SKIPPED_ACTIVATIONS,
+    SKIPPED_PREDICTIONS,
+    StageMachine,
+)
 from ..trace import Trace
 from ..world.acceptance import level_predictor
 from ..world.build import Pipeline, World, build_world
 from ..world.network import LinkDirection
+from ..world.profile import kv_transaction_time
 from .host_cpu import SharedHosts
 from .polling import PollBackoff
 from .remote_draft import RemoteDraft
@@ -86,7 +94,8 @@ class _Line:
         self.head_node = pipeline.nodes[0]
         names = engine.node_names
         n = pipeline.n_stages
-        self.stages = [_Stage(k, node, span, StageMachine(k, n, names[node], engine.records, pipeline.level)
+        full = getattr(strategy, "cancelled_traffic", "header") == "full"
+        self.stages = [_Stage(k, node, span, StageMachine(k, n, names[node], engine.records, pipeline.level, full)
                               if k else None)
                        for k, (node, span) in enumerate(zip(pipeline.nodes, pipeline.layer_ranges, strict=True))]
         self.driver = HeadDriver(strategy, self, names[self.head_node], n, engine.records, pipeline.level)
@@ -174,6 +183,8 @@ class SimulationEngine:
         self.acceptance = world.acceptance()
         self.draft = world.oracle_draft(self.acceptance)
         self.hosts = SharedHosts(self.env, world.host_of, world.concurrent_slowdown)
+        self.kv_time = [kv_transaction_time(world.profile, name, scenario.cluster.kv_transaction_time)
+                        for name in self.node_names]  # per relayed KV transaction, by node
         self.records: list[tuple] = []  # plain tuples in Record's field order (fast); Records at the end
         self._head_iterations = 0
         self.finished = self.env.event()
@@ -243,6 +254,11 @@ class SimulationEngine:
         """Send a run on from ``stage``: activations, a header, or predictions to the pipeline's head."""
         if what is None:
             return
+        if what == SKIPPED_PREDICTIONS:  # full logits of a cancelled run: they occupy the link, nobody reads them
+            if stage.node != line.head_node:
+                self.send(stage.node, line.head_node, line.pipeline.payloads.predictions(run.n_outputs), what,
+                          run.run_id, _ignore, line.level)
+            return
         if what == PREDICTIONS:
             if stage.node == line.head_node:  # a single-stage pipeline: the head holds everything
                 self._deliver_predictions(line, run)
@@ -252,6 +268,7 @@ class SimulationEngine:
             return
         nxt = line.stages[stage.index + 1]
         computed = what == ACTIVATIONS
+        full_frame = computed or what == SKIPPED_ACTIVATIONS
         sizes = line.frame_bytes.get(run.run_id)
         if sizes is None:  # the same frame at every stage: its header alone, and with activations
             payloads, counts = line.pipeline.payloads, (run.n_tokens, len(run.kv_ops), len(run.seq_ids),
@@ -259,7 +276,7 @@ class SimulationEngine:
             sizes = line.frame_bytes[run.run_id] = (payloads.header(*counts), payloads.activations(*counts))
         if stage.to_next is None:
             stage.to_next = self.network.link(stage.node, nxt.node)
-        self.send_on(stage.to_next, sizes[computed], what, run.run_id,
+        self.send_on(stage.to_next, sizes[full_frame], what, run.run_id,
                      lambda e: self._deliver_to_stage(nxt, run, computed, e.value), line.level)
 
     def _deliver_to_stage(self, stage: _Stage, run: Run, computed_upstream: bool,
@@ -388,6 +405,8 @@ class SimulationEngine:
                 yield stage.wakeup
             stage.phase = "dispatch"
             run, computed_upstream, _ = take()
+            if run.kv_transactions:
+                yield from self._kv_transactions(stage.node, run)
             compute = computes(run, computed_upstream)
             if compute:
                 cost = cost_of(node, stage.n_layers, run.n_tokens, run.positions[0], run.n_outputs if last else 0)
@@ -436,6 +455,13 @@ class SimulationEngine:
             if stage.machine.must_abort():
                 return True
 
+    def _kv_transactions(self, node: int, run: Run):
+        """The relayed KV transactions ahead of ``run`` (PipeInfer's reference): one event for all of them."""
+        start = self.env.now
+        yield from self.hosts.compute(node, run.kv_transactions * self.kv_time[node])
+        self.records.append((COMPUTE, start, self.env.now, self.node_names[node], run.run_id, run.kv_transactions,
+                             0.0, 0, 0, "kv", -1, 0, False, False))  # busy, not target compute
+
     def _dispatch(self, node: int, cost, run: Run):
         """A calibrated profile's per-run messaging and scheduling before the forward: busy, not computing."""
         if cost.dispatch <= 0:
@@ -477,6 +503,8 @@ class SimulationEngine:
                 run = item
                 cost = cost_of(head, stage0.n_layers, run.n_tokens, run.positions[0], run.n_outputs if single else 0)
                 stage0.current = run.run_id
+                if run.kv_transactions:
+                    yield from self._kv_transactions(node, run)
                 yield from self._dispatch(node, cost, run)
                 start = env.now
                 yield from hosts.compute(node, cost.total - cost.dispatch
@@ -499,6 +527,10 @@ class SimulationEngine:
                 yield env.timeout(remote.step(start, task.step == 0, batch, batch, context) - start)
                 task.step += 1
                 driver.draft_step_done(task, start, batch, remote=True)
+
+
+def _ignore(_event) -> None:
+    """Arrival of a message nobody reads."""
 
 
 def simulate(scenario: Scenario) -> Trace:

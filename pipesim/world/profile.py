@@ -52,6 +52,7 @@ class NodeCoefficients:
     host: str = ""
     dispatch: float = 0.0  # per-run messaging/scheduling the microbenchmarks miss: the node is busy, not computing
     concurrent_slowdown: float = 1.0  # compute time x this while another rank of the same host computes
+    kv_transaction: float | None = None  # one relayed KV transaction (PipeInfer's reference); None: the scenario's
 
     def stage_time(self, n_layers: int, n_tokens: int, context: int, n_outputs: int) -> tuple[float, float]:
         """(total, per-layer) time of a run on a stage of this node (``dispatch`` not included)."""
@@ -62,6 +63,14 @@ class NodeCoefficients:
             raise ValueError(f"the profile has no draft coefficients for host {self.host or '?'}")
         return (self.draft_fixed + (self.draft_per_token or 0.0) * n_tokens
                 + (self.draft_per_token_context or 0.0) * n_tokens * context)
+
+
+def kv_transaction_time(profile: HardwareProfile | None, node: str, default: float) -> float:
+    """Seconds a node spends on one relayed KV transaction: the profile's term when it has one, else ``default``
+    (``cluster.kv_transaction_time``)."""
+    if profile is not None and node in profile.nodes and profile.nodes[node].kv_transaction is not None:
+        return profile.nodes[node].kv_transaction
+    return default
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Any
 
 from .base import Strategy
 from .iterative import IterativeStrategy
-from .pipeinfer import PipeInferStrategy
+from .pipeinfer import PipeInferStrategy, resolve_switches
 from .pipespec import LockstepLevel, PipeSpecLevel, make_level, make_pipespec_chain
 from .speculative import SpeculativeStrategy
 from .speed import SpeedStrategy
@@ -54,6 +54,16 @@ def _make(name, prompt, n_generate, params, stop_tokens, n_levels, level) -> lis
     return [cls(prompt, n_generate, stop_tokens=stop_tokens, **params)]
 
 
+def full_cancelled_traffic(name: str, params: dict[str, Any] | None = None) -> bool:
+    """Whether a stage still sends a run it did not compute on as whole activations (and the last stage its full
+    logits), as PipeInfer's reference code does; every other strategy sends a header at most."""
+    if _lookup(name) is not PipeInferStrategy:
+        return False
+    params = params or {}
+    return resolve_switches(params.get("variant", "reference"),
+                            cancelled_traffic=params.get("cancelled_traffic"))["cancelled_traffic"] == "full"
+
+
 def make_strategy(name: str, prompt: Sequence[int], n_generate: int, params: dict[str, Any] | None = None,
                   stop_tokens: Sequence[int] = ()) -> Strategy:
     """Build a one-model strategy by name with its parameters (unknown names raise a ValueError listing them)."""
@@ -61,4 +71,4 @@ def make_strategy(name: str, prompt: Sequence[int], n_generate: int, params: dic
 
 
 __all__ = ["STRATEGIES", "Strategy", "IterativeStrategy", "SpeculativeStrategy", "PipeInferStrategy", "SpeedStrategy",
-           "PipeSpecLevel", "LockstepLevel", "make_strategy", "make_strategies"]
+           "PipeSpecLevel", "LockstepLevel", "make_strategy", "make_strategies", "full_cancelled_traffic"]

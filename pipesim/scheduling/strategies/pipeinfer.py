@@ -10,6 +10,19 @@ chain; with early cancellation these runs are cancelled, and stages skip or abor
 
 KV operations travel with the next launched run, so every stage applies them in the same order relative to
 the runs around them.
+
+Variants (``strategy.variant``; each departure is a switch of its own, ``PIPEINFER_VARIANT_SWITCHES``):
+
+- ``reference`` follows AutonomicPerfectionist/PipeInfer ``examples/speculative/speculative.cpp`` (``main``'s head
+  loop, ``run_speculation_loop``, ``start_async_spec_run``, ``begin_non_spec_run``, ``check_for_cancel``): after
+  every verification that commits tokens the head launches a single-token non-speculative run of the last
+  committed token and restarts speculation from the committed point, while in-flight runs whose drafted tokens
+  are still consistent survive (and commit when their turn comes); the prompt is processed before any
+  speculation; every ``llama_kv_cache_seq_rm``/``seq_cp`` the code issues on the target context is counted as a
+  relayed transaction on the run it precedes (``Run.kv_transactions``); drafting stops below
+  ``p_accept + p_adjust`` (``calc_p_adjust``).
+- ``continuous`` keeps one speculative chain going, launches a single-token run only when it breaks, speculates
+  during the prefill and carries its few KV operations in the next run's header at no cost.
 """
 
 from __future__ import annotations
@@ -18,7 +31,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..actions import Action, CancelRuns, InvalidateRuns, RequestDraft
+from ..actions import Action, CancelRuns, InvalidateRuns, LaunchRun, RequestDraft
 from ..kv_pool import KVPartitionPool
 from ..runs import CANONICAL_SEQ, KVOp, Run
 from .base import Strategy
@@ -28,11 +41,46 @@ DEFAULT_MICRO_BATCH = 3
 DEFAULT_MIN_CONFIDENCE = 0.1
 DEFAULT_PARTITIONS = 1000
 
+# Each variant's setting of every switch (an explicit switch overrides its variant's).
+PIPEINFER_VARIANT_SWITCHES: dict[str, dict[str, object]] = {
+    "reference": {"run_pattern": "reference", "head_priority": "run", "sync_prefill": True,
+                  "cancelled_traffic": "full", "kv_transactions": "reference"},
+    "continuous": {"run_pattern": "continuous", "head_priority": "step", "sync_prefill": False,
+                   "cancelled_traffic": "header", "kv_transactions": "compact"},
+}
+
+
+def resolve_switches(variant: str = "reference", **given: object) -> dict[str, object]:
+    """Every switch's setting: the variant's, overridden by each one ``given`` (not None)."""
+    if variant not in PIPEINFER_VARIANT_SWITCHES:
+        raise ValueError(f"variant must be one of {', '.join(PIPEINFER_VARIANT_SWITCHES)}, got {variant!r}")
+    switches = dict(PIPEINFER_VARIANT_SWITCHES[variant])
+    switches.update({key: value for key, value in given.items() if key in switches and value is not None})
+    return switches
+
+
+def reference_kv_transactions(n_partitions: int, n_parallel: int = 1) -> dict[str, int]:
+    """Relayed KV transactions on the target context that ``speculative.cpp`` issues, by occasion.
+
+    ``max_seq = n_simul_seqs * n_seq_dft + 1`` sequence ids (``main``). ``spec_launch``: ``start_async_spec_run``
+    removes and copies each of its ``n_parallel`` sequences (2 each) and ``begin_async_run`` removes them at the
+    run's position (1 each). ``verify``: after a speculative run commits tokens, ``main`` removes the tail of its
+    ``n_parallel`` sequences, removes and copies the kept range of sequence 0 (2), and removes and copies that
+    range for every sequence 1..max_seq (2 each). ``nonspec_before``: ``begin_async_run`` for a non-speculative
+    run removes every sequence 0..max_seq at its position; ``nonspec_after``: then copies sequence 0 to every
+    sequence 1..max_seq (these travel ahead of the next run).
+    """
+    max_seq = n_partitions * n_parallel + 1
+    return {"spec_launch": 3 * n_parallel, "verify": n_parallel + 2 + 2 * max_seq,
+            "nonspec_before": max_seq + 1, "nonspec_after": max_seq}
+
 
 @dataclass
 class _ChainLink:
     run: Run
     predictions: list[int] | None = None
+    burst_start: int = 0  # reference run pattern: first position of the drafted tokens the run builds on
+    assumed: tuple[int, ...] = ()  # ... and those tokens, through the run's own (empty: a non-speculative run)
 
 
 class PipeInferStrategy(Strategy):
@@ -51,14 +99,33 @@ class PipeInferStrategy(Strategy):
     def __init__(self, prompt: Sequence[int], n_generate: int, micro_batch: int = DEFAULT_MICRO_BATCH,
                  min_confidence: float = DEFAULT_MIN_CONFIDENCE, max_runs_in_flight: int | None = None,
                  n_partitions: int = DEFAULT_PARTITIONS, early_cancellation: bool = True,
-                 stop_tokens: Sequence[int] = ()) -> None:
+                 stop_tokens: Sequence[int] = (), variant: str = "reference", run_pattern: str | None = None,
+                 head_priority: str | None = None, sync_prefill: bool | None = None,
+                 cancelled_traffic: str | None = None, kv_transactions: str | None = None,
+                 p_recovery: float = 0.0, p_decay: float = 0.0) -> None:
         super().__init__(prompt, n_generate, stop_tokens)
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
         if max_runs_in_flight is not None and max_runs_in_flight < 1:
             raise ValueError(f"max_runs_in_flight must be >= 1 or None, got {max_runs_in_flight}")
+        switches = resolve_switches(variant, run_pattern=run_pattern, head_priority=head_priority,
+                                    sync_prefill=sync_prefill, cancelled_traffic=cancelled_traffic,
+                                    kv_transactions=kv_transactions)
+        self.variant = variant
+        self.run_pattern: str = switches["run_pattern"]
+        self.head_priority: str = switches["head_priority"]  # read by the driver
+        self.sync_prefill: bool = switches["sync_prefill"]
+        self.cancelled_traffic: str = switches["cancelled_traffic"]  # read by the engines' stages
+        self.kv_transactions: str = switches["kv_transactions"]
         self.micro_batch = micro_batch
-        self.min_confidence = min_confidence
+        self.min_confidence = min_confidence  # p_accept
+        self.p_recovery = p_recovery
+        self.p_decay = p_decay
+        self._iter = 0  # speculative runs launched since the head last handled predictions (calc_p_adjust's iter)
+        self._n_reject = 0  # drafts that stopped before their first token since the last commit
+        self._prefill_pending = self.sync_prefill
+        self._tx = reference_kv_transactions(n_partitions) if self.kv_transactions == "reference" else None
+        self._pending_tx = 0
         self.max_runs_in_flight = max_runs_in_flight
         self.early_cancellation = early_cancellation
         self.pool = KVPartitionPool(n_partitions)
@@ -76,13 +143,18 @@ class PipeInferStrategy(Strategy):
         return [self._push(self._launch_prefill()), *self._speculate()]
 
     def on_logits(self, run_id: int, predictions: Sequence[int]) -> list[Action]:
+        self._iter = 0  # the head left its speculation loop to handle predictions
         link = self._links.get(run_id)
         if link is None or self.done:  # an invalidated run finished anyway: nothing to learn from it
             return self._speculate()
         link.predictions = list(predictions)
         actions: list[Action] = []
+        reference = self.run_pattern == "reference"
+        if reference:  # check_for_cancel before the oldest run is taken (n_past_tgt counts the last token)
+            actions.extend(self._check_for_cancel(len(self.sequence)))
+        resolve = self._resolve_front_reference if reference else self._resolve_front
         while self._chain and self._chain[0].predictions is not None and not self.done:
-            actions.extend(self._resolve_front())
+            actions.extend(resolve())
             self._draft_stalled = False
         actions.extend(self._speculate())
         return actions
@@ -94,8 +166,12 @@ class PipeInferStrategy(Strategy):
         stale = self._draft_epoch != self._epoch or len(request.context) != len(self.sequence) + len(self._drafted)
         if stale:
             return self._speculate()
-        if not tokens:  # the draft was not confident enough: wait for the next verification
-            self._draft_stalled = True
+        if not tokens:  # the draft was not confident enough
+            self._n_reject += 1  # start_async_spec_run: n_reject++, and the loop starts again (iter 0)
+            self._iter = 0
+            if self.p_decay > 0:  # the threshold has fallen: the head drafts again at once
+                return self._speculate()
+            self._draft_stalled = True  # the same threshold again: wait for the next verification
             return []
         return [*self._launch_speculative(tokens), *self._speculate()]
 
@@ -104,7 +180,31 @@ class PipeInferStrategy(Strategy):
         return (not self.done and request is not None and request.request_id == request_id
                 and self._draft_epoch == self._epoch)
 
+    def draft_threshold(self) -> float:
+        """The draft's stop threshold ``p_accept + p_adjust`` (``speculative.cpp``: ``calc_p_adjust``)."""
+        p_adjust = self._iter * self.p_recovery - max(self._n_reject * self.p_decay, 0.0)
+        return self.min_confidence + p_adjust
+
     # -- internals ---------------------------------------------------------------------------------
+    def _launch(self, *args, **kwargs):
+        """A run, carrying the KV transactions counted since the previous launch (reference KV bookkeeping)."""
+        launch = super()._launch(*args, **kwargs)
+        if self._pending_tx:
+            launch.run.kv_transactions = self._pending_tx
+            self._pending_tx = 0
+        return launch
+
+    def _count_tx(self, occasion: str) -> None:
+        if self._tx is not None:
+            self._pending_tx += self._tx[occasion]
+
+    def _launch_nonspec(self) -> LaunchRun:
+        """A single-token non-speculative run of the last committed token (``begin_non_spec_run``)."""
+        self._count_tx("nonspec_before")
+        launch = self._push(self._launch([self.sequence[-1]], len(self.sequence) - 1))
+        self._count_tx("nonspec_after")
+        return launch
+
     def _launch_speculative(self, tokens: Sequence[int]) -> list[Action]:
         """Launch drafted tokens as a speculative run chained on the chain's last run, in a fresh partition."""
         partition = self.pool.acquire()
@@ -113,14 +213,18 @@ class PipeInferStrategy(Strategy):
         previous = self._chain[-1].run
         source = previous.partition if previous.speculative else CANONICAL_SEQ
         self._queue_kv(KVOp("cp", source, dst=partition))
+        self._count_tx("spec_launch")
         launch = self._launch(list(tokens), len(self.sequence) + len(self._drafted), seq_ids=(partition,),
                               speculative=True, parent=previous.run_id, partition=partition, kind="spec")
         self._drafted.extend(tokens)
         self._spec_cells += len(tokens)
+        self._iter += 1
+        if self.run_pattern == "reference":
+            return [self._push(launch, len(self.sequence), tuple(self._drafted))]
         return [self._push(launch)]
 
-    def _push(self, launch):
-        link = _ChainLink(launch.run)
+    def _push(self, launch, burst_start: int = 0, assumed: tuple[int, ...] = ()):
+        link = _ChainLink(launch.run, None, burst_start, assumed)
         self._chain.append(link)
         self._links[launch.run.run_id] = link
         return launch
@@ -129,13 +233,18 @@ class PipeInferStrategy(Strategy):
         """Ask for the next micro-batch of drafted tokens if the head may speculate now."""
         if self.done or self._draft_request is not None or self._draft_stalled or not self._chain:
             return []
+        if self._prefill_pending:  # the prompt is processed before any speculation
+            return []
         if self.max_runs_in_flight is not None and len(self._chain) >= self.max_runs_in_flight:
             return []
         if self.pool.n_free == 0 or not self._fits(self.micro_batch):
             return []
+        threshold = self.draft_threshold()
+        if threshold >= 1.0:  # run_speculation_loop: no speculation while p_accept + p_adjust >= 1
+            return []
         context = (*self.sequence, *self._drafted)
         self._draft_request = RequestDraft(self._new_request_id(), context, self.micro_batch, len(self.sequence),
-                                           self.min_confidence)
+                                           threshold)
         self._draft_epoch = self._epoch
         return [self._draft_request]
 
@@ -147,8 +256,104 @@ class PipeInferStrategy(Strategy):
             return True
         return len(self.sequence) + 1 + self._spec_cells + n_tokens <= self.kv_capacity
 
+    def _resolve_front_reference(self) -> list[Action]:
+        """The reference's verification of the oldest in-flight run (``speculative.cpp``, ``main``).
+
+        The run decides the next token if it holds the position of the last committed token (the code's
+        ``current_run.n_past_tgt + i_dft == n_past_tgt - 1``); its own drafted tokens are accepted while they
+        equal the predictions. Then ``check_for_cancel`` drops runs that are stale or drafted on a token that
+        lost, the run's partition is folded into sequence 0, a single-token run of the last committed token is
+        launched, and speculation restarts from the committed point. A run that decides nothing is dropped.
+        """
+        self._prefill_pending = False
+        link = self._chain.popleft()
+        del self._links[link.run.run_id]
+        run = link.run
+        outputs = dict(zip(run.positions[run.output_from:], link.predictions or [], strict=False))
+        q = len(self.sequence) - 1
+        if q not in outputs:  # the run decides a position already decided: no match
+            if run.speculative:
+                self._free_partition(run)
+            return []
+        new_tokens: list[int] = []
+        checked = accepted = 0
+        p = q
+        while True:
+            predicted = outputs[p]
+            new_tokens.append(predicted)
+            if p + 1 > run.last_position:
+                break
+            checked += 1
+            if run.tokens[p + 1 - run.first_position] != predicted:
+                break
+            accepted += 1
+            p += 1
+        last = p + 1  # position of the last new token; a surviving run drafted there is checked by it
+        drafted_there = [other.assumed[last - other.burst_start] for other in self._chain
+                         if other.assumed and other.burst_start <= last < other.burst_start + len(other.assumed)]
+        if drafted_there:
+            checked += 1
+            accepted += predicted in drafted_there
+        if run.speculative:  # its tokens after q join sequence 0 (q itself came with the run that committed it)
+            if p > q:
+                self._queue_kv(KVOp("cp", run.partition, dst=CANONICAL_SEQ, p0=q + 1, p1=p + 1))
+            self._free_partition(run)
+            self._count_tx("verify")
+        actions = self._commit(new_tokens, checked, accepted)
+        self._n_reject = 0
+        if self.done:
+            actions.extend(self._invalidate_chain())
+            return actions
+        actions.extend(self._check_for_cancel(len(self.sequence) - 1))
+        self._epoch += 1  # speculation restarts from the committed point
+        self._drafted.clear()
+        # begin_async_run (non-speculative) first removes every sequence's cell at the run's position: a
+        # surviving run's partition (and the partitions copied from it) hold their own cell there
+        q = len(self.sequence) - 1
+        for partition in self.pool.in_use:
+            self._queue_kv(KVOp("rm", partition, p0=q, p1=q + 1))
+        actions.append(self._launch_nonspec())
+        return actions
+
+    def _check_for_cancel(self, n_past: int) -> list[Action]:
+        """``check_for_cancel``: a run ending before ``n_past`` (``n_past_max < n_past_tgt``) or drafted on a
+        token the committed sequence contradicts is invalid; speculative ones are cancelled (the code only
+        marks non-speculative ones, which go on and whose results are then ignored). A run chained on a
+        cancelled one is cancelled too: its partition copy would miss the cancelled run's tokens (the code keeps
+        it, relying on every sequence mirroring sequence 0; here partitions copy whole sequences)."""
+        sequence = self.sequence
+        n = len(sequence)
+        invalid = []
+        dropped: set[int] = set()  # cancelled speculative runs: a run chained on one lacks its context
+        for link in self._chain:
+            start, assumed, run = link.burst_start, link.assumed, link.run
+            stale = run.last_position + 1 < n_past
+            if (stale or run.parent in dropped
+                    or any(assumed[i] != sequence[start + i] for i in range(min(len(assumed), n - start)))):
+                invalid.append(link)
+                if run.speculative:
+                    dropped.add(run.run_id)
+        if not invalid:
+            return []
+        for link in invalid:
+            self._chain.remove(link)
+            del self._links[link.run.run_id]
+            if link.run.speculative:
+                self._free_partition(link.run)
+        actions: list[Action] = [InvalidateRuns(tuple(link.run.run_id for link in invalid))]
+        cancelled = tuple(link.run.run_id for link in invalid if link.run.speculative)
+        if self.early_cancellation and cancelled:
+            actions.append(CancelRuns(cancelled))
+        return actions
+
+    def _free_partition(self, run: Run) -> None:
+        self._queue_kv(KVOp("rm", run.partition))
+        self.pool.release(run.partition)
+        self._spec_cells -= run.n_tokens
+
     def _resolve_front(self) -> list[Action]:
         """Verify the oldest in-flight run against its predictions and commit what it decides."""
+        self._prefill_pending = False
         link = self._chain.popleft()
         del self._links[link.run.run_id]
         run = link.run
@@ -170,13 +375,15 @@ class PipeInferStrategy(Strategy):
         actions: list[Action] = []
         if run.speculative:  # its drafted tokens before len(sequence) + accepted are committed
             self._retire_partition(run, len(self.sequence) + accepted)
+            self._count_tx("verify")
         if chain_broken:
             actions.extend(self._invalidate_chain())
         actions.extend(self._commit(new_tokens, checked, accepted))
+        self._n_reject = 0
         if self.done:
             actions.extend(self._invalidate_chain())
         elif chain_broken:
-            actions.append(self._push(self._launch([self.sequence[-1]], len(self.sequence) - 1)))
+            actions.append(self._launch_nonspec())
         return actions
 
     def _retire_partition(self, run: Run, committed_end: int) -> None:

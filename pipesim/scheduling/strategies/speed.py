@@ -29,7 +29,7 @@ class SpeedStrategy(PipeInferStrategy):
                  early_cancellation: bool = True, stop_tokens: Sequence[int] = ()) -> None:
         super().__init__(prompt, n_generate, micro_batch=1, min_confidence=0.0,
                          max_runs_in_flight=max_runs_in_flight, n_partitions=n_partitions,
-                         early_cancellation=early_cancellation, stop_tokens=stop_tokens)
+                         early_cancellation=early_cancellation, stop_tokens=stop_tokens, variant="continuous")
         if exit_layer < 0:
             raise ValueError(f"exit_layer must be >= 0, got {exit_layer}")
         self.exit_layer = exit_layer
