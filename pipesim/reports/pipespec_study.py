@@ -156,7 +156,7 @@ def findings(table: pd.DataFrame, spec: dict[str, Any], ratios: dict[str, dict[i
             text += (f"not slower than autoregressive at alpha {_fmt_alpha_range(holds)} and slower at "
                      f"{_fmt_alpha_range(fails)} (")
         worst, best = ref.idxmin(), ref.idxmax()
-        text += f"{ref[best]:.2f}x at alpha {best:g}, {ref[worst]:.2f}x at alpha {worst:g})"
+        text += f"{ref[best]:.2f}x at alpha {best:g}, {ref[worst]:.3f}x at alpha {worst:g})"
         at = rows.set_index(["strategy", "alpha"])["vs_baseline"]
         alpha = 0.7 if 0.7 in ref.index else ref.index[len(ref) // 2]
         text += (f"; at alpha {alpha:g} it runs {at[(reference, alpha)]:.2f}x autoregressive speed, the capped "
