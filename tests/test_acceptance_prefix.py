@@ -111,7 +111,7 @@ def test_accepted_runs_are_geometric_with_mean_alpha_over_one_minus_alpha(strate
 
 
 @pytest.mark.parametrize("strategy, windows", [("speculative", (1, 3, 8)), ("pipeinfer", (1, 2, 3, 4)),
-                                               pytest.param("pipespec2", (2, 8), marks=STALE)])
+                                               ("pipespec-sync2", (2, 8)), ("pipespec2", (4, 16))])
 def test_tokens_per_verification_never_exceed_one_over_one_minus_alpha(strategy, windows):
     alpha = 0.7
     for window in windows:
