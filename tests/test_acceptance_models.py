@@ -123,3 +123,44 @@ def test_without_confidence_the_cut_off_changes_nothing():
                for cut in (0.0, 0.9)]
     assert results[0]["tokens_per_s"] == results[1]["tokens_per_s"]
     assert results[0]["runs_launched"] == results[1]["runs_launched"]
+
+
+def _chain(models: int, *sets: str):
+    from pipesim.scenario import load_scenario
+
+    chain = (["models.chain=[llama-3.2-1b]", "placement.chain_nodes=[[0],[1]]", "cluster.count=2",
+              "acceptance.chain_alphas=[0.7]"] if models == 2 else
+             ["placement.chain_nodes=[[0],[1],[2]]", "cluster.count=3", "acceptance.chain_alphas=[0.5,0.7]"])
+    return load_scenario("scenarios/pipespec-3model.yaml", ["workload.prompt_tokens=8", "strategy.name=pipespec-sync",
+                                                            "strategy.lookahead=8", *chain, *sets])
+
+
+@pytest.mark.parametrize("models", [2, 3])
+def test_chains_follow_the_markov_and_replay_models(models, tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from pipesim.cli import main
+
+    # markov: the target checks the most accurate draft's tokens, so its outcomes are the chain's
+    trace = simulate(_chain(models, "workload.generate_tokens=3000", "acceptance.model=markov",
+                            "acceptance.p_after_accept=0.85", "acceptance.p_after_reject=0.4"))
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(trace.to_json()))
+    assert main(["acceptance", "fit", str(path)]) == 0
+    fitted = yaml.safe_load(capsys.readouterr().out)["acceptance"]
+    commits = [r for r in trace.records if r.kind == "tokens"]
+    rejected = sum(1 for r in commits if r.checked > r.accepted)
+    after_right = sum(r.accepted for r in commits)
+    assert fitted["p_after_accept"] == pytest.approx(0.85, abs=4 * math.sqrt(0.85 * 0.15 / after_right))
+    assert fitted["p_after_reject"] == pytest.approx(0.4, abs=4 * math.sqrt(0.4 * 0.6 / rejected))
+    # replay: the recorded sequence decides (1, 1, 0 repeating: every third generated position is wrong)
+    replay = simulate(_chain(models, "workload.generate_tokens=300", "acceptance.model=replay",
+                             "acceptance.sequence=[1, 1, 0]"))
+    generated = 0
+    for r in (r for r in replay.records if r.kind == "tokens"):
+        if r.checked > r.accepted and r.n_tokens > r.accepted:  # a rejection: its position is a 0 of the sequence
+            assert (generated + r.accepted) % 3 == 2
+        generated += r.n_tokens
+    assert compute_metrics(replay)["drafted_accepted"] > 100
