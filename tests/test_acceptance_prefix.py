@@ -88,8 +88,7 @@ ALL_ALPHAS = (0.3, 0.5, 0.8)
 PASSING = ("speculative", "pipeinfer", "speed", "pipespec-sync2", "pipespec-sync3")
 if os.environ.get("PIPESIM_ACCEPTANCE_ALL"):
     CASES = [(name, alpha, _tokens(alpha)) for name in PASSING for alpha in ALL_ALPHAS]
-    CASES += [pytest.param(name, alpha, _tokens(alpha), marks=STALE)
-              for name in ("pipespec2", "pipespec3") for alpha in ALL_ALPHAS]
+    CASES += [pytest.param(name, alpha, 600, marks=STALE) for name in ("pipespec2", "pipespec3") for alpha in ALL_ALPHAS]
 else:
     CASES = [("speculative", 0.5, _tokens(0.5)), ("speculative", 0.8, _tokens(0.8)),
              ("pipeinfer", 0.6, _tokens(0.6)), ("speed", 0.6, _tokens(0.6)),
