@@ -69,6 +69,7 @@ def _scenario(strategy: str, alpha: float, n_tokens: int, window: int, seed: int
 def _pooled_runs(strategy: str, alpha: float, n_tokens: int, window: int, piece: int = 3000) -> list[int]:
     """The runs of generations of ``piece`` tokens (seeds 0, 1, ...) until ``n_tokens`` are generated."""
     runs: list[int] = []
+    piece = min(piece, n_tokens)
     for seed in range(math.ceil(n_tokens / piece)):
         runs += _runs(_commits(simulate(_scenario(strategy, alpha, piece, window, seed))))
     return runs
