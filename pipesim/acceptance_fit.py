@@ -134,14 +134,15 @@ def read_trace_windows(path: str | Path) -> Observations:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as error:
         raise FitInputError(f"{path}: not JSON ({error.msg} at line {error.lineno})") from None
-    traces = [entry.get("trace", entry) for entry in data] if isinstance(data, list) else [data]
+    traces = [entry.get("trace", entry) if isinstance(entry, dict) else entry for entry in data] \
+        if isinstance(data, list) else [data]
     observations = Observations()
     for index, trace in enumerate(traces):
         if not isinstance(trace, dict) or "records" not in trace:
             raise FitInputError(f"{path}: entry {index} is not a trace (no 'records')")
         try:
             observations.add_generation(trace_windows(trace))
-        except (TypeError, ValueError, IndexError) as error:
+        except (TypeError, ValueError, LookupError, AttributeError) as error:
             raise FitInputError(f"{path}: entry {index}: unreadable records ({error})") from None
     if not observations.windows:
         raise FitInputError(f"{path}: no verified drafted tokens in it (a trace of a strategy that drafts?)")

@@ -135,6 +135,8 @@ def test_markov_fit_from_a_simulated_trace_recovers_the_scenario_chain(tmp_path,
     ("p.csv", "probability,accepted\n0.5,2\n", "p.csv:2: '0.5,2'"),
     ("t.json", "{\"records\": []}", "no verified drafted tokens"),
     ("t.json", "[1, 2", "not JSON"),
+    ("t.json", "[1, 2]", "entry 0 is not a trace"),
+    ("t.json", "{\"records\": [[\"tokens\", 0]]}", "entry 0: unreadable records"),
 ])
 def test_bad_fit_input_is_one_line_naming_the_file(tmp_path, capsys, name, text, message):
     path = tmp_path / name
