@@ -17,6 +17,7 @@ Inputs:
   probability of its token and whether the target accepted it (1/0), for the confidence model.
 
 Fits (maximum likelihood; the README's "Acceptance models" has the formulas): ``iid`` alpha = accepted / checked;
+``replay`` the outcome observed at each generated position (unchecked ones drawn i.i.d. at alpha);
 ``positional`` alphas[d] = accepted at window depth d / checked at depth d; ``markov`` p_after_accept and
 p_after_reject maximise the likelihood of every pair of consecutive observed outcomes, k positions apart, under
 the chain's k-step transition probabilities; ``confidence`` Beta(a, b) of the accepted tokens' probabilities and of
@@ -40,10 +41,10 @@ import numpy as np
 from .cli_args import check_output_file, int_at_least
 from .trace import records_from_json
 
-__all__ = ["Observations", "fit_iid", "fit_markov", "fit_positional", "fit_confidence", "read_windows",
+__all__ = ["Observations", "fit_iid", "fit_markov", "fit_positional", "fit_replay", "fit_confidence", "read_windows",
            "read_trace_windows", "read_pairs", "register"]
 
-FIT_MODELS = ("iid", "positional", "markov")
+FIT_MODELS = ("iid", "positional", "markov", "replay")
 
 
 class FitInputError(ValueError):
@@ -258,6 +259,22 @@ def _grid_maximum(counts: Counter) -> tuple[float, float]:
     return centre
 
 
+def fit_replay(observations: Observations, seed: int = 0, margin: int = 64) -> dict[str, Any]:
+    """The observed outcome per generated position (generations one after another), for ``acceptance.model:
+    replay``; positions never checked (bonus tokens, tokens decoded without a draft, ``margin`` positions past the
+    last) are drawn i.i.d. at the fitted alpha with ``seed``."""
+    alpha = fit_iid(observations)["alpha"]
+    rng = np.random.default_rng(seed)
+    sequence: list[int] = []
+    for index, stream in enumerate(observations.streams):
+        length = stream[-1][0] + 1 + (margin if index == len(observations.streams) - 1 else 0)
+        filled = (rng.random(length) < alpha).astype(int).tolist()
+        for position, outcome in stream:
+            filled[position] = outcome
+        sequence.extend(filled)
+    return {"model": "replay", "sequence": sequence, "alpha": alpha}
+
+
 def fit_confidence(pairs: Sequence[tuple[float, int]]) -> dict[str, Any]:
     """Beta(a, b) of the accepted and of the rejected tokens' probabilities (method of moments), and alpha."""
     fitted: dict[str, Any] = {"confidence": True}
@@ -287,7 +304,7 @@ def _round(value: float) -> float:
 # -- the command -------------------------------------------------------------------------------------------
 
 def fit_file(path: str, model: str | None, input_format: str, max_depth: int,
-             confidence: str | None) -> tuple[dict[str, Any], str]:
+             confidence: str | None, seed: int = 0) -> tuple[dict[str, Any], str]:
     """The fitted ``acceptance:`` fields of one input (and a one-line summary of what they came from)."""
     kind = input_format if input_format != "auto" else _detect(path)
     if kind == "pairs":
@@ -304,6 +321,8 @@ def fit_file(path: str, model: str | None, input_format: str, max_depth: int,
         fields = fit_iid(observations)
     elif model == "positional":
         fields = fit_positional(observations, max_depth)
+    elif model == "replay":
+        fields = fit_replay(observations, seed)
     else:
         fields = fit_markov(observations)
     summary = (f"{len(observations.windows)} windows, {observations.n_checked} checked drafted tokens, "
@@ -322,7 +341,8 @@ def _detect(path: str) -> str:
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     try:
-        fields, summary = fit_file(args.input, args.model, args.input_format, args.max_depth, args.confidence)
+        fields, summary = fit_file(args.input, args.model, args.input_format, args.max_depth, args.confidence,
+                                   args.seed)
     except FitInputError as error:
         print(f"pipesim acceptance fit: error: {error}", file=sys.stderr)
         return 2
@@ -344,7 +364,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = acceptance.add_subparsers(dest="acceptance_command", metavar="{fit}")
     acceptance.set_defaults(func=lambda args: (acceptance.print_help(sys.stderr), 2)[1])
     fit = actions.add_parser(
-        "fit", help="fit iid / positional / markov (and the confidence model) to recorded drafts",
+        "fit", help="fit iid / positional / markov / replay (and the confidence model) to recorded drafts",
         description="Fit an acceptance model to recorded verification outcomes and print the scenario's "
                     "acceptance: fields as YAML. INPUT: a trace JSON (pipesim run --save-trace), a text file of "
                     "accept/reject windows (one per line, 1/0; a blank line starts another generation) or a CSV of "
@@ -356,6 +376,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="what INPUT holds (auto: .json a trace, .csv pairs, anything else windows)")
     fit.add_argument("--max-depth", type=int_at_least(1), default=16, help="positional: most depths fitted")
     fit.add_argument("--confidence", metavar="PAIRS.csv", help="also fit the confidence model from these pairs")
+    fit.add_argument("--seed", type=int_at_least(0), default=0,
+                     help="replay: seed of the i.i.d. draws at unchecked positions")
     fit.add_argument("--out", metavar="FILE", type=check_output_file, help="write the YAML here (default: stdout)")
     fit.set_defaults(func=_cmd_fit)
 

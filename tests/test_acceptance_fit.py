@@ -160,3 +160,26 @@ def test_trace_windows_place_outcomes_at_their_positions_and_skip_a_cut_commit()
                commit(3, 2, 4, 2)]  # cut by the end of generation: 2 kept, no correction, so no rejection
     trace = Trace("simulated", "pipespec", "t", ["n0", "n1"], records=records)
     assert trace_windows(trace.to_json()) == [(1, [1, 1, 0]), (4, [1, 1, 1]), (8, [1, 1])]
+
+
+def test_replay_fit_reproduces_the_recorded_run(tmp_path, capsys):
+    from pipesim.metrics import compute_metrics
+    from pipesim.scenario import load_cli_scenario
+    from pipesim.sim import simulate
+
+    recorded = [int(u < 0.6) for u in np.random.default_rng(2).random(400)]
+    sets = ["workload.generate_tokens=300", "strategy.gamma=5", "acceptance.model=replay"]
+    first = simulate(load_cli_scenario(None, [*sets, f"acceptance.sequence={recorded}"], "speculative"))
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(first.to_json()))
+    assert main(["acceptance", "fit", str(path), "--model", "replay", "--seed", "5"]) == 0
+    fitted = yaml.safe_load(capsys.readouterr().out)["acceptance"]
+    # every checked position holds what the recorded sequence said there
+    generated = 0
+    for r in (r for r in first.records if r.kind == "tokens"):
+        for i in range(r.checked):
+            assert fitted["sequence"][generated + i] == recorded[generated + i]
+        generated += r.n_tokens
+    again = simulate(load_cli_scenario(None, [*sets, f"acceptance.sequence={fitted['sequence']}"], "speculative"))
+    keys = ("drafted_checked", "drafted_accepted", "tokens_per_s", "runs_launched")
+    assert {k: compute_metrics(again)[k] for k in keys} == {k: compute_metrics(first)[k] for k in keys}
