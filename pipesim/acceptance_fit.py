@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -247,6 +248,21 @@ def fit_markov(observations: Observations) -> dict[str, Any]:
     return {"model": "markov", "p_after_accept": _round(p_aa), "p_after_reject": _round(p_ar), **_alpha(observations)}
 
 
+def compare_iid_markov(observations: Observations) -> tuple[float, float] | None:
+    """The mean log-likelihood per observed transition under the fitted iid and markov models (higher fits
+    better; None when the chain cannot be fitted)."""
+    counts = transition_counts(observations)
+    n = sum(counts.values())
+    try:
+        markov = fit_markov(observations)
+    except FitInputError:
+        return None
+    alpha = observations.n_accepted / observations.n_checked
+    iid = sum(k * math.log(max(alpha if end else 1 - alpha, 1e-300)) for (_g, _a, end), k in counts.items())
+    chain = float(markov_log_likelihood(counts, np.array(markov["p_after_accept"]), np.array(markov["p_after_reject"])))
+    return iid / n, chain / n
+
+
 def _grid_maximum(counts: Counter) -> tuple[float, float]:
     """The likelihood's maximum on a grid over (0, 1)^2, refined twice around the best point."""
     centre, half, steps = (0.5, 0.5), 0.5, 401
@@ -327,6 +343,10 @@ def fit_file(path: str, model: str | None, input_format: str, max_depth: int,
         fields = fit_markov(observations)
     summary = (f"{len(observations.windows)} windows, {observations.n_checked} checked drafted tokens, "
                f"{observations.n_accepted} accepted, {len(observations.streams)} generation(s)")
+    compared = compare_iid_markov(observations)
+    if compared is not None:
+        summary += (f"\n# mean log-likelihood per observed transition (higher fits better): iid {compared[0]:.4f}, "
+                    f"markov {compared[1]:.4f}")
     if confidence:
         pairs = read_pairs(confidence)
         fields.update({k: v for k, v in fit_confidence(pairs).items() if k != "alpha"})
@@ -352,7 +372,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
-        print(f"acceptance fields written to {out} ({summary})")
+        print(f"acceptance fields written to {out} ({summary.splitlines()[0]})")
     else:
         print(text, end="")
     return 0

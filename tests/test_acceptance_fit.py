@@ -183,3 +183,20 @@ def test_replay_fit_reproduces_the_recorded_run(tmp_path, capsys):
     again = simulate(load_cli_scenario(None, [*sets, f"acceptance.sequence={fitted['sequence']}"], "speculative"))
     keys = ("drafted_checked", "drafted_accepted", "tokens_per_s", "runs_launched")
     assert {k: compute_metrics(again)[k] for k in keys} == {k: compute_metrics(first)[k] for k in keys}
+
+
+@pytest.mark.parametrize("p_aa, p_ar, markov_better", [(0.9, 0.3, True), (0.7, 0.7, False)])
+def test_the_fit_says_whether_markov_fits_better_than_iid(tmp_path, capsys, p_aa, p_ar, markov_better):
+    outcomes = _markov_outcomes(np.random.default_rng(4), 30_000, p_aa, p_ar)
+    path = tmp_path / "windows.txt"
+    path.write_text("\n".join("".join(map(str, w)) for w in _speculative_windows(outcomes, 5)) + "\n")
+    assert main(["acceptance", "fit", str(path)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "log-likelihood" in x)
+    iid, markov = (float(x.split()[-1]) for x in line.split(":")[-1].split(","))
+    # by hand, about: the entropy gap of a chain with these rates (0.9, 0.3: stationary 0.75) against a coin of
+    # 0.75 (the windows visit the two states in slightly other proportions than the chain's stationary ones)
+    if markov_better:
+        h = lambda p: -(p * math.log(p) + (1 - p) * math.log(1 - p))  # noqa: E731
+        assert markov - iid == pytest.approx(h(0.75) - (0.75 * h(0.9) + 0.25 * h(0.3)), abs=0.02)
+    else:
+        assert abs(markov - iid) < 0.002
