@@ -102,11 +102,12 @@ class _Head(HeadDriver):
 
     def begin_draft(self, request) -> _DraftTask:
         draft = self.engine.draft
-        confident = getattr(draft, "propose_confident", None)  # a draft that reports confidences stops below
-        if confident is not None:  # the request's threshold
+        confident = getattr(draft, "propose_confident", None)  # a test draft that reports confidences itself
+        if confident is not None:  # and stops below the request's threshold
             return _DraftTask(request, confident(len(request.context), request.n_tokens, request.committed_len,
                                                  request.min_confidence))
-        return _DraftTask(request, draft.propose(len(request.context), request.n_tokens, request.committed_len))
+        return _DraftTask(request, draft.propose(request.context, request.n_tokens, request.committed_len,
+                                                 request.min_confidence).tokens)
 
     def end_draft(self, task) -> None:
         pass

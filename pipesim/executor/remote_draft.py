@@ -92,7 +92,10 @@ class RemoteDraftTask:
         self.steps += 1
         # what the draft holds for sure: the context, and the tokens it was fed after it (as the simulator's)
         drafter.known = list(self.request.context) + self.tokens[:self.steps - 1]
-        if self.proposals is not None:
+        if self.proposals is not None:  # the oracle's token; past its last one, its stop below the cut-off
+            if len(self.tokens) >= len(self.proposals):
+                self.done = True
+                return n_fed
             token = self.proposals[len(self.tokens)]
         elif confidence < self.request.min_confidence or math.isnan(confidence):
             self.done = True  # not confident enough: stop before this token
@@ -123,7 +126,8 @@ class RemoteDrafter:
     def begin(self, request: RequestDraft) -> RemoteDraftTask:
         proposals = None
         if self.oracle is not None:
-            proposals = self.oracle.propose(len(request.context), request.n_tokens, request.committed_len)
+            proposals = self.oracle.propose(request.context, request.n_tokens, request.committed_len,
+                                            request.min_confidence).tokens
         self._next_id += 1
         self._replies.clear()  # early replies of an abandoned draft
         return RemoteDraftTask(self, request, self._next_id, proposals)
