@@ -104,7 +104,7 @@ class _Head(HeadDriver):
         draft = self.engine.draft
         confident = getattr(draft, "propose_confident", None)  # a test draft that reports confidences itself
         if confident is not None:  # and stops below the request's threshold
-            return _DraftTask(request, confident(len(request.context), request.n_tokens, request.committed_len,
+            return _DraftTask(request, confident(request.context, request.n_tokens, request.committed_len,
                                                  request.min_confidence))
         return _DraftTask(request, draft.propose(request.context, request.n_tokens, request.committed_len,
                                                  request.min_confidence).tokens)

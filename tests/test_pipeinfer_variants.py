@@ -89,9 +89,10 @@ class _ConfidentDraft:
         self.oracle, self.right, self.wrong = oracle, right, wrong
         self.thresholds: list[float] = []
 
-    def propose_confident(self, context_len, n_tokens, committed_len, min_confidence):
+    def propose_confident(self, context, n_tokens, committed_len, min_confidence):
         self.thresholds.append(min_confidence)
-        tokens = self.oracle.propose(context_len, n_tokens, committed_len)
+        context_len = len(context)
+        tokens = self.oracle.propose(context, n_tokens, committed_len).tokens
         kept = []
         for i, token in enumerate(tokens):
             confidence = self.right if token == self.oracle.tokens.token(context_len + i) else self.wrong
