@@ -90,8 +90,8 @@ def window_outcomes(trace) -> tuple[int, int, list[int | None]]:
 
 
 def predict(strategy_sets: str, prompt_len: int, n_tokens: int, profile: Path, acceptance: list[str],
-            seeds: int) -> float:
-    """The simulator's decode tokens/s for one generation (mean over acceptance seeds where they matter)."""
+            seeds: int) -> tuple[float, float]:
+    """The simulator's decode tokens/s and acceptance rate for one generation (means over acceptance seeds)."""
     from pipesim.metrics import compute_metrics
     from pipesim.scenario import load_scenario
     from pipesim.sim import simulate
@@ -101,11 +101,12 @@ def predict(strategy_sets: str, prompt_len: int, n_tokens: int, profile: Path, a
              f"cluster.profile={profile}", *acceptance]
     if "strategy.name=pipespec" in strategy_sets:
         sets.append(f"cluster.chain_profiles=[{profile}]")  # the draft's layers and head are the target's own
-    values = []
+    rates, accepted = [], []
     for seed in range(seeds):
-        scenario = load_scenario(SCENARIO, [*sets, f"acceptance.seed={seed}"])
-        values.append(compute_metrics(simulate(scenario))["tokens_per_s"])
-    return statistics.fmean(values)
+        metrics = compute_metrics(simulate(load_scenario(SCENARIO, [*sets, f"acceptance.seed={seed}"])))
+        rates.append(metrics["tokens_per_s"])
+        accepted.append(metrics.get("acceptance_rate") or 0.0)
+    return statistics.fmean(rates), statistics.fmean(accepted)
 
 
 def _acceptance_models(strategy: str, alpha: float, sequence: list[int], markov: dict | None) -> dict[str, list]:
@@ -132,6 +133,48 @@ def fit_markov(sequences: list[list[int]]) -> dict | None:
     except ImportError:
         return None
     return fit(sequences)
+
+
+def _summary(results: list[dict], started: str, load_before, load_after, args) -> str:
+    """Markdown: the error of each acceptance model per strategy, and every generation."""
+    models = [m for m in ("iid", "replay", "markov") if any(r["model"] == m for r in results)]
+    lines = [f"Measured {started} (load average {load_before[0]:.2f} before, {load_after[0]:.2f} after the executor "
+             f"job, 2 CPUs); profile `{args.profile}`; {args.prompts} prompts x up to {args.tokens} tokens.", "",
+             "Median |relative error| of the predicted decode tokens/s (and the signed median), by strategy:", "",
+             "| strategy | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    for strategy in ("iterative", *STRATEGIES):
+        cells = []
+        for model in (["-"] if strategy == "iterative" else models):
+            errs = [r["rel_error"] for r in results if r["strategy"] == strategy and r["model"] == model]
+            cells.append(f"{statistics.median(abs(e) for e in errs):.1%} ({statistics.median(errs):+.1%})"
+                         if errs else "n/a")
+        lines.append(f"| {strategy} | " + " | ".join(cells + [""] * (len(models) - len(cells))) + " |")
+    lines += ["", "Acceptance rate (drafted tokens accepted / checked), measured and predicted (mean of the "
+              "generations; load-independent for speculative):", "",
+              "| strategy | measured | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    for strategy in STRATEGIES:
+        mine = [r for r in results if r["strategy"] == strategy]
+        measured = statistics.fmean(r["measured_acceptance_rate"] or 0.0 for r in mine if r["model"] == models[0])
+        cells = [f"{statistics.fmean(r['predicted_acceptance_rate'] for r in mine if r['model'] == m):.3f}"
+                 for m in models]
+        lines.append(f"| {strategy} | {measured:.3f} | " + " | ".join(cells) + " |")
+    lines += ["", "Every generation (tok/s measured, then predicted with each model; alpha: measured i.i.d. rate; "
+              "consistent: checked positions whose measured outcome equals the draft's prefix-consistent agreement):",
+              "", "| prompt | strategy | measured | " + " | ".join(models) + " | alpha | consistent | same output |",
+              "|---|---|---|" + "---|" * len(models) + "---|---|---|"]
+    keys = sorted({(r["prompt"], r["strategy"]) for r in results},
+                  key=lambda k: (k[0], ["iterative", *STRATEGIES].index(k[1])))
+    for prompt, strategy in keys:
+        rows = {r["model"]: r for r in results if r["prompt"] == prompt and r["strategy"] == strategy}
+        first = next(iter(rows.values()))
+        preds = [f"{rows[m]['predicted_tokens_per_s']:.2f}" if m in rows else "" for m in models]
+        if strategy == "iterative":
+            preds = [f"{rows['-']['predicted_tokens_per_s']:.2f}"] + [""] * (len(models) - 1)
+        alpha = f"{first['alpha']:.2f}" if "alpha" in first else ""
+        consistent = first.get("replay_consistent")
+        lines.append(f"| {prompt} | {strategy} | {first['measured_tokens_per_s']:.2f} | " + " | ".join(preds) +
+                     f" | {alpha} | {'' if consistent is None else f'{consistent:.2f}'} | {first['matches_iterative']} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,18 +222,19 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for row in measured:
         if row["strategy"] == "iterative":
-            value = predict(row["variant"], row["prompt_tokens"], row["generated"], args.profile, [], 1)
+            value, _ = predict(row["variant"], row["prompt_tokens"], row["generated"], args.profile, [], 1)
             results.append({**row, "model": "-", "predicted_tokens_per_s": value})
             continue
         models = _acceptance_models(row["strategy"], round(row["alpha"], 4), sequences[row["prompt"]], markov)
         for name, acceptance in models.items():
             seeds = args.seeds if name in ("iid", "markov") else 1
-            value = predict(row["variant"], row["prompt_tokens"], row["generated"], args.profile, acceptance, seeds)
-            results.append({**row, "model": name, "predicted_tokens_per_s": value})
+            value, rate = predict(row["variant"], row["prompt_tokens"], row["generated"], args.profile, acceptance,
+                                  seeds)
+            results.append({**row, "model": name, "predicted_tokens_per_s": value, "predicted_acceptance_rate": rate})
     for r in results:
         r["rel_error"] = r["predicted_tokens_per_s"] / r["measured_tokens_per_s"] - 1
     fields = ["prompt", "strategy", "model", "measured_tokens_per_s", "predicted_tokens_per_s", "rel_error", "alpha",
-              "accepted", "rejected", "measured_acceptance_rate", "checked_positions", "replay_consistent",
+              "accepted", "rejected", "measured_acceptance_rate", "predicted_acceptance_rate", "checked_positions", "replay_consistent",
               "prompt_tokens", "generated", "matches_iterative"]
     with (args.out / "results.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fields, extrasaction="ignore")
@@ -201,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         "started": started, "load_average_before": load_before, "load_average_after": load_after,
         "prompts": prompts, "draft": DRAFT, "profile": str(args.profile), "markov_fit": markov,
         "agreement": sequences, "generations": measured}, indent=1))
-    print(f"wrote {args.out / 'results.csv'} and {args.out / 'measured.json'}", file=sys.stderr)
+    (args.out / "summary.md").write_text(_summary(results, started, load_before, load_after, args))
+    print(f"wrote {args.out / 'results.csv'}, measured.json and summary.md", file=sys.stderr)
     return 0
 
 
