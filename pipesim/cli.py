@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import acceptance_fit
 from . import plan as plan_commands
 from .calibration import calibrate, validate
 from .cli_args import OneLineParser, check_output_file
@@ -106,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", action="store_true", help="print one JSON object with the metrics")
     sim.set_defaults(func=_cmd_simulate)
 
-    for module in (model_commands, executor_commands, report_commands, calibrate, validate, plan_commands):
+    for module in (model_commands, executor_commands, report_commands, calibrate, validate, plan_commands,
+                   acceptance_fit):
         module.register(sub)  # a broken import is an error here, never a silently missing command
     return parser
 

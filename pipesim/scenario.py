@@ -303,7 +303,7 @@ class PlacementConfig(_Strict):
 class AcceptanceConfig(_Strict):
     """How often drafted tokens match the target (simulator and oracle drafts)."""
 
-    model: Literal["iid", "positional", "replay"] = "iid"
+    model: Literal["iid", "positional", "replay", "markov"] = "iid"
     alpha: float = Field(0.7, ge=0.0, le=1.0, description="i.i.d. acceptance probability per drafted token")
     alphas: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
         default_factory=list, description="positional: acceptance by depth ahead of the committed sequence")
@@ -315,7 +315,26 @@ class AcceptanceConfig(_Strict):
     chain_alphas: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
         default_factory=list, description="PipeSpec: per draft model (smallest first), how often its token equals "
                                           "the target's (non-decreasing; default: alpha^((k-i)/k))")
+    p_after_accept: float | None = Field(
+        None, ge=0.0, le=1.0, description="markov: P(draft right at a position | right at the one before)")
+    p_after_reject: float | None = Field(
+        None, ge=0.0, le=1.0, description="markov: P(draft right at a position | wrong at the one before)")
+    p_first: float | None = Field(
+        None, ge=0.0, le=1.0, description="markov: P(right at the first generated position) (default: the "
+                                          "stationary rate p_after_reject / (1 - p_after_accept + p_after_reject))")
+    confidence: bool = Field(False, description="the oracle draft reports a draft probability per token "
+                                                "(Beta by right/wrong) and stops below strategy.min_confidence")
+    confidence_right: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = Field(
+        (8.0, 2.0), description="confidence: Beta(a, b) of a right token's draft probability")
+    confidence_wrong: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = Field(
+        (2.0, 5.0), description="confidence: Beta(a, b) of a wrong token's draft probability")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_markov(self) -> AcceptanceConfig:
+        if self.model == "markov" and (self.p_after_accept is None or self.p_after_reject is None):
+            raise ValueError("model=markov needs p_after_accept and p_after_reject")
+        return self
 
 
 class WorkloadConfig(_Strict):

@@ -101,8 +101,8 @@ class _Head(HeadDriver):
         self.engine.rollbacks += type(message).__name__ == "SendRollback"
 
     def begin_draft(self, request) -> _DraftTask:
-        return _DraftTask(request, self.engine.draft.propose(len(request.context), request.n_tokens,
-                                                             request.committed_len))
+        return _DraftTask(request, self.engine.draft.propose(request.context, request.n_tokens,
+                                                             request.committed_len).tokens)
 
     def end_draft(self, task) -> None:
         pass

@@ -24,7 +24,7 @@ from pipesim.scheduling.strategies.pipespec import (
     StartRound,
     make_level,
 )
-from pipesim.world.acceptance import SyntheticTokens, level_predictor
+from pipesim.world.acceptance import AcceptanceModel, SyntheticTokens, level_predictor
 
 from .test_executor_mpi import by_variant, run_job, run_pipesim
 
@@ -58,10 +58,12 @@ def test_levels_draw_unique_run_ids():
 
 def test_oracle_predictor_couples_the_levels():
     tokens = SyntheticTokens(256, 0)
-    uniform = {p: (p % 10) / 10 for p in range(100)}.__getitem__
-    run = Run(run_id=1, tokens=[0] * 5, positions=list(range(10, 15)), seq_ids=(0,), speculative=True, output_from=0)
-    outputs = run.positions[run.output_from:]
-    low, high = level_predictor(tokens, uniform, 0.3)(outputs), level_predictor(tokens, uniform, 0.8)(outputs)
+    acceptance = AcceptanceModel("iid", 0.5, seed=4)
+    uniform = acceptance.uniform
+    positions = list(range(10, 15))
+    run = Run(run_id=1, tokens=[tokens.token(p) for p in positions], positions=positions, seq_ids=(0,),
+              speculative=True, output_from=0)
+    low, high = level_predictor(tokens, acceptance, 0.3)(run), level_predictor(tokens, acceptance, 0.8)(run)
     for p, a, b in zip(range(11, 16), low, high, strict=True):
         assert (a == tokens.token(p)) == (uniform(p) < 0.3) and (b == tokens.token(p)) == (uniform(p) < 0.8)
         assert a in (tokens.token(p), tokens.wrong(p)) and (a == b or a == tokens.wrong(p))

@@ -19,7 +19,7 @@ LAYERS: dict[str, int] = {
     "scheduling": 0,
     "strict": 0, "yamlio": 0, "cli_args": 0,
     "units": 1, "placement": 1, "executor_config": 1, "trace": 1, "hardware": 1,
-    "models": 2, "metrics": 2,
+    "models": 2, "metrics": 2, "acceptance_fit": 2,
     "scenario": 3,
     "world": 4, "describe": 4, "limits": 4,
     "sim": 5, "executor": 5,

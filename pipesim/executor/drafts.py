@@ -3,9 +3,10 @@
 A draft runs one forward step at a time (so the head can answer returned predictions between steps). What a
 step costs comes from a *runner*: a real model with its own KV cache (``torch_backend.ModelRunner``), a sleep
 for the roofline cost of the scenario's draft model (``EmulatedRunner``), or nothing (``FreeRunner``). The
-oracle proposes the target's own greedy token at a position with the acceptance model's probability, otherwise
-a different one (``pipesim.world.acceptance.OracleDraft``, decided per position from the seed), and uses its runner
-only for the cost; the model draft proposes its runner's greedy tokens.
+oracle proposes the target's own greedy token at a position with the acceptance model's probability while its
+context is the target's sequence, otherwise a different one (``pipesim.world.acceptance.OracleDraft``, decided per
+position from the seed; with a confidence model it stops at a token below the request's cut-off, after the step
+that drafted it), and uses its runner only for the cost; the model draft proposes its runner's greedy tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Protocol
 
 from ..scheduling import RequestDraft
 from ..scheduling.prefix import common_prefix_len
-from ..world.acceptance import OracleDraft
+from ..world.acceptance import OracleDraft, Proposal
 from ..world.costs import NodeProfile
 from .emulation import sleep_until
 
@@ -85,20 +86,29 @@ class ReferenceTokens:
 class DraftTask:
     """One draft request in progress: ``step()`` runs one draft forward (the first processes the context)."""
 
-    def __init__(self, request: RequestDraft, runner: DraftRunner, proposals: list[int] | None) -> None:
+    def __init__(self, request: RequestDraft, runner: DraftRunner, proposal: Proposal | None) -> None:
         self.request = request
         self.runner = runner
-        self.proposals = proposals
+        self.proposal = proposal
         self.tokens: list[int] = []
         self.pending = runner.rewind(request.context)
-        self.done = request.n_tokens <= 0
+        self.done = request.n_tokens <= 0 or (proposal is not None and proposal.n_steps == 0)
 
     def step(self) -> int:
         """Run one draft forward; returns how many tokens it processed."""
         fed = self.pending
         token, confidence = self.runner.feed(fed)
-        if self.proposals is not None:
-            token = self.proposals[len(self.tokens)]
+        if self.proposal is not None:  # the oracle's token, or its stop below the confidence cut-off
+            proposed = self.proposal.tokens
+            if len(self.tokens) >= len(proposed):
+                self.done = True
+                return len(fed)
+            token = proposed[len(self.tokens)]
+            if len(self.tokens) + 1 == len(proposed) and not self.proposal.stopped:
+                self.tokens.append(token)
+                self.pending = [token]
+                self.done = True
+                return len(fed)
         elif confidence < self.request.min_confidence or math.isnan(confidence):
             self.done = True  # not confident enough: stop before this token
             return len(fed)
@@ -116,7 +126,8 @@ class Drafter:
         self.oracle = oracle
 
     def begin(self, request: RequestDraft) -> DraftTask:
-        proposals = None
+        proposal = None
         if self.oracle is not None:
-            proposals = self.oracle.propose(len(request.context), request.n_tokens, request.committed_len)
-        return DraftTask(request, self.runner, proposals)
+            proposal = self.oracle.propose(request.context, request.n_tokens, request.committed_len,
+                                           request.min_confidence)
+        return DraftTask(request, self.runner, proposal)

@@ -63,7 +63,7 @@ class Head:
     def __init__(self, strategy: Strategy, pipeline: Sequence[int], level_heads: Sequence[int], level: int,
                  backend: StageBackend, drafter: Drafter | None, messenger: Messenger, clock: Clock,
                  records: list[Record], node_name: str, deadline: float, verify_sleep: float = 0.0,
-                 fault: bool = False, early_oracle: Callable[[int], int] | None = None,
+                 fault: bool = False, early_oracle: Callable[[int, int | None], int] | None = None,
                  predict: Callable[[Run], list[int]] | None = None) -> None:
         self.pipeline = list(pipeline)
         self.level_heads = list(level_heads)
@@ -77,7 +77,7 @@ class Head:
         self.deadline = deadline
         self.verify_sleep = verify_sleep
         self.fault = fault
-        self.early_oracle = early_oracle  # SPEED: the oracle's early prediction for a position
+        self.early_oracle = early_oracle  # SPEED: the oracle's early prediction for a position after a token
         self.predict = predict  # an oracle level of a chain: its predictions for a run
         self.runs: dict[int, Run] = {}  # runs that left the head, for the oracle's predictions
         self.stopped = False  # FINISH from the target's head (chains)
@@ -171,7 +171,8 @@ class Head:
                 if token < 0:
                     if self.early_oracle is None:
                         raise RuntimeError("an early exit asks the head's oracle, but none is configured")
-                    token = self.early_oracle(message.position)
+                    run = self.runs.get(message.run_id)
+                    token = self.early_oracle(message.position, run.tokens[-1] if run is not None else None)
                 driver.early_exit_arrived(message.run_id, token)
             elif envelope.tag == TAG_CHAIN:
                 message = decode_chain(envelope.body)
@@ -215,7 +216,7 @@ class Head:
             self.driver.records.append(Record("compute", now - seconds, now, self.name, msg.run_id, 1, what="exit",
                                               stage=msg.exit_layer))
             if token < 0:
-                token = self.early_oracle(msg.positions[-1] + 1)
+                token = self.early_oracle(msg.positions[-1] + 1, msg.tokens[-1])
             self.driver.early_exit_arrived(msg.run_id, token)
 
         return on_exit

@@ -252,14 +252,15 @@ class RankRuntime:
             else:
                 parts.drafter = Drafter(self._oracle_runner(plan, world, store, capacity), oracle)
         if plan.early_exit == "oracle":
-            def early_oracle(position: int) -> int:  # as the simulator: right where the draft oracle would be
-                right = acceptance.correct(position, 0)
+            def early_oracle(position: int, previous: int | None) -> int:  # as the simulator: against the prefix
+                on_target = previous is None or previous == tokens.token(position - 1)
+                right = on_target and acceptance.correct(position, 0)
                 return tokens.token(position) if right else tokens.wrong(position)
 
             parts.early_oracle = early_oracle
         if plan.chain and not level.is_target and plan.oracle:
-            predict = level_predictor(tokens, acceptance.uniform, world.pipelines[level.index].accuracy)
-            parts.predict = lambda run: predict(run.positions[run.output_from:])
+            parts.predict = level_predictor(tokens, acceptance, world.pipelines[level.index].accuracy,
+                                            max(p.accuracy for p in world.pipelines[:-1]))
         return parts
 
     def _oracle_runner(self, plan: Plan, world: World, store, capacity: int):

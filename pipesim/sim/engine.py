@@ -68,11 +68,12 @@ class _DraftTask:
     tokens: list[int]
     first_batch: int
     context_start: int
+    n_steps: int  # draft forwards: one per token, and one more for a token dropped below the confidence cut-off
     step: int = 0
 
     @property
     def done(self) -> bool:
-        return self.step >= len(self.tokens)
+        return self.step >= self.n_steps
 
 
 class _Line:
@@ -94,10 +95,12 @@ class _Line:
         self.draft_cache: tuple[int, ...] = ()
         self.frame_bytes: dict[int, tuple[float, float]] = {}  # run id -> (header, with activations)
         tokens = engine.world.tokens
+        self.level_oracle = not pipeline.is_target  # predictions from the run (its prefix), not its positions
         if pipeline.is_target:
             self.predict = tokens.predictions
         else:  # a draft model of a chain
-            self.predict = level_predictor(tokens, engine.acceptance.uniform, pipeline.accuracy)
+            self.predict = level_predictor(tokens, engine.acceptance, pipeline.accuracy,
+                                           max(p.accuracy for p in engine.world.pipelines[:-1]))
 
     # -- the driver's port -----------------------------------------------------------------------------
     def now(self) -> float:
@@ -127,8 +130,9 @@ class _Line:
     def begin_draft(self, request: RequestDraft) -> _DraftTask:
         context = request.context
         cached = min(common_prefix_len(self.draft_cache, context), len(context) - 1)
-        tokens = self.engine.draft.propose(len(context), request.n_tokens, request.committed_len)
-        return _DraftTask(request, tokens, first_batch=len(context) - cached, context_start=cached)
+        proposal = self.engine.draft.propose(context, request.n_tokens, request.committed_len, request.min_confidence)
+        return _DraftTask(request, proposal.tokens, first_batch=len(context) - cached, context_start=cached,
+                          n_steps=proposal.n_steps)
 
     def end_draft(self, task: _DraftTask) -> None:
         """The draft model holds in its cache what the task's steps processed."""
@@ -252,7 +256,8 @@ class SimulationEngine:
             self._wake(stage.wakeup, stage.idle_since, delivered)
 
     def _deliver_predictions(self, line: _Line, run: Run, delivered: float | None = None) -> None:
-        line.driver.predictions_arrived(run.run_id, line.predict(run.positions[run.output_from:]), run.n_outputs)
+        predictions = line.predict(run) if line.level_oracle else line.predict(run.positions[run.output_from:])
+        line.driver.predictions_arrived(run.run_id, predictions, run.n_outputs)
         if line.wakeup is not None and not line.wakeup.triggered:
             self._wake(line.wakeup, line.idle_since, delivered)
 
@@ -329,8 +334,9 @@ class SimulationEngine:
         exit_head = line.pipeline.cost.output_head_time(node, 1)
         offset = node.overhead_per_run + (exit_layer - stage.layers[0] + 1) * cost.per_layer + exit_head
         position = run.last_position + 1
-        right = self.acceptance.correct(position, 0)
         tokens = self.world.tokens
+        # against the prefix: a run whose token is wrong predicts a wrong one (its chain was right up to it)
+        right = run.tokens[-1] == tokens.token(run.last_position) and self.acceptance.correct(position, 0)
         token = tokens.token(position) if right else tokens.wrong(position)
 
         def emit(_event) -> None:

@@ -15,7 +15,7 @@ from typing import Protocol
 from ..models.catalog import ModelSpec
 from ..placement import split_layers
 from ..scenario import CHAIN_STRATEGIES, Scenario
-from .acceptance import AcceptanceModel, OracleDraft, SyntheticTokens
+from .acceptance import AcceptanceModel, ConfidenceModel, OracleDraft, SyntheticTokens
 from .costs import NodeProfile, Payloads, StageCost, make_cost_model, scenario_nodes
 from .memory import check_memory_fit
 from .network import Network
@@ -87,8 +87,10 @@ class World:
         scenario = self.scenario
         acc = scenario.acceptance
         prompt = scenario.workload.prompt_tokens if prompt_len is None else prompt_len
+        confidence = ConfidenceModel(acc.confidence_right, acc.confidence_wrong) if acc.confidence else None
         return AcceptanceModel(acc.model, scenario.acceptance_alpha(), acc.alphas, acc.sequence, prompt_len=prompt,
-                               seed=self.acceptance_seed)
+                               seed=self.acceptance_seed, p_after_accept=acc.p_after_accept,
+                               p_after_reject=acc.p_after_reject, p_first=acc.p_first, confidence=confidence)
 
     def oracle_draft(self, acceptance: AcceptanceModel, tokens=None) -> OracleDraft:
         return OracleDraft(self.tokens if tokens is None else tokens, acceptance)
