@@ -6,8 +6,9 @@ this machine, predicts each generation's tokens/s with several acceptance models
   drafts), the maximum-likelihood rate of its windows), averaged over ``--seeds`` acceptance seeds;
 - ``replay``: the draft's real per-position agreement with the target (measured without MPI: the draft sees the
   target's own prefix at every position of the generated text, ``pipesim.models.draft_eval``), replayed;
-- ``markov``: a two-state Markov model fitted to the same agreement sequences (``acceptance.model: markov``), when
-  the simulator has it.
+- ``markov``: the two-state Markov model (``acceptance.model: markov``: P(right | right before), P(right | wrong
+  before)) fitted by ``pipesim acceptance fit`` to the measured windows of all speculative and PipeInfer
+  generations of the study.
 
     pipesim calibrate scenarios/local-smollm2-draft.yaml --ranks 2 --out reports/acceptance-real/profile.yaml
     python benchmarks/acceptance_real.py --profile reports/acceptance-real/profile.yaml --out reports/acceptance-real
@@ -125,14 +126,20 @@ def _acceptance_models(strategy: str, alpha: float, sequence: list[int], markov:
     return models
 
 
-def fit_markov(sequences: list[list[int]]) -> dict | None:
-    """Two-state Markov fit of the agreement sequences: P(right | previous right), P(right | previous wrong), and
-    the first position's rate, as scenario fields (None when the simulator has no Markov model)."""
+def fit_markov(entries: list[dict], labels: list[tuple[str, str, str]]) -> dict | None:
+    """The two-state Markov model (``pipesim acceptance fit --model markov``) fitted to the measured verification
+    windows of the speculative and PipeInfer generations (None when the simulator has no Markov model)."""
     try:
-        from pipesim.acceptance_fit import fit_markov as fit  # helper 19a's
+        from pipesim.acceptance_fit import Observations, trace_windows
+        from pipesim.acceptance_fit import fit_markov as fit
     except ImportError:
         return None
-    return fit(sequences)
+    observations = Observations()
+    for (_prompt, strategy, _variant), entry in zip(labels, entries, strict=True):
+        if strategy in ("speculative", "pipeinfer"):
+            observations.add_generation(trace_windows(entry["trace"]))
+    fitted = fit(observations)
+    return {"model": "markov", "p_after_accept": fitted["p_after_accept"], "p_after_reject": fitted["p_after_reject"]}
 
 
 def _summary(results: list[dict], started: str, load_before, load_after, args) -> str:
@@ -218,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 if r["strategy"] == "iterative"}
     for i, row in enumerate(measured):
         row["matches_iterative"] = entries[i]["metrics"]["output_tokens"] == baseline[row["prompt"]]
-    markov = fit_markov(list(sequences.values()))
+    markov = fit_markov(entries, labels)
     results = []
     for row in measured:
         if row["strategy"] == "iterative":

@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30, help="timed steps per model and round")
     parser.add_argument("--out", type=Path, default=Path("runs/draft_smollm2.md"))
     parser.add_argument("--pairs", type=Path, default=Path("runs/draft_smollm2_pairs.csv"),
-                        help="CSV of (exit layer, prompt, position, probability, accepted) pairs")
+                        help="CSV of the (probability, accepted) pairs of --pairs-layer's draft (with prompt, "
+                             "position and tokens), as `pipesim acceptance fit --input pairs` reads them")
+    parser.add_argument("--pairs-layer", type=int, default=10, help="exit layer of the draft whose pairs are kept")
     args = parser.parse_args(argv)
     set_threads(1)
     torch.manual_seed(0)
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     target = store.full_model(target_ref)
     tokenizer = GGUFTokenizer.from_gguf(store._reader(target_ref))
     prompts = [tokenizer.encode_chat(text) for text in HELDOUT_PROMPTS]
-    started = time.time()
+    started, load_start = time.time(), os.getloadavg()[0]
     truths = target_continuations(target, prompts, args.tokens, tokenizer.eos_id)
     target_step = step_seconds(target, args.context, args.repeats)
     rows, all_pairs = [], []
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             ref = replace(ref, adapter=None, text=f"{ref.text} (plain exit)")
         draft = store.full_model(ref)
         pairs = agreement_pairs(draft, prompts, truths)
-        if adapted:
+        if adapted and k == args.pairs_layer:
             all_pairs += [(k, p) for p in pairs]
         rates = conditional_rates(pairs)
         win = {g: windows(pairs, g) for g in GAMMAS}
@@ -80,12 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     args.pairs.parent.mkdir(parents=True, exist_ok=True)
     with args.pairs.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["draft", "prompt", "position", "probability", "accepted", "draft_token", "target_token"])
+        writer.writerow(["probability", "accepted", "draft", "prompt", "position", "draft_token", "target_token"])
         for k, p in all_pairs:
-            writer.writerow([f"smollm2-exit{k}", p.prompt_index, p.position, f"{p.probability:.5f}",
-                             int(p.accepted), p.draft_token, p.target_token])
+            writer.writerow([f"{p.probability:.5f}", int(p.accepted), f"smollm2-exit{k}", p.prompt_index, p.position,
+                             p.draft_token, p.target_token])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(_report(args, rows, truths, target_step, elapsed, len(all_pairs)))
+    args.out.write_text(_report(args, rows, truths, target_step, elapsed, len(all_pairs), load_start))
     print(f"wrote {args.out} and {args.pairs}", file=sys.stderr)
     return 0
 
@@ -100,7 +102,7 @@ def _cost_ratio(draft, target, context: int, repeats: int, rounds: int = 3) -> f
     return sorted(ratios)[len(ratios) // 2]
 
 
-def _report(args, rows, truths, target_step: float, elapsed: float, n_pairs: int) -> str:
+def _report(args, rows, truths, target_step: float, elapsed: float, n_pairs: int, load_start: float) -> str:
     n_positions = sum(len(t) for t in truths)
     lines = [
         "# SmolLM2-135M drafts: greedy agreement and step cost (measured)",
@@ -109,8 +111,10 @@ def _report(args, rows, truths, target_step: float, elapsed: float, n_pairs: int
         f" (`--tokens {args.tokens} --context {args.context} --repeats {args.repeats}`)",
         "",
         f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, torch "
-        f"{torch.__version__}, one torch thread, load average {os.getloadavg()[0]:.2f} at the end; "
-        f"{elapsed:.0f} s.",
+        f"{torch.__version__}, one torch thread, load average {load_start:.2f} at the start and "
+        f"{os.getloadavg()[0]:.2f} at the end (2 CPUs shared); {elapsed:.0f} s. Agreement does not depend on the "
+        "machine; the cost ratios do a little (the two steps are timed back to back, but on a loaded machine "
+        "they moved by up to 0.05 between runs).",
         "",
         f"Prompts: the {len(truths)} held-out chat requests of `pipesim.models.draft_eval.HELDOUT_PROMPTS` (kept "
         "out of the adapters' training and selection prompts), each answered greedily by the target up to "
@@ -147,9 +151,9 @@ def _report(args, rows, truths, target_step: float, elapsed: float, n_pairs: int
         lines.append(f"- `{text}`: {win[4].histogram()}")
     lines += [
         "",
-        f"The (probability, accepted) pairs of every shipped draft ({n_pairs} rows: the draft's probability of its "
-        f"greedy token, and whether the target agreed) are in `{args.pairs}`, for fitting a confidence-carrying "
-        "oracle.",
+        f"The (probability, accepted) pairs of `smollm2-exit{args.pairs_layer}` ({n_pairs} rows: the draft's "
+        f"probability of its greedy token, and whether the target agreed) are in `{args.pairs}`, for fitting a "
+        f"confidence-carrying oracle (`pipesim acceptance fit {args.pairs} --model confidence`).",
         "",
     ]
     return "\n".join(lines)

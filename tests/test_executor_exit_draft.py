@@ -45,8 +45,9 @@ def _check_equal_to_iterative(entries: dict[str, dict], variants: list[str], n_t
     for variant in variants[1:]:
         metrics = entries[variant]["metrics"]
         assert metrics["output_tokens"] == baseline, variant
-        assert metrics["drafted_checked"] > 0, variant  # the draft did draft and its tokens were verified
         assert entries[variant]["trace"]["meta"]["draft"] == "model"
+        if "pipeinfer" not in variant:  # PipeInfer drafts only while the head is idle: how often is the machine's
+            assert metrics["drafted_checked"] > 0, variant  # the draft drafted and its tokens were verified
 
 
 @pytest.mark.mpi
