@@ -49,9 +49,9 @@ def _variants(prompts: list[str]) -> list[tuple[str, str, str]]:
     return out
 
 
-def measure(prompts: list[str], tokens: int, work: Path) -> list[dict[str, Any]]:
+def measure(prompts: list[str], tokens: int, saved: Path) -> list[dict[str, Any]]:
     """One executor job (2 ranks) running every (prompt, strategy) generation; its saved traces."""
-    saved = work / "traces.json"
+    saved.parent.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "pipesim.cli", "run", str(SCENARIO), "--ranks", "2", "--json", "--save-trace",
             str(saved), "--set", f"workload.generate_tokens={tokens}"]
     for _, _, variant in _variants(prompts):
@@ -193,13 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/acceptance-real"))
     parser.add_argument("--prompts", type=int, default=4, help="held-out prompts used (draft_eval.HELDOUT_PROMPTS)")
     parser.add_argument("--tokens", type=int, default=28, help="tokens generated per prompt (or to the end of turn)")
+    parser.add_argument("--traces", type=Path, default=Path("runs/acceptance-real/traces.json"),
+                        help="where the executor's traces go (`pipesim acceptance fit` reads them)")
     parser.add_argument("--seeds", type=int, default=16, help="acceptance seeds averaged by the iid prediction")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     prompts = list(HELDOUT_PROMPTS[: args.prompts])
     load_before = os.getloadavg()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    entries = measure(prompts, args.tokens, args.out)
+    entries = measure(prompts, args.tokens, args.traces)
     load_after = os.getloadavg()
     labels = _variants(prompts)
     measured, sequences = [], {}

@@ -183,3 +183,22 @@ def test_the_shipped_smollm2_draft_loads_without_network():
     assert sum(p.accepted for p in pairs) >= 3
     with pytest.raises(ExecutorSetupError, match="no exit adapter ships for the state after 7 layers"):
         resolve_model("smollm2-exit7", "executor.draft_model")
+
+
+def test_the_recorded_agreement_matches_its_pairs():
+    """benchmarks/results/draft_smollm2.md and its pairs CSV come from one run: the kept draft's alpha there is the
+    mean of its accepted column (a stale table or a CSV of another draft would not match)."""
+    import csv
+    import re
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    table = (results / "draft_smollm2.md").read_text()
+    row = re.search(r"^\| `smollm2-exit10` \| ([0-9.]+) \|", table, re.MULTILINE)
+    assert row is not None
+    with (results / "draft_smollm2_pairs.csv").open() as handle:
+        pairs = list(csv.DictReader(handle))
+    assert {p["draft"] for p in pairs} == {"smollm2-exit10"}
+    accepted = [int(p["accepted"]) for p in pairs]
+    assert float(row.group(1)) == pytest.approx(sum(accepted) / len(accepted), abs=5e-4)
+    assert all((p["draft_token"] == p["target_token"]) == (p["accepted"] == "1") for p in pairs)
