@@ -162,11 +162,19 @@ def test_agreement_pairs_of_the_target_itself_always_agree():
 # -- SmolLM2: the shipped draft -------------------------------------------------------------------------------
 
 @pytest.mark.smollm2
-def test_the_shipped_smollm2_draft_loads_without_network():
+def test_the_shipped_smollm2_draft_loads_without_network(monkeypatch):
     if find_model("smollm2") is None:
         pytest.skip("SmolLM2-135M GGUF not fetched: run `pipesim models fetch smollm2`")
+    import socket
+
     from pipesim.executor.torch_backend import ModelStore
     from pipesim.models.tokenizer import GGUFTokenizer
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the shipped draft tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
 
     shipped = shipped_exit_adapters("smollm2")
     assert 10 in shipped and shipped[10].is_file()
