@@ -110,7 +110,8 @@ def read_windows(path: str | Path) -> Observations:
 
 def trace_windows(data: dict[str, Any]) -> list[tuple[int, list[int]]]:
     """The windows of one trace's JSON: per commit of the target with drafted tokens checked, its generated start
-    position and outcomes (the accepted ones first, then the rejected one if it checked more)."""
+    position and outcomes (the accepted ones first, then the rejected one if it checked more and committed the
+    correction)."""
     records = [r for r in records_from_json(data) if str(r.kind) == "tokens"]
     if not records:
         return []
@@ -118,8 +119,10 @@ def trace_windows(data: dict[str, Any]) -> list[tuple[int, list[int]]]:
     windows: list[tuple[int, list[int]]] = []
     position = 0
     for r in sorted((r for r in records if r.level == target), key=lambda r: r.t0):
-        if r.checked > 0:
-            windows.append((position, [1] * r.accepted + ([0] if r.checked > r.accepted else [])))
+        if r.checked > 0:  # a rejection commits the target's correction after the accepted tokens; a commit cut
+            # short by the end of the generation (or a stop token) does not, and its rejection is no outcome
+            rejected = r.checked > r.accepted and r.n_tokens > r.accepted
+            windows.append((position, [1] * r.accepted + ([0] if rejected else [])))
         position += r.n_tokens
     return windows
 

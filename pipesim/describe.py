@@ -89,7 +89,12 @@ def describe_scenario(scenario: Scenario) -> list[str]:
     alpha: Any = a.alpha
     if a.model == "positional" and a.alphas:
         alpha = "by depth " + ", ".join(f"{x:g}" for x in a.alphas)
-    lines.append(f"  acceptance: {a.model}, alpha {alpha}, seed {a.seed}")
+    rule = f"alpha {alpha}"
+    if a.model == "markov":
+        rule = f"right with {a.p_after_accept:g} after a right position, {a.p_after_reject:g} after a wrong one"
+    confidence = (f", confidence Beta{tuple(a.confidence_right)} right / Beta{tuple(a.confidence_wrong)} wrong"
+                  if a.confidence else "")
+    lines.append(f"  acceptance: {a.model}, {rule}{confidence}, seed {a.seed}")
     lines.append(f"  workload:   {w.prompt_tokens} prompt tokens, {w.generate_tokens} to generate, seed {w.seed}")
     return lines
 

@@ -142,3 +142,19 @@ def test_bad_fit_input_is_one_line_naming_the_file(tmp_path, capsys, name, text,
     assert main(["acceptance", "fit", str(path)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_trace_windows_place_outcomes_at_their_positions_and_skip_a_cut_commit():
+    from pipesim.acceptance_fit import trace_windows
+    from pipesim.trace import Record, Trace
+
+    def commit(t, n, checked, accepted, level=1):
+        return Record("tokens", t, t, "n1", -1, n, 0.0, checked, accepted, level=level)
+
+    records = [commit(0, 1, 0, 0),  # the prefill's token: nothing checked
+               commit(1, 3, 3, 2),  # 2 accepted, the 3rd rejected: its correction committed
+               commit(2, 4, 3, 3),  # all 3 accepted and the bonus
+               commit(2.5, 9, 9, 9, level=0),  # another level's records are not the target's
+               commit(3, 2, 4, 2)]  # cut by the end of generation: 2 kept, no correction, so no rejection
+    trace = Trace("simulated", "pipespec", "t", ["n0", "n1"], records=records)
+    assert trace_windows(trace.to_json()) == [(1, [1, 1, 0]), (4, [1, 1, 1]), (8, [1, 1])]

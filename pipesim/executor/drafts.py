@@ -92,23 +92,17 @@ class DraftTask:
         self.proposal = proposal
         self.tokens: list[int] = []
         self.pending = runner.rewind(request.context)
-        self.done = request.n_tokens <= 0 or (proposal is not None and proposal.n_steps == 0)
+        self.done = request.n_tokens <= 0
 
     def step(self) -> int:
         """Run one draft forward; returns how many tokens it processed."""
         fed = self.pending
         token, confidence = self.runner.feed(fed)
-        if self.proposal is not None:  # the oracle's token, or its stop below the confidence cut-off
-            proposed = self.proposal.tokens
-            if len(self.tokens) >= len(proposed):
+        if self.proposal is not None:  # the oracle's token; past its last one, its stop below the cut-off
+            if len(self.tokens) >= len(self.proposal.tokens):
                 self.done = True
                 return len(fed)
-            token = proposed[len(self.tokens)]
-            if len(self.tokens) + 1 == len(proposed) and not self.proposal.stopped:
-                self.tokens.append(token)
-                self.pending = [token]
-                self.done = True
-                return len(fed)
+            token = self.proposal.tokens[len(self.tokens)]
         elif confidence < self.request.min_confidence or math.isnan(confidence):
             self.done = True  # not confident enough: stop before this token
             return len(fed)

@@ -96,17 +96,6 @@ class AcceptanceModel:
         self._conf_right = np.empty(0)
         self._conf_wrong = np.empty(0)
 
-    @property
-    def rate(self) -> float:
-        """The long-run rate of right positions (iid: alpha; markov: the stationary rate; others: their mean)."""
-        if self.kind == "markov":
-            return markov_stationary(self.p_after_accept, self.p_after_reject)
-        if self.kind == "positional":
-            return float(np.mean(self.alphas)) if self.alphas else 0.0
-        if self.kind == "replay":
-            return float(np.mean(self.sequence)) if self.sequence else 0.0
-        return self.alpha
-
     def uniform(self, position: int) -> float:
         """The seeded uniform draw of a position (the same for every caller and every run)."""
         return self._u(position)
@@ -135,13 +124,13 @@ class AcceptanceModel:
     def _markov(self, position: int) -> bool:
         index = position - self.prompt_len
         if index < 0:
-            return self._u(position) < self.rate
+            return self._u(position) < markov_stationary(self.p_after_accept, self.p_after_reject)
         states = self._states
         while len(states) <= index:
             if states:
                 p = self.p_after_accept if states[-1] else self.p_after_reject
             else:
-                p = self.rate if self.p_first is None else self.p_first
+                p = markov_stationary(self.p_after_accept, self.p_after_reject) if self.p_first is None else self.p_first
             states.append(self._u(self.prompt_len + len(states)) < p)
         return states[index]
 
