@@ -17,6 +17,7 @@ Inputs:
   probability of its token and whether the target accepted it (1/0), for the confidence model.
 
 Fits (maximum likelihood; the README's "Acceptance models" has the formulas): ``iid`` alpha = accepted / checked;
+``replay`` the outcome observed at each generated position (unchecked ones drawn i.i.d. at alpha);
 ``positional`` alphas[d] = accepted at window depth d / checked at depth d; ``markov`` p_after_accept and
 p_after_reject maximise the likelihood of every pair of consecutive observed outcomes, k positions apart, under
 the chain's k-step transition probabilities; ``confidence`` Beta(a, b) of the accepted tokens' probabilities and of
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -40,10 +42,10 @@ import numpy as np
 from .cli_args import check_output_file, int_at_least
 from .trace import records_from_json
 
-__all__ = ["Observations", "fit_iid", "fit_markov", "fit_positional", "fit_confidence", "read_windows",
+__all__ = ["Observations", "fit_iid", "fit_markov", "fit_positional", "fit_replay", "fit_confidence", "read_windows",
            "read_trace_windows", "read_pairs", "register"]
 
-FIT_MODELS = ("iid", "positional", "markov")
+FIT_MODELS = ("iid", "positional", "markov", "replay")
 
 
 class FitInputError(ValueError):
@@ -134,14 +136,15 @@ def read_trace_windows(path: str | Path) -> Observations:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as error:
         raise FitInputError(f"{path}: not JSON ({error.msg} at line {error.lineno})") from None
-    traces = [entry.get("trace", entry) for entry in data] if isinstance(data, list) else [data]
+    traces = [entry.get("trace", entry) if isinstance(entry, dict) else entry for entry in data] \
+        if isinstance(data, list) else [data]
     observations = Observations()
     for index, trace in enumerate(traces):
         if not isinstance(trace, dict) or "records" not in trace:
             raise FitInputError(f"{path}: entry {index} is not a trace (no 'records')")
         try:
             observations.add_generation(trace_windows(trace))
-        except (TypeError, ValueError, IndexError) as error:
+        except (TypeError, ValueError, LookupError, AttributeError) as error:
             raise FitInputError(f"{path}: entry {index}: unreadable records ({error})") from None
     if not observations.windows:
         raise FitInputError(f"{path}: no verified drafted tokens in it (a trace of a strategy that drafts?)")
@@ -245,6 +248,21 @@ def fit_markov(observations: Observations) -> dict[str, Any]:
     return {"model": "markov", "p_after_accept": _round(p_aa), "p_after_reject": _round(p_ar), **_alpha(observations)}
 
 
+def compare_iid_markov(observations: Observations) -> tuple[float, float] | None:
+    """The mean log-likelihood per observed transition under the fitted iid and markov models (higher fits
+    better; None when the chain cannot be fitted)."""
+    counts = transition_counts(observations)
+    n = sum(counts.values())
+    try:
+        markov = fit_markov(observations)
+    except FitInputError:
+        return None
+    alpha = observations.n_accepted / observations.n_checked
+    iid = sum(k * math.log(max(alpha if end else 1 - alpha, 1e-300)) for (_g, _a, end), k in counts.items())
+    chain = float(markov_log_likelihood(counts, np.array(markov["p_after_accept"]), np.array(markov["p_after_reject"])))
+    return iid / n, chain / n
+
+
 def _grid_maximum(counts: Counter) -> tuple[float, float]:
     """The likelihood's maximum on a grid over (0, 1)^2, refined twice around the best point."""
     centre, half, steps = (0.5, 0.5), 0.5, 401
@@ -255,6 +273,22 @@ def _grid_maximum(counts: Counter) -> tuple[float, float]:
         i, j = np.unravel_index(int(np.nanargmax(grid)), grid.shape)
         centre, half = (float(aa[i]), float(ar[j])), half * 8 / steps
     return centre
+
+
+def fit_replay(observations: Observations, seed: int = 0, margin: int = 64) -> dict[str, Any]:
+    """The observed outcome per generated position (generations one after another), for ``acceptance.model:
+    replay``; positions never checked (bonus tokens, tokens decoded without a draft, ``margin`` positions past the
+    last) are drawn i.i.d. at the fitted alpha with ``seed``."""
+    alpha = fit_iid(observations)["alpha"]
+    rng = np.random.default_rng(seed)
+    sequence: list[int] = []
+    for index, stream in enumerate(observations.streams):
+        length = stream[-1][0] + 1 + (margin if index == len(observations.streams) - 1 else 0)
+        filled = (rng.random(length) < alpha).astype(int).tolist()
+        for position, outcome in stream:
+            filled[position] = outcome
+        sequence.extend(filled)
+    return {"model": "replay", "sequence": sequence, "alpha": alpha}
 
 
 def fit_confidence(pairs: Sequence[tuple[float, int]]) -> dict[str, Any]:
@@ -286,7 +320,7 @@ def _round(value: float) -> float:
 # -- the command -------------------------------------------------------------------------------------------
 
 def fit_file(path: str, model: str | None, input_format: str, max_depth: int,
-             confidence: str | None) -> tuple[dict[str, Any], str]:
+             confidence: str | None, seed: int = 0) -> tuple[dict[str, Any], str]:
     """The fitted ``acceptance:`` fields of one input (and a one-line summary of what they came from)."""
     kind = input_format if input_format != "auto" else _detect(path)
     if kind == "pairs":
@@ -303,10 +337,16 @@ def fit_file(path: str, model: str | None, input_format: str, max_depth: int,
         fields = fit_iid(observations)
     elif model == "positional":
         fields = fit_positional(observations, max_depth)
+    elif model == "replay":
+        fields = fit_replay(observations, seed)
     else:
         fields = fit_markov(observations)
     summary = (f"{len(observations.windows)} windows, {observations.n_checked} checked drafted tokens, "
                f"{observations.n_accepted} accepted, {len(observations.streams)} generation(s)")
+    compared = compare_iid_markov(observations)
+    if compared is not None:
+        summary += (f"\n# mean log-likelihood per observed transition (higher fits better): iid {compared[0]:.4f}, "
+                    f"markov {compared[1]:.4f}")
     if confidence:
         pairs = read_pairs(confidence)
         fields.update({k: v for k, v in fit_confidence(pairs).items() if k != "alpha"})
@@ -321,7 +361,8 @@ def _detect(path: str) -> str:
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     try:
-        fields, summary = fit_file(args.input, args.model, args.input_format, args.max_depth, args.confidence)
+        fields, summary = fit_file(args.input, args.model, args.input_format, args.max_depth, args.confidence,
+                                   args.seed)
     except FitInputError as error:
         print(f"pipesim acceptance fit: error: {error}", file=sys.stderr)
         return 2
@@ -331,7 +372,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
-        print(f"acceptance fields written to {out} ({summary})")
+        print(f"acceptance fields written to {out} ({summary.splitlines()[0]})")
     else:
         print(text, end="")
     return 0
@@ -343,7 +384,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = acceptance.add_subparsers(dest="acceptance_command", metavar="{fit}")
     acceptance.set_defaults(func=lambda args: (acceptance.print_help(sys.stderr), 2)[1])
     fit = actions.add_parser(
-        "fit", help="fit iid / positional / markov (and the confidence model) to recorded drafts",
+        "fit", help="fit iid / positional / markov / replay (and the confidence model) to recorded drafts",
         description="Fit an acceptance model to recorded verification outcomes and print the scenario's "
                     "acceptance: fields as YAML. INPUT: a trace JSON (pipesim run --save-trace), a text file of "
                     "accept/reject windows (one per line, 1/0; a blank line starts another generation) or a CSV of "
@@ -355,6 +396,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="what INPUT holds (auto: .json a trace, .csv pairs, anything else windows)")
     fit.add_argument("--max-depth", type=int_at_least(1), default=16, help="positional: most depths fitted")
     fit.add_argument("--confidence", metavar="PAIRS.csv", help="also fit the confidence model from these pairs")
+    fit.add_argument("--seed", type=int_at_least(0), default=0,
+                     help="replay: seed of the i.i.d. draws at unchecked positions")
     fit.add_argument("--out", metavar="FILE", type=check_output_file, help="write the YAML here (default: stdout)")
     fit.set_defaults(func=_cmd_fit)
 

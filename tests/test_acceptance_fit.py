@@ -135,6 +135,8 @@ def test_markov_fit_from_a_simulated_trace_recovers_the_scenario_chain(tmp_path,
     ("p.csv", "probability,accepted\n0.5,2\n", "p.csv:2: '0.5,2'"),
     ("t.json", "{\"records\": []}", "no verified drafted tokens"),
     ("t.json", "[1, 2", "not JSON"),
+    ("t.json", "[1, 2]", "entry 0 is not a trace"),
+    ("t.json", "{\"records\": [[\"tokens\", 0]]}", "entry 0: unreadable records"),
 ])
 def test_bad_fit_input_is_one_line_naming_the_file(tmp_path, capsys, name, text, message):
     path = tmp_path / name
@@ -158,3 +160,43 @@ def test_trace_windows_place_outcomes_at_their_positions_and_skip_a_cut_commit()
                commit(3, 2, 4, 2)]  # cut by the end of generation: 2 kept, no correction, so no rejection
     trace = Trace("simulated", "pipespec", "t", ["n0", "n1"], records=records)
     assert trace_windows(trace.to_json()) == [(1, [1, 1, 0]), (4, [1, 1, 1]), (8, [1, 1])]
+
+
+def test_replay_fit_reproduces_the_recorded_run(tmp_path, capsys):
+    from pipesim.metrics import compute_metrics
+    from pipesim.scenario import load_cli_scenario
+    from pipesim.sim import simulate
+
+    recorded = [int(u < 0.6) for u in np.random.default_rng(2).random(400)]
+    sets = ["workload.generate_tokens=300", "strategy.gamma=5", "acceptance.model=replay"]
+    first = simulate(load_cli_scenario(None, [*sets, f"acceptance.sequence={recorded}"], "speculative"))
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(first.to_json()))
+    assert main(["acceptance", "fit", str(path), "--model", "replay", "--seed", "5"]) == 0
+    fitted = yaml.safe_load(capsys.readouterr().out)["acceptance"]
+    # every checked position holds what the recorded sequence said there
+    generated = 0
+    for r in (r for r in first.records if r.kind == "tokens"):
+        for i in range(r.checked):
+            assert fitted["sequence"][generated + i] == recorded[generated + i]
+        generated += r.n_tokens
+    again = simulate(load_cli_scenario(None, [*sets, f"acceptance.sequence={fitted['sequence']}"], "speculative"))
+    keys = ("drafted_checked", "drafted_accepted", "tokens_per_s", "runs_launched")
+    assert {k: compute_metrics(again)[k] for k in keys} == {k: compute_metrics(first)[k] for k in keys}
+
+
+@pytest.mark.parametrize("p_aa, p_ar, markov_better", [(0.9, 0.3, True), (0.7, 0.7, False)])
+def test_the_fit_says_whether_markov_fits_better_than_iid(tmp_path, capsys, p_aa, p_ar, markov_better):
+    outcomes = _markov_outcomes(np.random.default_rng(4), 30_000, p_aa, p_ar)
+    path = tmp_path / "windows.txt"
+    path.write_text("\n".join("".join(map(str, w)) for w in _speculative_windows(outcomes, 5)) + "\n")
+    assert main(["acceptance", "fit", str(path)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "log-likelihood" in x)
+    iid, markov = (float(x.split()[-1]) for x in line.split(":")[-1].split(","))
+    # by hand, about: the entropy gap of a chain with these rates (0.9, 0.3: stationary 0.75) against a coin of
+    # 0.75 (the windows visit the two states in slightly other proportions than the chain's stationary ones)
+    if markov_better:
+        h = lambda p: -(p * math.log(p) + (1 - p) * math.log(1 - p))  # noqa: E731
+        assert markov - iid == pytest.approx(h(0.75) - (0.75 * h(0.9) + 0.25 * h(0.3)), abs=0.02)
+    else:
+        assert abs(markov - iid) < 0.002

@@ -69,6 +69,7 @@ def _scenario(strategy: str, alpha: float, n_tokens: int, window: int, seed: int
 def _pooled_runs(strategy: str, alpha: float, n_tokens: int, window: int, piece: int = 3000) -> list[int]:
     """The runs of generations of ``piece`` tokens (seeds 0, 1, ...) until ``n_tokens`` are generated."""
     runs: list[int] = []
+    piece = min(piece, n_tokens)
     for seed in range(math.ceil(n_tokens / piece)):
         runs += _runs(_commits(simulate(_scenario(strategy, alpha, piece, window, seed))))
     return runs
@@ -159,3 +160,19 @@ def test_level_oracle_is_wrong_after_a_cached_wrong_token_until_it_is_rewritten(
     assert run(10, bad) == [truth[11], truth[12], tokens.wrong(13)]
     assert run(13, [truth[13]]) == [tokens.wrong(14)]  # position 12 in the cache is still wrong
     assert run(12, truth[12:14]) == truth[13:15]  # rewritten with the target's token: right again
+
+
+def main() -> None:
+    """Print each case's accepted-run mean against alpha / (1 - alpha), at PIPESIM_ACCEPTANCE_ALL's sizes
+    (``python -m tests.test_acceptance_prefix``)."""
+    for name in [*PASSING, "pipespec2", "pipespec3"]:
+        for alpha in ALL_ALPHAS:
+            n_tokens = _tokens(alpha) if name in PASSING else 600
+            runs = _pooled_runs(name, alpha, n_tokens, WINDOWS[name])
+            mean, want = sum(runs) / len(runs), alpha / (1 - alpha)
+            print(f"{name:15s} alpha {alpha}: {len(runs):6d} runs over {n_tokens:6d} tokens, mean {mean:.4f} vs "
+                  f"{want:.4f} ({mean / want - 1:+.2%})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
