@@ -18,7 +18,9 @@ class ExecutorConfig(StrictModel):
         "oracle", description="oracle draft with acceptance.alpha (pipespec: each level right with its "
                               "chain_alphas accuracy), or a model (pipespec: executor.chain_models)")
     draft_model: str | None = Field(None, description="draft model for draft=model, or the model whose real compute "
-                                                      "stands in for the oracle's cost (oracle_cost=model)")
+                                                      "stands in for the oracle's cost (oracle_cost=model); "
+                                                      "MODEL-exitK: the first K layers of MODEL with its shipped "
+                                                      "exit adapter and its head (e.g. smollm2-exit10)")
     oracle_cost: Literal["emulated", "model", "none"] = Field(
         "emulated", description="oracle draft cost: sleep for the roofline of models.draft, run draft_model, or free")
     compute: Literal["real", "emulated"] = Field("real", description="real torch compute, or sleep for modelled cost")

@@ -63,31 +63,37 @@ class ModelStore:
         return self._configs[str(ref.path)]
 
     def _all_weights(self, ref: ModelRef) -> dict[str, torch.Tensor]:
-        if ref.key not in self._weights:
+        key = ref.weights_key
+        if key not in self._weights:
             if ref.kind == "tiny":
-                self._weights[ref.key] = make_tiny_model_weights(ref.spec_name, seed=ref.seed)
+                self._weights[key] = make_tiny_model_weights(ref.spec_name, seed=ref.seed)
             else:
-                self._weights[ref.key] = load_gguf_weights(self._reader(ref))
-        return self._weights[ref.key]
+                self._weights[key] = load_gguf_weights(self._reader(ref))
+        return self._weights[key]
 
     def stage(self, ref: ModelRef, layer_start: int, layer_end: int, has_embedding: bool,
               has_output_head: bool) -> LlamaStage:
-        """A stage of ``ref`` (layers ``[layer_start, layer_end)``, embedding and/or output head)."""
+        """A stage of ``ref`` (layers ``[layer_start, layer_end)``, embedding and/or output head); the output head
+        of a truncated early-exit draft goes through its exit adapter."""
         key = (ref.key, layer_start, layer_end, has_embedding, has_output_head)
         if key not in self._stages:
             config = self.config(ref)
-            if ref.kind == "tiny" or ref.key in self._weights:
+            if ref.kind == "tiny" or ref.weights_key in self._weights:
                 weights = self._all_weights(ref)
             else:
                 names = stage_tensor_names(config, layer_start, layer_end, has_embedding, has_output_head)
                 weights = load_gguf_weights(self._reader(ref), names)
             stage = LlamaStage.from_weights(config, weights, layer_start, layer_end, has_embedding, has_output_head)
+            if ref.adapter is not None and has_output_head:
+                stage.set_exit_adapter(load_draft_adapter(ref, stage))
             self._stages[key] = stage.to(self.device)
         return self._stages[key]
 
     def full_model(self, ref: ModelRef) -> LlamaStage:
-        """The whole model (embedding, all layers, head), loading all its weights."""
-        self._all_weights(ref)
+        """The whole model (embedding, all layers, head; a truncated draft: its layers), loading all its weights
+        (a truncated draft only the tensors it holds)."""
+        if ref.exit_layers is None:
+            self._all_weights(ref)
         return self.stage(ref, 0, ref.n_layers, True, True)
 
     def tokenizer(self, ref: ModelRef) -> GGUFTokenizer | None:
@@ -142,6 +148,16 @@ def load_exit_adapter(spec: str, exit_layer: int, head: LlamaStage, model_text: 
     else:
         path = spec
     adapter = ExitAdapter.load(path, head, layers).to(head.inv_freq.device)
+    adapter.eval()
+    adapter.requires_grad_(False)
+    return adapter
+
+
+def load_draft_adapter(ref: ModelRef, stage: LlamaStage) -> Any:
+    """The exit adapter of a truncated early-exit draft, checked against its model (head fingerprint, layers)."""
+    from ..models.early_exit import ExitAdapter
+
+    adapter = ExitAdapter.load(ref.adapter, stage, ref.exit_layers)
     adapter.eval()
     adapter.requires_grad_(False)
     return adapter

@@ -264,6 +264,10 @@ class LlamaStage(nn.Module):
             if has_output_head and not self._shares_embedding
             else None
         )
+        # An exit adapter (``early_exit.ExitAdapter``) on the output head makes a stage that ends before the last
+        # layer a truncated early-exit draft: logits = output_norm(adapter(h)) @ head^T, scaled by the adapter's
+        # logit scale (``set_exit_adapter``; None: the plain head).
+        self.exit_adapter: nn.Module | None = None
         inv_freq = config.rope_theta ** (
             -torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim
         )
@@ -333,6 +337,14 @@ class LlamaStage(nn.Module):
         stage = cls(config, layer_start, layer_end, has_embedding, has_output_head)
         stage.load_weights(weights)
         return stage
+
+    def set_exit_adapter(self, adapter: nn.Module | None) -> LlamaStage:
+        """Put ``adapter`` (an ``ExitAdapter`` with ``log_scale``) between the last layer and the output head."""
+        if adapter is not None and not self.has_output_head:
+            raise ValueError(f"an exit adapter needs a stage with the output head; stage [{self.layer_start}, "
+                             f"{self.layer_end}) has none")
+        self.exit_adapter = adapter
+        return self
 
     def make_kv_cache(self, capacity: int, max_seqs: int = 1) -> KVCache:
         """An empty cache sized for this stage's layers."""
@@ -407,9 +419,11 @@ class LlamaStage(nn.Module):
         if not self.has_output_head:
             return x
         assert self.output_norm is not None
-        h = self.output_norm(x[output_from:])
         head = self.token_embd.weight if self._shares_embedding else self.output.weight  # type: ignore[union-attr]
-        return h @ head.T
+        if self.exit_adapter is None:
+            return self.output_norm(x[output_from:]) @ head.T
+        adapter = self.exit_adapter
+        return (self.output_norm(adapter(x[output_from:])) @ head.T) * adapter.log_scale.exp()
 
     def _embed(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.token_embd is not None:
