@@ -164,7 +164,8 @@ def build(out: Path) -> list[str]:
     figure = timeline_figure(traces, ["pipeinfer-reference", "pipeinfer-continuous"])
     lines = ["# PipeInfer as its reference code runs it", "",
              "Simulated (pipesim's simulator; every number below is simulated, none measured) on the PipeInfer "
-             "paper's 8-node CPU cluster (`scenarios/paper-8node-cpu.yaml`, 48 generated tokens). The reference "
+             "paper's 8-node CPU cluster as its script runs it: 7 target nodes and the draft on a node of its own "
+             "(`scenarios/paper-8node-cpu-draft-node.yaml`, 48 generated tokens). The reference "
              "variant follows AutonomicPerfectionist/PipeInfer `examples/speculative/speculative.cpp` (run pattern, "
              "head priority, synchronous prefill), `ggml-mpi.c`/`llama.cpp` (cancelled runs' traffic, relayed "
              "`seq_rm`/`seq_cp` transactions at an assumed `cluster.kv_transaction_time` of 10 us); the "
