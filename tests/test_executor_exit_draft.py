@@ -39,14 +39,21 @@ def test_exit_draft_plans():
         make_plan(load_scenario(TINY, ["executor.draft=model", "executor.draft_model=tiny-llama-exit9"]), 2)
 
 
-def _check_equal_to_iterative(entries: dict[str, dict], variants: list[str], n_tokens: int) -> None:
+def _check_equal_to_iterative(entries: dict[str, dict], variants: list[str], n_tokens: int,
+                              chain_checks: bool = True) -> None:
+    """Every variant's output equals the first's (iterative); the draft was a model, and speculative (and, with
+    ``chain_checks``, PipeSpec) verified some of its tokens."""
     baseline = entries[variants[0]]["metrics"]["output_tokens"]
     assert len(baseline) == n_tokens
     for variant in variants[1:]:
         metrics = entries[variant]["metrics"]
         assert metrics["output_tokens"] == baseline, variant
         assert entries[variant]["trace"]["meta"]["draft"] == "model"
-        if "pipeinfer" not in variant:  # PipeInfer drafts only while the head is idle: how often is the machine's
+        # PipeInfer drafts only while the head is idle: how often is the machine's. A PipeSpec target verifies
+        # only candidates that continue its own sequence (stale ones are dropped): with a draft that is wrong at
+        # nearly every token (the tiny random model's) it never gets one and steps on its own
+        checks = "pipeinfer" not in variant and (chain_checks or "pipespec" not in variant)
+        if checks:
             assert metrics["drafted_checked"] > 0, variant  # the draft drafted and its tokens were verified
 
 
@@ -54,7 +61,7 @@ def _check_equal_to_iterative(entries: dict[str, dict], variants: list[str], n_t
 def test_tiny_exit_draft_reproduces_target_only_output(tmp_path):
     variants = _variants("tiny-llama-exit2")
     entries = by_variant(run_job(TINY, 2, variants, tmp_path, "workload.generate_tokens=24"))
-    _check_equal_to_iterative(entries, variants, 24)
+    _check_equal_to_iterative(entries, variants, 24, chain_checks=False)
 
 
 @pytest.mark.mpi
