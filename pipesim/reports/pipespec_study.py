@@ -204,9 +204,11 @@ def render(table: pd.DataFrame, spec: dict[str, Any], ratios: dict[str, dict[int
               "on a window of which it accepts a handful (the findings say at which alpha the reference is then "
               "slower than autoregressive decoding). A smaller window (`strategy.max_verify`) or a threshold "
               "(`strategy.lookahead`) are the reference's own knobs against it.", "",
-              "The capped variant is pipesim's earlier semantics: it verifies candidates drafted after a rejected "
-              "token, and the position-only acceptance oracle accepts some of them (issue 19), so its numbers are "
-              "optimistic.", ""]
+              "The capped variant is pipesim's earlier semantics: it still verifies candidates drafted after a "
+              "rejected token. The acceptance oracle judges each prediction against its prefix (issue 19), so those "
+              "stale candidates are rejected as the wrong predictions they are, and each such verification is "
+              "wasted (with a position-only oracle, some were accepted, and capped looked faster than the "
+              "reference at low and middle alpha).", ""]
     for (machine, chain), rows in table.groupby(["machine", "chain"], sort=False):
         lines += [f"### {machine}, {chain}", "",
                   "| alpha | " + " | ".join(f"{s} ms/token | vs AR" for s in strategies) + " |",
