@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         win = {g: windows(pairs, g) for g in GAMMAS}
         unbounded = windows(pairs, 10**6)
         cost = _cost_ratio(draft, target, args.context, args.repeats)
-        rows.append((ref.text, rates, win, unbounded, cost))
+        rows.append((ref.text, rates, win, unbounded, cost, _weight_ratio(target.config, k, adapted)))
         print(f"{ref.text}: alpha {rates['alpha']:.3f}, cost ratio {cost:.3f}", file=sys.stderr)
     elapsed = time.time() - started
     args.pairs.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(_report(args, rows, truths, target_step, elapsed, len(all_pairs), load_start))
     print(f"wrote {args.out} and {args.pairs}", file=sys.stderr)
     return 0
+
+
+def _weight_ratio(config, layers: int, adapted: bool) -> float:
+    """Weights a token meets in a draft of ``layers`` layers over the target's (layers and output head, and an
+    adapter's one d x d map): the cost ratio of a memory- or FLOP-bound step, from the shape alone."""
+    d, kv = config.d_model, config.n_kv_heads * config.head_dim
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * config.d_ffn
+    head = d * config.vocab_size
+    return (layers * per_layer + head + (d * d if adapted else 0)) / (config.n_layers * per_layer + head)
 
 
 def _cost_ratio(draft, target, context: int, repeats: int, rounds: int = 3) -> float:
@@ -114,7 +123,7 @@ def _report(args, rows, truths, target_step: float, elapsed: float, n_pairs: int
         f"{torch.__version__}, one torch thread, load average {load_start:.2f} at the start and "
         f"{os.getloadavg()[0]:.2f} at the end (2 CPUs shared); {elapsed:.0f} s. Agreement does not depend on the "
         "machine; the cost ratios do a little (the two steps are timed back to back, but on a loaded machine "
-        "they moved by up to 0.05 between runs).",
+        "they moved by up to 0.1 between runs: compare them with the weights column).",
         "",
         f"Prompts: the {len(truths)} held-out chat requests of `pipesim.models.draft_eval.HELDOUT_PROMPTS` (kept "
         "out of the adapters' training and selection prompts), each answered greedily by the target up to "
@@ -128,26 +137,28 @@ def _report(args, rows, truths, target_step: float, elapsed: float, n_pairs: int
         "**tok/verif@4**: tokens committed per verification at g = 4; **run mean**: mean accepted run with no "
         "window limit, next to alpha/(1-alpha) (geometric runs under i.i.d. acceptance);",
         f"- **cost**: a draft step / a target-only step, one token after {args.context} cached tokens, timed back "
-        f"to back (median of 3 rounds; a target step took {target_step * 1e3:.2f} ms here at the start).",
+        f"to back (median of 3 rounds; a target step took {target_step * 1e3:.2f} ms here at the start); "
+        "**weights**: the weights a token meets in the draft over the target's (layers, head, the adapter's map): "
+        "the ratio a memory- or FLOP-bound step would have, from the shape alone.",
         "",
         "| draft | alpha | after acc | after rej | acc@1 | acc@2 | acc@4 | acc@8 | tok/verif@4 | run mean | "
-        "alpha/(1-alpha) | cost |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "alpha/(1-alpha) | cost | weights |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for text, rates, win, unbounded, cost in rows:
+    for text, rates, win, unbounded, cost, weights in rows:
         alpha = rates["alpha"]
         geometric = alpha / (1 - alpha) if alpha < 1 else float("inf")
         run_mean = sum(unbounded.runs) / len(unbounded.runs)
         accs = " | ".join(f"{win[g].acceptance_rate:.3f}" for g in GAMMAS)
         lines.append(f"| `{text}` | {alpha:.3f} | {rates['after_accept']:.3f} | {rates['after_reject']:.3f} | "
                      f"{accs} | {win[4].tokens_per_window:.2f} | {run_mean:.2f} | {geometric:.2f} | "
-                     f"{cost:.3f} |")
+                     f"{cost:.3f} | {weights:.3f} |")
     lines += [
         "",
         "Accepted runs at g = 4 (windows with 0, 1, 2, 3, 4 accepted tokens):",
         "",
     ]
-    for text, _rates, win, _unbounded, _cost in rows:
+    for text, _rates, win, _unbounded, _cost, _weights in rows:
         lines.append(f"- `{text}`: {win[4].histogram()}")
     lines += [
         "",
