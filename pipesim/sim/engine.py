@@ -13,15 +13,29 @@ the cancellation on, and it aborts a run in progress at the layer boundary where
 profile's polling, idle ranks notice messages at their probe times; when the scenario runs the executor's link
 emulation, a rank finds a message as soon as MPI delivers it and sleeps until its emulated arrival
 (``PollBackoff``).
+
+Stages and heads are driven by event callbacks rather than SimPy processes, and scheduled events are bare
+(``_Call``, ``_Message``: what SimPy's loop reads of an event, cheaper than a ``Timeout``), but the engine
+schedules exactly the events the process-per-stage model did, at the same instants and priorities and in the same
+order, so results are the same bit for bit. One exception makes it faster: the wake-up of a waiting stage or head
+(SimPy's ``Event.succeed``, an event at this instant) and an interrupt (an urgent event at this instant) are
+handled at once when nothing else is due at this instant, since SimPy would process them next with nothing in
+between (every caller wakes or interrupts as its last act). Costs are memoised per stage (cost models are pure
+functions of the node, the layers, the run's tokens, its context and its outputs). Python's cyclic garbage
+collector is paused while a simulation runs: it would walk the growing list of records again and again, and the
+events (freed as soon as they are processed) make no lasting cycles.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import simpy
+from simpy.events import NORMAL, URGENT
 
 from ..scenario import Scenario
 from ..scheduling import RequestDraft, Run, Strategy, make_strategies
@@ -41,6 +55,23 @@ class SimulationError(RuntimeError):
     """The simulation could not finish (e.g. it exceeded its event budget)."""
 
 
+class _Call:
+    """A bare SimPy event calling ``callbacks`` at its time (SimPy's loop reads only these and ``_ok``)."""
+
+    __slots__ = ("callbacks",)
+    _ok = True
+
+
+class _Message:
+    """A message's arrival: a bare SimPy event whose ``value`` is when MPI delivered it (None: at arrival)."""
+
+    __slots__ = ("callbacks", "value")
+    _ok = True
+
+
+_COST_MEMO_SIZE = 4096  # a stage's memoised costs are forgotten beyond this many (memory stays bounded)
+
+
 @dataclass
 class _Stage:
     """Simulated state of one stage of a pipeline (stage 0 is its head's own layers: no machine)."""
@@ -49,14 +80,29 @@ class _Stage:
     node: int
     layers: tuple[int, int]
     machine: StageMachine | None
-    wakeup: simpy.Event | None = None
+    wakeup: int = 0  # while waiting for a run: the wait's number (0: not waiting, or already woken)
+    waits: int = 0
     idle_since: float = 0.0
     unseen_cancels: list[int] = field(default_factory=list)  # arrived while busy; noticed at the next look
     phase: str = "idle"  # idle, dispatch, compute, finishing (the layer in progress after an interrupt)
     current: int | None = None
-    process: simpy.Process | None = None
     to_next: LinkDirection | None = None  # the link to the next stage, once used
     n_layers: int = 0
+    costs: dict = field(default_factory=dict)  # memo: (n_tokens, context, n_outputs) -> StageCost
+    # the run in progress: (run, computed upstream, cost), its start, work (s), work done, the layer boundary
+    # it finishes after an interrupt, and the compute job
+    task: tuple = ()
+    start: float = 0.0
+    work: float = 0.0
+    done: float = 0.0
+    boundary: float = 0.0
+    job: object = None
+    # callbacks, bound once (``_Line`` sets them)
+    resume: Callable = None
+    computed: Callable = None
+    interrupted: Callable = None
+    at_boundary: Callable = None
+    dispatched: Callable = None
 
     def __post_init__(self) -> None:
         self.n_layers = self.layers[1] - self.layers[0]
@@ -89,9 +135,20 @@ class _Line:
                               if k else None)
                        for k, (node, span) in enumerate(zip(pipeline.nodes, pipeline.layer_ranges, strict=True))]
         self.driver = HeadDriver(strategy, self, names[self.head_node], n, engine.records, pipeline.level)
-        self.wakeup: simpy.Event | None = None
+        self.wakeup = 0  # while the head waits for an event: the wait's number (0: not waiting, or woken)
+        self.waits = 0
         self.idle_since = 0.0
-        self.draft_cache: tuple[int, ...] = ()
+        self.resume = partial(engine._head_loop, self)
+        for stage in self.stages[1:]:
+            stage.resume = partial(engine._stage_woken, self, stage)
+            stage.computed = partial(engine._stage_computed, self, stage)
+            stage.interrupted = partial(engine._stage_interrupted, self, stage)
+            stage.at_boundary = partial(engine._stage_at_boundary, self, stage)
+            stage.dispatched = partial(engine._stage_dispatched, self, stage)
+        # what the draft model holds in its cache: ``draft_committed`` tokens of the committed sequence (which
+        # never changes, so they need no comparing), then ``draft_tail``
+        self.draft_committed = 0
+        self.draft_tail: tuple[int, ...] = ()
         self.frame_bytes: dict[int, tuple[float, float]] = {}  # run id -> (header, with activations)
         tokens = engine.world.tokens
         if pipeline.is_target:
@@ -126,14 +183,22 @@ class _Line:
 
     def begin_draft(self, request: RequestDraft) -> _DraftTask:
         context = request.context
-        cached = min(common_prefix_len(self.draft_cache, context), len(context) - 1)
+        known, tail = self.draft_committed, self.draft_tail  # the cache's first ``known`` tokens are the context's
+        common = known + common_prefix_len(tail, context[known:known + len(tail)])
+        cached = min(common, len(context) - 1)
         tokens = self.engine.draft.propose(len(context), request.n_tokens, request.committed_len)
         return _DraftTask(request, tokens, first_batch=len(context) - cached, context_start=cached)
 
     def end_draft(self, task: _DraftTask) -> None:
-        """The draft model holds in its cache what the task's steps processed."""
-        context = task.request.context
-        self.draft_cache = context[:task.context_start] if task.step == 0 else context + tuple(task.tokens[:task.step - 1])
+        """The draft model holds in its cache what the task's steps processed: ``context[:context_start]`` if it
+        took no step, else the context and the drafted tokens it fed back."""
+        request = task.request
+        context, committed = request.context, request.committed_len
+        if task.step == 0:
+            known = min(committed, task.context_start)
+            self.draft_committed, self.draft_tail = known, context[known:task.context_start]
+        else:
+            self.draft_committed, self.draft_tail = committed, context[committed:] + tuple(task.tokens[:task.step - 1])
 
     def finish(self) -> None:
         if not self.engine.finished.triggered:
@@ -165,6 +230,7 @@ class SimulationEngine:
         elif isinstance(strategies, Strategy):
             strategies = [strategies]
         self.env = simpy.Environment()
+        self._schedule = self.env.schedule
         self.network = world.network()
         self.acceptance = world.acceptance()
         self.draft = world.oracle_draft(self.acceptance)
@@ -174,15 +240,20 @@ class SimulationEngine:
         self.finished = self.env.event()
         self.lines = [_Line(self, pipeline, strategy)
                       for pipeline, strategy in zip(world.pipelines, strategies, strict=True)]
-        for line in self.lines:
-            for stage in line.stages[1:]:
-                stage.process = self.env.process(self._stage_loop(line, stage))
-            self.env.process(self._head_loop(line))
-        for line in self.lines:
-            line.driver.start()
-        self._run_bounded()
-        new = tuple.__new__
-        records = [new(Record, r) for r in self.records]
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            for line in self.lines:
+                line.driver.start()
+            for line in self.lines:  # as the processes of a process-per-stage model would start: stages, head
+                for stage in line.stages[1:]:
+                    self._stage_loop(line, stage)
+                self._head_loop(line)
+            self._run_bounded()
+            records = list(map(partial(tuple.__new__, Record), self.records))
+        finally:
+            if collecting:
+                gc.enable()
         target = self.lines[-1].driver
         meta = {"layer_ranges": list(world.target.layer_ranges), "prompt_tokens": len(prompt),
                 "cost_models": world.cost_sources(), "warnings": list(world.warnings)}
@@ -207,20 +278,36 @@ class SimulationEngine:
         if self._head_iterations > self.max_events:
             raise SimulationError(f"simulation exceeded {self.max_events} head steps without finishing")
 
+    # -- events ------------------------------------------------------------------------------------
+    def _at(self, delay: float, callback: Callable, priority=NORMAL) -> None:
+        """``callback(event)`` after ``delay`` (a Timeout's place in SimPy's queue; ``URGENT``: an interrupt's)."""
+        event = _Call()
+        event.callbacks = [callback]
+        self._schedule(event, priority, delay)
+
+    def _resume(self, resume: Callable) -> None:
+        """Wake a waiting stage or head (``Event.succeed``: an event at this instant); at once when nothing else is
+        due at this instant (that event would be the next one processed)."""
+        if self.env.peek() > self.env.now:
+            resume(None)
+        else:
+            self._at(0.0, resume)
+
     # -- messaging ---------------------------------------------------------------------------------
     def send(self, src: int, dst: int, nbytes: float, what: str, run_id: int, deliver, level: int = 0) -> None:
         self.send_on(self.network.link(src, dst), nbytes, what, run_id, deliver, level)
 
     def send_on(self, link, nbytes: float, what: str, run_id: int, deliver, level: int = 0) -> None:
         """A message on one direction of a link; ``deliver(event)`` runs at its arrival."""
-        env = self.env
-        now = env.now
+        now = self.env.now
         start, end, arrival = link.send(now, nbytes)
         self.records.append((TRANSFER, start, end, link.name, run_id, 0, nbytes, 0, 0, what, -1, level, False, False))
         # the event's value: when MPI has delivered the message, if the executor's link emulation then holds it
         # until ``arrival`` (a rank may find it earlier and sleep until then); None when it is there at arrival
-        delivered = now + link.transport if self.held_messages else None
-        env.timeout(arrival - now, value=delivered).callbacks.append(deliver)
+        event = _Message()
+        event.value = now + link.transport if self.held_messages else None
+        event.callbacks = [deliver]
+        self._schedule(event, NORMAL, arrival - now)
 
     def forward(self, line: _Line, stage: _Stage, run: Run, what: str | None) -> None:
         """Send a run on from ``stage``: activations, a header, or predictions to the pipeline's head."""
@@ -248,17 +335,21 @@ class SimulationEngine:
     def _deliver_to_stage(self, stage: _Stage, run: Run, computed_upstream: bool,
                           delivered: float | None = None) -> None:
         stage.machine.arrive(run, computed_upstream)
-        if stage.wakeup is not None and not stage.wakeup.triggered:
-            self._wake(stage.wakeup, stage.idle_since, delivered)
+        if stage.wakeup:
+            if self.polling is None and self.env.peek() > self.env.now:  # ``_wake`` and ``_resume``, inlined
+                stage.wakeup = 0
+                stage.resume(None)
+            else:
+                self._wake(stage, delivered)
 
     def _deliver_predictions(self, line: _Line, run: Run, delivered: float | None = None) -> None:
         line.driver.predictions_arrived(run.run_id, line.predict(run.positions[run.output_from:]), run.n_outputs)
-        if line.wakeup is not None and not line.wakeup.triggered:
-            self._wake(line.wakeup, line.idle_since, delivered)
+        if line.wakeup:
+            self._wake(line, delivered)
 
     def wake_head(self, line: _Line, delivered: float | None = None) -> None:
-        if line.wakeup is not None and not line.wakeup.triggered:
-            self._wake(line.wakeup, line.idle_since, delivered)
+        if line.wakeup:
+            self._wake(line, delivered)
 
     def _at_next_probe(self, idle_since: float, action: Callable[[], None], delivered: float | None = None) -> None:
         """Run ``action`` now, or (a calibrated profile's polling) at the probe with which a rank idle since
@@ -274,16 +365,22 @@ class SimulationEngine:
         if noticed <= now:
             action()
         else:
-            self.env.timeout(noticed - now).callbacks.append(lambda _timeout: action())
+            self._at(noticed - now, lambda _event: action())
 
-    def _wake(self, event: simpy.Event, idle_since: float, delivered: float | None = None) -> None:
-        """Wake a waiting process at the probe that notices the message."""
+    def _wake(self, waiter: _Stage | _Line, delivered: float | None = None) -> None:
+        """Wake a waiting stage or head (``waiter.wakeup`` set) at the probe that notices the message."""
+        if self.polling is None:  # noticed at once
+            waiter.wakeup = 0
+            self._resume(waiter.resume)
+            return
+        wait = waiter.wakeup
 
         def wake() -> None:
-            if not event.triggered:
-                event.succeed()
+            if waiter.wakeup == wait:  # still the same wait, not yet woken
+                waiter.wakeup = 0
+                self._resume(waiter.resume)
 
-        self._at_next_probe(idle_since, wake, delivered)
+        self._at_next_probe(waiter.idle_since, wake, delivered)
 
     def cancel_at(self, line: _Line, stage: _Stage, run_ids: tuple[int, ...], delivered: float | None = None) -> None:
         """A cancellation reaches ``stage``: an idle stage notices it at its next poll, a busy one when it looks."""
@@ -301,9 +398,12 @@ class SimulationEngine:
 
     def _cancel_unseen(self, stage: _Stage, run_ids: tuple[int, ...]) -> None:
         stage.unseen_cancels.extend(run_ids)
-        if stage.phase == "compute":  # stop at the next layer boundary to look
+        if stage.phase == "compute":  # stop at the next layer boundary to look (an interrupt: urgent, at once)
             stage.phase = "finishing"
-            stage.process.interrupt()
+            if self.env.peek() > self.env.now:
+                stage.interrupted(None)
+            else:
+                self._at(0.0, stage.interrupted, URGENT)
 
     def _notice_unseen(self, line: _Line, stage: _Stage) -> None:
         if stage.unseen_cancels:
@@ -350,131 +450,196 @@ class SimulationEngine:
                 self.send(stage.node, line.head_node, line.pipeline.payloads.early_exit(), "early-exit", run.run_id,
                           arrive, line.level)
 
-        self.env.timeout(offset).callbacks.append(emit)
+        self._at(offset, emit)
         return exit_head
 
-    # -- processes ---------------------------------------------------------------------------------
-    def _stage_loop(self, line: _Line, stage: _Stage):
-        env = self.env
-        node = self.world.nodes[stage.node]
-        machine = stage.machine
-        queue = machine.queue
-        take, computes, skipped, finished = queue.popleft, machine.computes, machine.skipped, machine.finished
-        last = machine.is_last
-        cost_of = line.pipeline.cost.stage_cost
+    def _cost(self, line: _Line, stage: _Stage, node, run: Run, last: bool):
+        """The stage's cost of ``run`` (memoised: cost models are pure functions of their arguments)."""
+        key = (len(run.tokens), run.positions[0], run.n_outputs if last else 0)
+        cost = stage.costs.get(key)
+        if cost is None:
+            if len(stage.costs) >= _COST_MEMO_SIZE:
+                stage.costs.clear()
+            cost = stage.costs[key] = line.pipeline.cost.stage_cost(node, stage.n_layers, *key)
+        return cost
+
+    # -- stages ------------------------------------------------------------------------------------
+    # A stage's loop, as a process-per-stage model runs it (DistServe style), but driven by its events: look at
+    # the cancellations that arrived unseen, take the next run (or wait for one), compute it (a calibrated
+    # profile's dispatch first) or skip it, send it on, and again. Each method returns when the stage waits.
+    def _stage_loop(self, line: _Line, stage: _Stage) -> None:
+        """The top of the stage's loop."""
         while True:
             self._notice_unseen(line, stage)
-            while not queue:
-                stage.wakeup = env.event()
-                stage.idle_since = env.now
-                stage.phase = "idle"
-                yield stage.wakeup
-            stage.phase = "dispatch"
-            run, computed_upstream, _ = take()
-            compute = computes(run, computed_upstream)
-            if compute:
-                cost = cost_of(node, stage.n_layers, run.n_tokens, run.positions[0], run.n_outputs if last else 0)
-                stage.current = machine.current = run.run_id
-                if cost.dispatch > 0:
-                    yield from self._dispatch(stage.node, cost, run)
-                    self._notice_unseen(line, stage)  # the executor looks once more before the forward
-                    compute = computes(run, computed_upstream)
-            if not compute:
-                stage.current = machine.current = None
-                self.forward(line, stage, run, skipped(run, env.now))
-                continue
-            start = env.now
-            aborted = yield from self._compute(line, stage, cost, cost.total - cost.dispatch
-                                               + self._schedule_early_exit(line, stage, run, cost))
-            stage.current = None
-            self.forward(line, stage, run, finished(run, start, env.now, aborted))
+            if not self._stage_take(line, stage):
+                return
 
-    def _compute(self, line: _Line, stage: _Stage, cost, work: float):
-        """The stage's forward of ``work`` seconds; returns True when a cancellation of it aborted it.
+    def _stage_woken(self, line: _Line, stage: _Stage, _event=None) -> None:
+        if self._stage_take(line, stage):
+            self._stage_loop(line, stage)
 
-        A cancellation arriving meanwhile interrupts it; the stage finishes the layer in progress, looks at what
+    def _stage_take(self, line: _Line, stage: _Stage) -> bool:
+        """Take the next run, or wait for one; True when the run was skipped (the loop goes on at once)."""
+        machine = stage.machine
+        if not machine.queue:
+            stage.waits += 1
+            stage.wakeup = stage.waits
+            stage.idle_since = self.env.now
+            stage.phase = "idle"
+            return False
+        stage.phase = "dispatch"
+        run, computed_upstream, _ = machine.queue.popleft()
+        compute = machine.computes(run, computed_upstream)
+        cost = None
+        if compute:
+            cost = self._cost(line, stage, self.world.nodes[stage.node], run, machine.is_last)
+            stage.current = machine.current = run.run_id
+            if cost.dispatch > 0:
+                stage.task = (run, computed_upstream, cost)
+                self._dispatch(stage.node, cost, run, stage.dispatched)
+                return False
+        return self._stage_start(line, stage, run, cost, compute)
+
+    def _stage_dispatched(self, line: _Line, stage: _Stage) -> None:
+        """After the dispatch: the executor looks once more before the forward."""
+        run, computed_upstream, cost = stage.task
+        self._notice_unseen(line, stage)
+        if self._stage_start(line, stage, run, cost, stage.machine.computes(run, computed_upstream)):
+            self._stage_loop(line, stage)
+
+    def _stage_start(self, line: _Line, stage: _Stage, run: Run, cost, compute: bool) -> bool:
+        """Start the forward of ``run``, or skip it (True: skipped, sent on)."""
+        if not compute:
+            stage.current = stage.machine.current = None
+            self.forward(line, stage, run, stage.machine.skipped(run, self.env.now))
+            return True
+        stage.task = (run, None, cost)
+        stage.start = self.env.now
+        work = cost.total - cost.dispatch
+        if run.meta:
+            work += self._schedule_early_exit(line, stage, run, cost)
+        stage.work, stage.done = work, 0.0
+        stage.phase = "compute"
+        stage.job = self.hosts.start(stage.node, work, stage.computed)
+        return False
+
+    def _stage_computed(self, line: _Line, stage: _Stage, _job=None) -> None:
+        stage.job = None
+        self._stage_end(line, stage, False)
+
+    def _stage_end(self, line: _Line, stage: _Stage, aborted: bool) -> None:
+        run = stage.task[0]
+        stage.current = None
+        self.forward(line, stage, run, stage.machine.finished(run, stage.start, self.env.now, aborted))
+        self._stage_loop(line, stage)
+
+    def _stage_interrupted(self, line: _Line, stage: _Stage, _event=None) -> None:
+        """A cancellation arrived during the forward: the stage finishes the layer in progress, looks at what
         arrived (passing it on), and stops there if its own run is cancelled, else goes on. As in the executor,
         the last look is after the last layer: a cancellation arriving during the output head is seen only once
-        the run is complete (and its predictions are sent anyway).
-        """
-        done = 0.0
+        the run is complete (and its predictions are sent anyway)."""
+        stage.done += stage.job.interrupt()
+        stage.job = None
+        cost, work, done = stage.task[2], stage.work, stage.done
+        boundary = work
         layers_end = stage.n_layers * cost.per_layer
-        while True:
-            stage.phase = "compute"
-            job = self.hosts.job(stage.node, work - done)
-            try:
-                yield from job.run()
-                return False
-            except simpy.Interrupt:
-                done += job.done
-            boundary = work
-            if cost.per_layer > 0 and done < layers_end - 1e-12:  # the next layer boundary
-                boundary = min(math.ceil(done / cost.per_layer - 1e-9) * cost.per_layer, layers_end)
-            if boundary > done:
-                yield from self.hosts.compute(stage.node, boundary - done)
-                done = boundary
-            self._notice_unseen(line, stage)
-            if done >= work - 1e-12:
-                return False
-            if stage.machine.must_abort():
-                return True
-
-    def _dispatch(self, node: int, cost, run: Run):
-        """A calibrated profile's per-run messaging and scheduling before the forward: busy, not computing."""
-        if cost.dispatch <= 0:
+        if cost.per_layer > 0 and done < layers_end - 1e-12:  # the next layer boundary
+            boundary = min(math.ceil(done / cost.per_layer - 1e-9) * cost.per_layer, layers_end)
+        if boundary > done:
+            stage.boundary = boundary
+            self.hosts.start(stage.node, boundary - done, stage.at_boundary)
             return
+        self._stage_looks(line, stage)
+
+    def _stage_at_boundary(self, line: _Line, stage: _Stage, _job=None) -> None:
+        stage.done = stage.boundary
+        self._stage_looks(line, stage)
+
+    def _stage_looks(self, line: _Line, stage: _Stage) -> None:
+        """At the layer boundary after an interrupt: done, aborted, or on with the rest of the forward."""
+        self._notice_unseen(line, stage)
+        if stage.done >= stage.work - 1e-12:
+            self._stage_end(line, stage, False)
+        elif stage.machine.must_abort():
+            self._stage_end(line, stage, True)
+        else:
+            stage.phase = "compute"
+            stage.job = self.hosts.start(stage.node, stage.work - stage.done, stage.computed)
+
+    def _dispatch(self, node: int, cost, run: Run, then: Callable[[], None]) -> None:
+        """A calibrated profile's per-run messaging and scheduling before the forward: busy, not computing."""
         start = self.env.now
-        try:
-            yield from self.hosts.compute(node, cost.dispatch)
-        finally:
+
+        def dispatched(_job) -> None:
             self.records.append((DISPATCH, start, self.env.now, self.node_names[node], run.run_id, run.n_tokens,
                                  0.0, 0, 0, "", -1, 0, False, False))
+            then()
 
-    def _head_loop(self, line: _Line):
+        self.hosts.start(node, cost.dispatch, dispatched)
+
+    # -- heads -------------------------------------------------------------------------------------
+    def _head_loop(self, line: _Line, _event=None) -> None:
+        """A pipeline head's loop: take the driver's next work and spend its time (returns when it waits)."""
         env = self.env
-        world = self.world
-        head = world.nodes[line.head_node]
-        stage0 = line.stages[0]
-        single = len(line.stages) == 1
         driver = line.driver
-        verify_overhead = world.verify_overhead
-        cost_of = line.pipeline.cost.stage_cost
-        draft_cost = world.draft_cost
-        hosts, node = self.hosts, line.head_node
         finished = self.finished
         while not finished.triggered:
             self._tick()
             work = driver.next_work()
             if work is None:
-                line.wakeup = env.event()
+                line.waits += 1
+                line.wakeup = line.waits
                 line.idle_since = env.now
-                yield line.wakeup
-                continue
+                return
             kind, item = work
             start = env.now
             if kind is VERIFY:
-                if verify_overhead > 0:
-                    yield from hosts.compute(node, verify_overhead)
+                if self.world.verify_overhead > 0:
+                    self.hosts.start(line.head_node, self.world.verify_overhead,
+                                     partial(self._head_verified, line, item, start))
+                    return
                 driver.verify(item, start)
             elif kind is STAGE0:
                 run = item
-                cost = cost_of(head, stage0.n_layers, run.n_tokens, run.positions[0], run.n_outputs if single else 0)
-                stage0.current = run.run_id
-                yield from self._dispatch(node, cost, run)
-                start = env.now
-                yield from hosts.compute(node, cost.total - cost.dispatch
-                                         + self._schedule_early_exit(line, stage0, run, cost))
-                stage0.current = None
-                driver.stage0_done(run, start)
-                self.forward(line, stage0, run, PREDICTIONS if single else ACTIVATIONS)
+                head = self.world.nodes[line.head_node]
+                cost = self._cost(line, line.stages[0], head, run, len(line.stages) == 1)
+                line.stages[0].current = run.run_id
+                if cost.dispatch > 0:
+                    self._dispatch(line.head_node, cost, run, partial(self._head_stage0, line, run, cost))
+                else:
+                    self._head_stage0(line, run, cost)
+                return
             else:
                 assert kind is DRAFT
                 task = item
                 batch = task.first_batch if task.step == 0 else 1
                 context = task.context_start if task.step == 0 else task.context_start + task.first_batch + task.step - 1
-                yield from hosts.compute(node, draft_cost.model_cost(head, batch, context))
-                task.step += 1
-                driver.draft_step_done(task, start, batch)
+                self.hosts.start(line.head_node, self.world.draft_cost.model_cost(self.world.nodes[line.head_node],
+                                                                                   batch, context),
+                                 partial(self._head_drafted, line, task, start, batch))
+                return
+
+    def _head_verified(self, line: _Line, item: tuple, start: float, _job=None) -> None:
+        line.driver.verify(item, start)
+        self._head_loop(line)
+
+    def _head_stage0(self, line: _Line, run: Run, cost) -> None:
+        """The head's own layers of ``run`` (after its dispatch)."""
+        work = cost.total - cost.dispatch
+        if run.meta:
+            work += self._schedule_early_exit(line, line.stages[0], run, cost)
+        self.hosts.start(line.head_node, work, partial(self._head_stage0_done, line, run, self.env.now))
+
+    def _head_stage0_done(self, line: _Line, run: Run, start: float, _job=None) -> None:
+        line.stages[0].current = None
+        line.driver.stage0_done(run, start)
+        self.forward(line, line.stages[0], run, PREDICTIONS if len(line.stages) == 1 else ACTIVATIONS)
+        self._head_loop(line)
+
+    def _head_drafted(self, line: _Line, task: _DraftTask, start: float, batch: int, _job=None) -> None:
+        task.step += 1
+        line.driver.draft_step_done(task, start, batch)
+        self._head_loop(line)
 
 
 def simulate(scenario: Scenario) -> Trace:
