@@ -37,6 +37,7 @@ from functools import partial
 import simpy
 from simpy.events import NORMAL, URGENT
 
+from ..metrics import MetricsTally
 from ..scenario import Scenario
 from ..scheduling import RequestDraft, Run, Strategy, make_strategies
 from ..scheduling.driver import DRAFT, STAGE0, VERIFY, HeadDriver
@@ -69,7 +70,8 @@ class _Message:
     _ok = True
 
 
-_COST_MEMO_SIZE = 4096  # a stage's memoised costs are forgotten beyond this many (memory stays bounded)
+_COST_MEMO_SIZE = 1024  # a stage's memoised costs are forgotten beyond this many (memory stays bounded)
+_TALLY_BATCH = 8192  # without records: records counted (and dropped) whenever this many are waiting
 
 
 @dataclass
@@ -138,6 +140,7 @@ class _Line:
         self.wakeup = 0  # while the head waits for an event: the wait's number (0: not waiting, or woken)
         self.waits = 0
         self.idle_since = 0.0
+        self.work_start = 0.0  # when the head began its current work
         self.resume = partial(engine._head_loop, self)
         for stage in self.stages[1:]:
             stage.resume = partial(engine._stage_woken, self, stage)
@@ -149,7 +152,8 @@ class _Line:
         # never changes, so they need no comparing), then ``draft_tail``
         self.draft_committed = 0
         self.draft_tail: tuple[int, ...] = ()
-        self.frame_bytes: dict[int, tuple[float, float]] = {}  # run id -> (header, with activations)
+        self.frame_bytes: dict[tuple, tuple[float, float]] = {}  # a frame's counts -> (header, with activations)
+        self.draft_costs: dict[tuple[int, int], float] = {}  # memo: (tokens, context) -> the draft's step time
         tokens = engine.world.tokens
         if pipeline.is_target:
             self.predict = tokens.predictions
@@ -158,7 +162,7 @@ class _Line:
 
     # -- the driver's port -----------------------------------------------------------------------------
     def now(self) -> float:
-        return self.engine.env.now
+        return self.engine.env._now
 
     def drop(self, run: Run, send_header: bool) -> None:
         if send_header:
@@ -206,11 +210,19 @@ class _Line:
 
 
 class SimulationEngine:
-    """Simulate one scenario; ``run()`` returns the trace."""
+    """Simulate one scenario; ``run()`` returns the trace.
 
-    def __init__(self, scenario: Scenario, max_events: int = 50_000_000, world: World | None = None) -> None:
+    ``records=False``: metrics only. The trace keeps no records; they are counted as they come (``MetricsTally``)
+    and dropped, so memory does not grow with them, and ``compute_metrics`` gives what it gives with records
+    (the wasted share up to its last digit: see ``MetricsTally``).
+    """
+
+    def __init__(self, scenario: Scenario, max_events: int = 50_000_000, world: World | None = None,
+                 records: bool = True) -> None:
         self.scenario = scenario
         self.max_events = max_events
+        self.keep_records = records
+        self.tally_batch = _TALLY_BATCH
         self.world = world if world is not None else build_world(scenario)
         self.node_names = self.world.node_names
         profile = self.world.profile
@@ -231,11 +243,13 @@ class SimulationEngine:
             strategies = [strategies]
         self.env = simpy.Environment()
         self._schedule = self.env.schedule
+        self._queue = self.env._queue
         self.network = world.network()
         self.acceptance = world.acceptance()
         self.draft = world.oracle_draft(self.acceptance)
         self.hosts = SharedHosts(self.env, world.host_of, world.concurrent_slowdown)
         self.records: list[tuple] = []  # plain tuples in Record's field order (fast); Records at the end
+        self.tally = None if self.keep_records else MetricsTally(0.0, in_order=False)
         self._head_iterations = 0
         self.finished = self.env.event()
         self.lines = [_Line(self, pipeline, strategy)
@@ -250,7 +264,12 @@ class SimulationEngine:
                     self._stage_loop(line, stage)
                 self._head_loop(line)
             self._run_bounded()
-            records = list(map(partial(tuple.__new__, Record), self.records))
+            if self.keep_records:
+                records = list(map(partial(tuple.__new__, Record), self.records))
+            else:
+                self.tally.add(self.records)
+                self.records.clear()
+                records = []
         finally:
             if collecting:
                 gc.enable()
@@ -262,7 +281,7 @@ class SimulationEngine:
             meta["chain_nodes"] = [list(pipeline.nodes) for pipeline in world.pipelines]
         return Trace(engine="simulated", strategy=scenario.strategy.name, scenario=scenario.name,
                      nodes=self.node_names, t_start=0.0, t_end=self.env.now, records=records,
-                     output_tokens=list(target.output), meta=meta)
+                     output_tokens=list(target.output), meta=meta, summary=self.tally)
 
     def _run_bounded(self) -> None:
         try:
@@ -277,6 +296,22 @@ class SimulationEngine:
         self._head_iterations += 1
         if self._head_iterations > self.max_events:
             raise SimulationError(f"simulation exceeded {self.max_events} head steps without finishing")
+        if self.tally is not None and len(self.records) >= self.tally_batch:
+            self._count_records()
+
+    def _count_records(self) -> None:
+        """Without records: count the waiting ones and drop them. No record still to come starts before the
+        oldest work in progress (a head's current work, a stage's forward) or, for transfers, before now."""
+        now = self.env._now
+        watermark = now
+        for line in self.lines:
+            if not line.wakeup and line.work_start < watermark:
+                watermark = line.work_start
+            for stage in line.stages[1:]:
+                if stage.phase in ("compute", "finishing") and stage.start < watermark:
+                    watermark = stage.start
+        self.tally.add(self.records, watermark, now)
+        self.records.clear()
 
     # -- events ------------------------------------------------------------------------------------
     def _at(self, delay: float, callback: Callable, priority=NORMAL) -> None:
@@ -285,10 +320,16 @@ class SimulationEngine:
         event.callbacks = [callback]
         self._schedule(event, priority, delay)
 
+    def _quiet(self) -> bool:
+        """Nothing else is due at this instant (an event scheduled now would be the next one processed).
+        Hot paths read SimPy's ``_now`` and ``_queue``: what its ``now`` and ``peek()`` return."""
+        queue = self._queue
+        return not queue or queue[0][0] > self.env._now
+
     def _resume(self, resume: Callable) -> None:
         """Wake a waiting stage or head (``Event.succeed``: an event at this instant); at once when nothing else is
         due at this instant (that event would be the next one processed)."""
-        if self.env.peek() > self.env.now:
+        if self._quiet():
             resume(None)
         else:
             self._at(0.0, resume)
@@ -299,7 +340,7 @@ class SimulationEngine:
 
     def send_on(self, link, nbytes: float, what: str, run_id: int, deliver, level: int = 0) -> None:
         """A message on one direction of a link; ``deliver(event)`` runs at its arrival."""
-        now = self.env.now
+        now = self.env._now
         start, end, arrival = link.send(now, nbytes)
         self.records.append((TRANSFER, start, end, link.name, run_id, 0, nbytes, 0, 0, what, -1, level, False, False))
         # the event's value: when MPI has delivered the message, if the executor's link emulation then holds it
@@ -322,11 +363,11 @@ class SimulationEngine:
             return
         nxt = line.stages[stage.index + 1]
         computed = what == ACTIVATIONS
-        sizes = line.frame_bytes.get(run.run_id)
-        if sizes is None:  # the same frame at every stage: its header alone, and with activations
-            payloads, counts = line.pipeline.payloads, (run.n_tokens, len(run.kv_ops), len(run.seq_ids),
-                                                        "exit_layer" in run.meta)
-            sizes = line.frame_bytes[run.run_id] = (payloads.header(*counts), payloads.activations(*counts))
+        counts = (len(run.tokens), len(run.kv_ops), len(run.seq_ids), "exit_layer" in run.meta)
+        sizes = line.frame_bytes.get(counts)
+        if sizes is None:  # the run's frame, by its counts: its header alone, and with activations
+            payloads = line.pipeline.payloads
+            sizes = line.frame_bytes[counts] = (payloads.header(*counts), payloads.activations(*counts))
         if stage.to_next is None:
             stage.to_next = self.network.link(stage.node, nxt.node)
         self.send_on(stage.to_next, sizes[computed], what, run.run_id,
@@ -336,7 +377,7 @@ class SimulationEngine:
                           delivered: float | None = None) -> None:
         stage.machine.arrive(run, computed_upstream)
         if stage.wakeup:
-            if self.polling is None and self.env.peek() > self.env.now:  # ``_wake`` and ``_resume``, inlined
+            if self.polling is None and self._quiet():  # ``_wake`` and ``_resume``, inlined
                 stage.wakeup = 0
                 stage.resume(None)
             else:
@@ -355,7 +396,7 @@ class SimulationEngine:
         """Run ``action`` now, or (a calibrated profile's polling) at the probe with which a rank idle since
         ``idle_since`` notices what has just arrived (``delivered``: when MPI delivered a message that the
         executor's link emulation held until now)."""
-        now = self.env.now
+        now = self.env._now
         if self.polling is None:
             noticed = now
         elif delivered is not None and delivered < now:
@@ -400,7 +441,7 @@ class SimulationEngine:
         stage.unseen_cancels.extend(run_ids)
         if stage.phase == "compute":  # stop at the next layer boundary to look (an interrupt: urgent, at once)
             stage.phase = "finishing"
-            if self.env.peek() > self.env.now:
+            if self._quiet():
                 stage.interrupted(None)
             else:
                 self._at(0.0, stage.interrupted, URGENT)
@@ -412,7 +453,7 @@ class SimulationEngine:
 
     def _notice_cancels(self, line: _Line, stage: _Stage, run_ids: tuple[int, ...]) -> None:
         """The stage sees the cancellation; its machine says whether it passes it on towards stage 1."""
-        if stage.machine.see_cancels(run_ids, self.env.now):
+        if stage.machine.see_cancels(run_ids, self.env._now):
             previous = line.stages[stage.index - 1]
             self.send(stage.node, previous.node, line.pipeline.payloads.cancel(len(run_ids)), "cancel", -1,
                       lambda e: self.cancel_at(line, previous, run_ids, e.value), line.level)
@@ -436,7 +477,7 @@ class SimulationEngine:
         def emit(_event) -> None:
             if stage.current != run.run_id:
                 return  # aborted before reaching the exit layer
-            now = self.env.now
+            now = self.env._now
             self.records.append((COMPUTE, now - exit_head, now, node.name, run.run_id, 1, 0.0, 0, 0, "exit", exit_layer,
                                  line.level, False, False))
             if stage.node == line.head_node:
@@ -484,7 +525,7 @@ class SimulationEngine:
         if not machine.queue:
             stage.waits += 1
             stage.wakeup = stage.waits
-            stage.idle_since = self.env.now
+            stage.idle_since = self.env._now
             stage.phase = "idle"
             return False
         stage.phase = "dispatch"
@@ -511,10 +552,10 @@ class SimulationEngine:
         """Start the forward of ``run``, or skip it (True: skipped, sent on)."""
         if not compute:
             stage.current = stage.machine.current = None
-            self.forward(line, stage, run, stage.machine.skipped(run, self.env.now))
+            self.forward(line, stage, run, stage.machine.skipped(run, self.env._now))
             return True
         stage.task = (run, None, cost)
-        stage.start = self.env.now
+        stage.start = self.env._now
         work = cost.total - cost.dispatch
         if run.meta:
             work += self._schedule_early_exit(line, stage, run, cost)
@@ -530,7 +571,7 @@ class SimulationEngine:
     def _stage_end(self, line: _Line, stage: _Stage, aborted: bool) -> None:
         run = stage.task[0]
         stage.current = None
-        self.forward(line, stage, run, stage.machine.finished(run, stage.start, self.env.now, aborted))
+        self.forward(line, stage, run, stage.machine.finished(run, stage.start, self.env._now, aborted))
         self._stage_loop(line, stage)
 
     def _stage_interrupted(self, line: _Line, stage: _Stage, _event=None) -> None:
@@ -568,10 +609,10 @@ class SimulationEngine:
 
     def _dispatch(self, node: int, cost, run: Run, then: Callable[[], None]) -> None:
         """A calibrated profile's per-run messaging and scheduling before the forward: busy, not computing."""
-        start = self.env.now
+        start = self.env._now
 
         def dispatched(_job) -> None:
-            self.records.append((DISPATCH, start, self.env.now, self.node_names[node], run.run_id, run.n_tokens,
+            self.records.append((DISPATCH, start, self.env._now, self.node_names[node], run.run_id, run.n_tokens,
                                  0.0, 0, 0, "", -1, 0, False, False))
             then()
 
@@ -589,10 +630,10 @@ class SimulationEngine:
             if work is None:
                 line.waits += 1
                 line.wakeup = line.waits
-                line.idle_since = env.now
+                line.idle_since = env._now
                 return
             kind, item = work
-            start = env.now
+            start = line.work_start = env._now
             if kind is VERIFY:
                 if self.world.verify_overhead > 0:
                     self.hosts.start(line.head_node, self.world.verify_overhead,
@@ -614,9 +655,13 @@ class SimulationEngine:
                 task = item
                 batch = task.first_batch if task.step == 0 else 1
                 context = task.context_start if task.step == 0 else task.context_start + task.first_batch + task.step - 1
-                self.hosts.start(line.head_node, self.world.draft_cost.model_cost(self.world.nodes[line.head_node],
-                                                                                   batch, context),
-                                 partial(self._head_drafted, line, task, start, batch))
+                cost = line.draft_costs.get((batch, context))
+                if cost is None:
+                    if len(line.draft_costs) >= _COST_MEMO_SIZE:
+                        line.draft_costs.clear()
+                    cost = line.draft_costs[batch, context] = self.world.draft_cost.model_cost(
+                        self.world.nodes[line.head_node], batch, context)
+                self.hosts.start(line.head_node, cost, partial(self._head_drafted, line, task, start, batch))
                 return
 
     def _head_verified(self, line: _Line, item: tuple, start: float, _job=None) -> None:
@@ -628,7 +673,7 @@ class SimulationEngine:
         work = cost.total - cost.dispatch
         if run.meta:
             work += self._schedule_early_exit(line, line.stages[0], run, cost)
-        self.hosts.start(line.head_node, work, partial(self._head_stage0_done, line, run, self.env.now))
+        self.hosts.start(line.head_node, work, partial(self._head_stage0_done, line, run, self.env._now))
 
     def _head_stage0_done(self, line: _Line, run: Run, start: float, _job=None) -> None:
         line.stages[0].current = None
@@ -642,6 +687,6 @@ class SimulationEngine:
         self._head_loop(line)
 
 
-def simulate(scenario: Scenario) -> Trace:
-    """Simulate a scenario with its configured strategy."""
-    return SimulationEngine(scenario).run()
+def simulate(scenario: Scenario, records: bool = True) -> Trace:
+    """Simulate a scenario with its configured strategy (``records=False``: metrics only, no records kept)."""
+    return SimulationEngine(scenario, records=records).run()
