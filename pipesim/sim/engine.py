@@ -511,7 +511,8 @@ class SimulationEngine:
     def _stage_loop(self, line: _Line, stage: _Stage) -> None:
         """The top of the stage's loop."""
         while True:
-            self._notice_unseen(line, stage)
+            if stage.unseen_cancels:
+                self._notice_unseen(line, stage)
             if not self._stage_take(line, stage):
                 return
 
@@ -533,7 +534,9 @@ class SimulationEngine:
         compute = machine.computes(run, computed_upstream)
         cost = None
         if compute:
-            cost = self._cost(line, stage, self.world.nodes[stage.node], run, machine.is_last)
+            cost = stage.costs.get((len(run.tokens), run.positions[0], run.n_outputs if machine.is_last else 0))
+            if cost is None:
+                cost = self._cost(line, stage, self.world.nodes[stage.node], run, machine.is_last)
             stage.current = machine.current = run.run_id
             if cost.dispatch > 0:
                 stage.task = (run, computed_upstream, cost)
@@ -566,7 +569,10 @@ class SimulationEngine:
 
     def _stage_computed(self, line: _Line, stage: _Stage, _job=None) -> None:
         stage.job = None
-        self._stage_end(line, stage, False)
+        run = stage.task[0]
+        stage.current = None
+        self.forward(line, stage, run, stage.machine.finished(run, stage.start, self.env._now, False))
+        self._stage_loop(line, stage)
 
     def _stage_end(self, line: _Line, stage: _Stage, aborted: bool) -> None:
         run = stage.task[0]
