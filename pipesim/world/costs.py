@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..models.catalog import ModelSpec
 
@@ -19,9 +19,9 @@ class NodeProfile:
     overhead_per_run: float = 0.0
 
 
-@dataclass(frozen=True)
-class StageCost:
-    """Time of one run on one stage: the total and the time per layer (for aborts at layer granularity)."""
+class StageCost(NamedTuple):
+    """Time of one run on one stage: the total and the time per layer (for aborts at layer granularity).
+    (A named tuple: the simulator builds one per run and stage, and a frozen dataclass costs three times more.)"""
 
     total: float
     per_layer: float
