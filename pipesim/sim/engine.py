@@ -47,6 +47,7 @@ from ..scheduling.stage import ACTIVATIONS, HEADER, PREDICTIONS, StageMachine
 from ..trace import Trace
 from ..world.acceptance import level_predictor
 from ..world.build import Pipeline, World, build_world
+from ..world.costs import RooflineCostModel
 from ..world.network import LinkDirection
 from .host_cpu import SharedHosts
 from .polling import PollBackoff
@@ -136,6 +137,14 @@ class _Line:
         self.stages = [_Stage(k, node, span, StageMachine(k, n, names[node], engine.records, pipeline.level)
                               if k else None)
                        for k, (node, span) in enumerate(zip(pipeline.nodes, pipeline.layer_ranges, strict=True))]
+        # stages whose costs are the same function share their memo: with the plain roofline, stages of equal
+        # node figures (the name aside) and layer counts
+        memos: dict = {}
+        for stage in self.stages:
+            node = engine.world.nodes[stage.node]
+            key = ((node.flops, node.memory_bandwidth, node.overhead_per_run, stage.n_layers)
+                   if type(pipeline.cost) is RooflineCostModel else stage.index)
+            stage.costs = memos.setdefault(key, {})
         self.driver = HeadDriver(strategy, self, names[self.head_node], n, engine.records, pipeline.level)
         self.wakeup = 0  # while the head waits for an event: the wait's number (0: not waiting, or woken)
         self.waits = 0
