@@ -18,7 +18,7 @@ import numpy as np
 
 from ..metrics import compute_metrics, token_times
 from ..scenario import Scenario, scenario_from_dict
-from ..sim import simulate
+from ..sim import simulate as simulate_scenario
 from ..trace import Trace
 from .analytic import analytic_columns
 
@@ -117,6 +117,11 @@ def metric_columns(trace: Trace) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
 
+def simulate(scenario: Scenario) -> Trace:
+    """A point's simulation: metrics only (no records kept: a point's memory does not grow with its records)."""
+    return simulate_scenario(scenario, records=False)
+
+
 @contextmanager
 def paused_gc() -> Iterator[None]:
     """No cyclic garbage collection while a simulation allocates its many small, short-lived objects (events,
@@ -136,7 +141,7 @@ def evaluate(document: dict[str, Any]) -> dict[str, Any]:
     try:
         scenario = scenario_from_dict(document)
         with paused_gc():
-            trace = simulate(scenario, records=False)  # metrics only: a point's memory does not grow with it
+            trace = simulate(scenario)
         outcome = metric_columns(trace)
         outcome.update(analytic_columns(scenario, outcome.get("acceptance_rate")))
         outcome["error"] = ""
