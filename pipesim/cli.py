@@ -28,8 +28,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from .trace import write_chrome_trace
 
     scenario = load_cli_scenario(args.scenario, args.set, args.strategy)
-    check_simulation_memory(scenario)
-    trace = simulate(scenario)
+    if args.no_records and (args.trace or args.records):
+        raise ValueError(f"--no-records keeps no records to write to {args.trace or args.records}")
+    if not args.no_records:
+        check_simulation_memory(scenario)
+    trace = simulate(scenario, records=not args.no_records)
     for warning in trace.meta.get("warnings", []):
         print(f"pipesim: note: {warning}", file=sys.stderr)
     metrics = clean_for_json(compute_metrics(trace))
@@ -105,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--records", metavar="FILE", type=check_output_file,
                      help="for analysis: the raw trace records as a table (.csv or .parquet)")
     sim.add_argument("--json", action="store_true", help="print one JSON object with the metrics")
+    sim.add_argument("--no-records", action="store_true",
+                     help="metrics only: keep no trace records (memory does not grow with them; the same metrics)")
     sim.set_defaults(func=_cmd_simulate)
 
     for module in (model_commands, executor_commands, report_commands, calibrate, validate, plan_commands,

@@ -31,6 +31,8 @@ class Trace:
     records: list[Record] = field(default_factory=list)
     output_tokens: list[int] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    # a simulation that kept no records (``records`` empty): its metrics' tally (``pipesim.metrics.MetricsTally``)
+    summary: Any = None
 
     def of_kind(self, kind: str) -> list[Record]:
         return [r for r in self.records if r.kind == kind]

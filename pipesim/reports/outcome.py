@@ -18,7 +18,7 @@ import numpy as np
 
 from ..metrics import compute_metrics, token_times
 from ..scenario import Scenario, scenario_from_dict
-from ..sim import simulate
+from ..sim import simulate as simulate_scenario
 from ..trace import Trace
 from .analytic import analytic_columns
 
@@ -115,6 +115,11 @@ def metric_columns(trace: Trace) -> dict[str, Any]:
     row["link_util_max"] = max(links.values()) if links else 0.0
     row["busiest_link"] = max(links, key=links.get) if links else ""
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def simulate(scenario: Scenario) -> Trace:
+    """A point's simulation: metrics only (no records kept: a point's memory does not grow with its records)."""
+    return simulate_scenario(scenario, records=False)
 
 
 @contextmanager

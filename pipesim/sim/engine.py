@@ -13,16 +13,31 @@ the cancellation on, and it aborts a run in progress at the layer boundary where
 profile's polling, idle ranks notice messages at their probe times; when the scenario runs the executor's link
 emulation, a rank finds a message as soon as MPI delivers it and sleeps until its emulated arrival
 (``PollBackoff``).
+
+Stages and heads are driven by event callbacks rather than SimPy processes, and scheduled events are bare
+(``_Call``, ``_Message``: what SimPy's loop reads of an event, cheaper than a ``Timeout``), but the engine
+schedules exactly the events the process-per-stage model did, at the same instants and priorities and in the same
+order, so results are the same bit for bit. One exception makes it faster: the wake-up of a waiting stage or head
+(SimPy's ``Event.succeed``, an event at this instant) and an interrupt (an urgent event at this instant) are
+handled at once when nothing else is due at this instant, since SimPy would process them next with nothing in
+between (every caller wakes or interrupts as its last act). Costs are memoised per stage (cost models are pure
+functions of the node, the layers, the run's tokens, its context and its outputs). Python's cyclic garbage
+collector is paused while a simulation runs: it would walk the growing list of records again and again, and the
+events (freed as soon as they are processed) make no lasting cycles.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import simpy
+from simpy.events import NORMAL, URGENT
 
+from ..metrics import MetricsTally
 from ..scenario import Scenario
 from ..scheduling import RequestDraft, Run, Strategy, make_strategies
 from ..scheduling.driver import DRAFT, STAGE0, VERIFY, HeadDriver
@@ -39,6 +54,7 @@ from ..scheduling.stage import (
 from ..trace import Trace
 from ..world.acceptance import level_predictor
 from ..world.build import Pipeline, World, build_world
+from ..world.costs import RooflineCostModel
 from ..world.network import LinkDirection
 from ..world.profile import kv_transaction_time
 from .host_cpu import SharedHosts
@@ -50,6 +66,24 @@ class SimulationError(RuntimeError):
     """The simulation could not finish (e.g. it exceeded its event budget)."""
 
 
+class _Call:
+    """A bare SimPy event calling ``callbacks`` at its time (SimPy's loop reads only these and ``_ok``)."""
+
+    __slots__ = ("callbacks",)
+    _ok = True
+
+
+class _Message:
+    """A message's arrival: a bare SimPy event whose ``value`` is when MPI delivered it (None: at arrival)."""
+
+    __slots__ = ("callbacks", "value")
+    _ok = True
+
+
+_COST_MEMO_SIZE = 1024  # a stage's memoised costs are forgotten beyond this many (memory stays bounded)
+_TALLY_BATCH = 8192  # without records: records counted (and dropped) whenever this many are waiting
+
+
 @dataclass
 class _Stage:
     """Simulated state of one stage of a pipeline (stage 0 is its head's own layers: no machine)."""
@@ -58,14 +92,30 @@ class _Stage:
     node: int
     layers: tuple[int, int]
     machine: StageMachine | None
-    wakeup: simpy.Event | None = None
+    wakeup: int = 0  # while waiting for a run: the wait's number (0: not waiting, or already woken)
+    waits: int = 0
     idle_since: float = 0.0
     unseen_cancels: list[int] = field(default_factory=list)  # arrived while busy; noticed at the next look
-    phase: str = "idle"  # idle, dispatch, compute, finishing (the layer in progress after an interrupt)
+    phase: str = "idle"  # idle, kv (relayed KV transactions), dispatch, compute, finishing (after an interrupt)
     current: int | None = None
-    process: simpy.Process | None = None
     to_next: LinkDirection | None = None  # the link to the next stage, once used
     n_layers: int = 0
+    costs: dict = field(default_factory=dict)  # memo: (n_tokens, context, n_outputs) -> StageCost
+    # the run in progress: (run, computed upstream, cost), its start, work (s), work done, the layer boundary
+    # it finishes after an interrupt, and the compute job
+    task: tuple = ()
+    start: float = 0.0
+    work: float = 0.0
+    done: float = 0.0
+    boundary: float = 0.0
+    job: object = None
+    # callbacks, bound once (``_Line`` sets them)
+    resume: Callable = None
+    computed: Callable = None
+    interrupted: Callable = None
+    at_boundary: Callable = None
+    dispatched: Callable = None
+    kv_done: Callable = None
 
     def __post_init__(self) -> None:
         self.n_layers = self.layers[1] - self.layers[0]
@@ -99,12 +149,35 @@ class _Line:
         self.stages = [_Stage(k, node, span, StageMachine(k, n, names[node], engine.records, pipeline.level, full)
                               if k else None)
                        for k, (node, span) in enumerate(zip(pipeline.nodes, pipeline.layer_ranges, strict=True))]
+        # stages whose costs are the same function share their memo: with the plain roofline, stages of equal
+        # node figures (the name aside) and layer counts
+        memos: dict = {}
+        for stage in self.stages:
+            node = engine.world.nodes[stage.node]
+            key = ((node.flops, node.memory_bandwidth, node.overhead_per_run, stage.n_layers)
+                   if type(pipeline.cost) is RooflineCostModel else stage.index)
+            stage.costs = memos.setdefault(key, {})
         self.driver = HeadDriver(strategy, self, names[self.head_node], n, engine.records, pipeline.level)
-        self.wakeup: simpy.Event | None = None
+        self.wakeup = 0  # while the head waits for an event: the wait's number (0: not waiting, or woken)
+        self.waits = 0
         self.idle_since = 0.0
-        self.draft_cache: tuple[int, ...] = ()
-        self.frame_bytes: dict[int, tuple[float, float]] = {}  # run id -> (header, with activations)
+        self.work_start = 0.0  # when the head began its current work
+        self.resume = partial(engine._head_loop, self)
+        for stage in self.stages[1:]:
+            stage.resume = partial(engine._stage_woken, self, stage)
+            stage.computed = partial(engine._stage_computed, self, stage)
+            stage.interrupted = partial(engine._stage_interrupted, self, stage)
+            stage.at_boundary = partial(engine._stage_at_boundary, self, stage)
+            stage.dispatched = partial(engine._stage_dispatched, self, stage)
+            stage.kv_done = partial(engine._stage_kv_done, self, stage)
+        # what the draft model holds in its cache: ``draft_committed`` tokens of the committed sequence (which
+        # never changes, so they need no comparing), then ``draft_tail``
+        self.draft_committed = 0
+        self.draft_tail: tuple[int, ...] = ()
+        self.frame_bytes: dict[tuple, tuple[float, float]] = {}  # a frame's counts -> (header, with activations)
+        self.draft_costs: dict[tuple[int, int], float] = {}  # memo: (tokens, context) -> the draft's step time
         self.remote_draft = engine.remote_draft(pipeline)  # the draft on a node of its own, else None
+        self.in_draft = False  # between begin_draft and end_draft (the remote draft's next step may start earlier)
         tokens = engine.world.tokens
         self.level_oracle = not pipeline.is_target  # predictions from the run (its prefix), not its positions
         if pipeline.is_target:
@@ -115,7 +188,7 @@ class _Line:
 
     # -- the driver's port -----------------------------------------------------------------------------
     def now(self) -> float:
-        return self.engine.env.now
+        return self.engine.env._now
 
     def drop(self, run: Run, send_header: bool) -> None:
         if send_header:
@@ -140,18 +213,28 @@ class _Line:
 
     def begin_draft(self, request: RequestDraft) -> _DraftTask:
         context = request.context
-        cached = min(common_prefix_len(self.draft_cache, context), len(context) - 1)
+        known, tail = self.draft_committed, self.draft_tail  # the cache's first ``known`` tokens are the context's
+        common = known + common_prefix_len(tail, context[known:known + len(tail)])
+        cached = min(common, len(context) - 1)
         proposal = self.engine.draft.propose(context, request.n_tokens, request.committed_len, request.min_confidence)
+        self.in_draft = True
         return _DraftTask(request, proposal.tokens, first_batch=len(context) - cached, context_start=cached,
                           n_steps=proposal.n_steps)
 
     def end_draft(self, task: _DraftTask) -> None:
-        """The draft model holds in its cache what the task's steps processed."""
-        context = task.request.context
+        """The draft model holds in its cache what the task's steps processed: ``context[:context_start]`` if it
+        took no step, else the context and the drafted tokens it fed back."""
+        request = task.request
+        context, committed = request.context, request.committed_len
+        self.in_draft = False
         if self.remote_draft is not None and 0 < task.step < len(task.tokens):  # abandoned: the draft node goes on
             base = task.context_start + task.first_batch - 1
             self.remote_draft.abandon([(1, base + j) for j in range(task.step, len(task.tokens))])
-        self.draft_cache = context[:task.context_start] if task.step == 0 else context + tuple(task.tokens[:task.step - 1])
+        if task.step == 0:
+            known = min(committed, task.context_start)
+            self.draft_committed, self.draft_tail = known, context[known:task.context_start]
+        else:
+            self.draft_committed, self.draft_tail = committed, context[committed:] + tuple(task.tokens[:task.step - 1])
 
     def finish(self) -> None:
         if not self.engine.finished.triggered:
@@ -159,11 +242,19 @@ class _Line:
 
 
 class SimulationEngine:
-    """Simulate one scenario; ``run()`` returns the trace."""
+    """Simulate one scenario; ``run()`` returns the trace.
 
-    def __init__(self, scenario: Scenario, max_events: int = 50_000_000, world: World | None = None) -> None:
+    ``records=False``: metrics only. The trace keeps no records; they are counted as they come (``MetricsTally``)
+    and dropped, so memory does not grow with them, and ``compute_metrics`` gives what it gives with records
+    (the wasted share up to its last digit: see ``MetricsTally``).
+    """
+
+    def __init__(self, scenario: Scenario, max_events: int = 50_000_000, world: World | None = None,
+                 records: bool = True) -> None:
         self.scenario = scenario
         self.max_events = max_events
+        self.keep_records = records
+        self.tally_batch = _TALLY_BATCH
         self.world = world if world is not None else build_world(scenario)
         self.node_names = self.world.node_names
         profile = self.world.profile
@@ -183,6 +274,8 @@ class SimulationEngine:
         elif isinstance(strategies, Strategy):
             strategies = [strategies]
         self.env = simpy.Environment()
+        self._schedule = self.env.schedule
+        self._queue = self.env._queue
         self.network = world.network()
         self.acceptance = world.acceptance()
         self.draft = world.oracle_draft(self.acceptance)
@@ -190,19 +283,30 @@ class SimulationEngine:
         self.kv_time = [kv_transaction_time(world.profile, name, scenario.cluster.kv_transaction_time)
                         for name in self.node_names]  # per relayed KV transaction, by node
         self.records: list[tuple] = []  # plain tuples in Record's field order (fast); Records at the end
+        self.tally = None if self.keep_records else MetricsTally(0.0, in_order=False)
         self._head_iterations = 0
         self.finished = self.env.event()
         self.lines = [_Line(self, pipeline, strategy)
                       for pipeline, strategy in zip(world.pipelines, strategies, strict=True)]
-        for line in self.lines:
-            for stage in line.stages[1:]:
-                stage.process = self.env.process(self._stage_loop(line, stage))
-            self.env.process(self._head_loop(line))
-        for line in self.lines:
-            line.driver.start()
-        self._run_bounded()
-        new = tuple.__new__
-        records = [new(Record, r) for r in self.records]
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            for line in self.lines:
+                line.driver.start()
+            for line in self.lines:  # as the processes of a process-per-stage model would start: stages, head
+                for stage in line.stages[1:]:
+                    self._stage_loop(line, stage)
+                self._head_loop(line)
+            self._run_bounded()
+            if self.keep_records:
+                records = list(map(partial(tuple.__new__, Record), self.records))
+            else:
+                self.tally.add(self.records)
+                self.records.clear()
+                records = []
+        finally:
+            if collecting:
+                gc.enable()
         target = self.lines[-1].driver
         meta = {"layer_ranges": list(world.target.layer_ranges), "prompt_tokens": len(prompt),
                 "cost_models": world.cost_sources(), "warnings": list(world.warnings)}
@@ -213,7 +317,7 @@ class SimulationEngine:
             meta["chain_nodes"] = [list(pipeline.nodes) for pipeline in world.pipelines]
         return Trace(engine="simulated", strategy=scenario.strategy.name, scenario=scenario.name,
                      nodes=self.node_names, t_start=0.0, t_end=self.env.now, records=records,
-                     output_tokens=list(target.output), meta=meta)
+                     output_tokens=list(target.output), meta=meta, summary=self.tally)
 
     def _run_bounded(self) -> None:
         try:
@@ -228,6 +332,47 @@ class SimulationEngine:
         self._head_iterations += 1
         if self._head_iterations > self.max_events:
             raise SimulationError(f"simulation exceeded {self.max_events} head steps without finishing")
+        if self.tally is not None and len(self.records) >= self.tally_batch:
+            self._count_records()
+
+    def _count_records(self) -> None:
+        """Without records: count the waiting ones and drop them. No record still to come starts before the
+        oldest work in progress (a head's current work, a stage's forward or KV transactions, a remote draft's
+        next step) or, for transfers, before now."""
+        now = self.env._now
+        watermark = now
+        for line in self.lines:
+            if not line.wakeup and line.work_start < watermark:
+                watermark = line.work_start
+            for stage in line.stages[1:]:
+                if stage.phase in ("compute", "finishing", "kv") and stage.start < watermark:
+                    watermark = stage.start
+            remote = line.remote_draft  # its steps are recorded from when the draft node is free
+            if remote is not None and (line.in_draft or remote.run_ahead) and remote.free_at < watermark:
+                watermark = remote.free_at
+        self.tally.add(self.records, watermark, now)
+        self.records.clear()
+
+    # -- events ------------------------------------------------------------------------------------
+    def _at(self, delay: float, callback: Callable, priority=NORMAL) -> None:
+        """``callback(event)`` after ``delay`` (a Timeout's place in SimPy's queue; ``URGENT``: an interrupt's)."""
+        event = _Call()
+        event.callbacks = [callback]
+        self._schedule(event, priority, delay)
+
+    def _quiet(self) -> bool:
+        """Nothing else is due at this instant (an event scheduled now would be the next one processed).
+        Hot paths read SimPy's ``_now`` and ``_queue``: what its ``now`` and ``peek()`` return."""
+        queue = self._queue
+        return not queue or queue[0][0] > self.env._now
+
+    def _resume(self, resume: Callable) -> None:
+        """Wake a waiting stage or head (``Event.succeed``: an event at this instant); at once when nothing else is
+        due at this instant (that event would be the next one processed)."""
+        if self._quiet():
+            resume(None)
+        else:
+            self._at(0.0, resume)
 
     def remote_draft(self, pipeline: Pipeline) -> RemoteDraft | None:
         """The draft's timeline when it runs on a node other than this (target) pipeline's head."""
@@ -245,14 +390,15 @@ class SimulationEngine:
 
     def send_on(self, link, nbytes: float, what: str, run_id: int, deliver, level: int = 0) -> None:
         """A message on one direction of a link; ``deliver(event)`` runs at its arrival."""
-        env = self.env
-        now = env.now
+        now = self.env._now
         start, end, arrival = link.send(now, nbytes)
         self.records.append((TRANSFER, start, end, link.name, run_id, 0, nbytes, 0, 0, what, -1, level, False, False))
         # the event's value: when MPI has delivered the message, if the executor's link emulation then holds it
         # until ``arrival`` (a rank may find it earlier and sleep until then); None when it is there at arrival
-        delivered = now + link.transport if self.held_messages else None
-        env.timeout(arrival - now, value=delivered).callbacks.append(deliver)
+        event = _Message()
+        event.value = now + link.transport if self.held_messages else None
+        event.callbacks = [deliver]
+        self._schedule(event, NORMAL, arrival - now)
 
     def forward(self, line: _Line, stage: _Stage, run: Run, what: str | None) -> None:
         """Send a run on from ``stage``: activations, a header, or predictions to the pipeline's head."""
@@ -273,11 +419,11 @@ class SimulationEngine:
         nxt = line.stages[stage.index + 1]
         computed = what == ACTIVATIONS
         full_frame = computed or what == SKIPPED_ACTIVATIONS
-        sizes = line.frame_bytes.get(run.run_id)
-        if sizes is None:  # the same frame at every stage: its header alone, and with activations
-            payloads, counts = line.pipeline.payloads, (run.n_tokens, len(run.kv_ops), len(run.seq_ids),
-                                                        "exit_layer" in run.meta)
-            sizes = line.frame_bytes[run.run_id] = (payloads.header(*counts), payloads.activations(*counts))
+        counts = (len(run.tokens), len(run.kv_ops), len(run.seq_ids), "exit_layer" in run.meta)
+        sizes = line.frame_bytes.get(counts)
+        if sizes is None:  # the run's frame, by its counts: its header alone, and with activations
+            payloads = line.pipeline.payloads
+            sizes = line.frame_bytes[counts] = (payloads.header(*counts), payloads.activations(*counts))
         if stage.to_next is None:
             stage.to_next = self.network.link(stage.node, nxt.node)
         self.send_on(stage.to_next, sizes[full_frame], what, run.run_id,
@@ -286,24 +432,28 @@ class SimulationEngine:
     def _deliver_to_stage(self, stage: _Stage, run: Run, computed_upstream: bool,
                           delivered: float | None = None) -> None:
         stage.machine.arrive(run, computed_upstream)
-        if stage.wakeup is not None and not stage.wakeup.triggered:
-            self._wake(stage.wakeup, stage.idle_since, delivered)
+        if stage.wakeup:
+            if self.polling is None and self._quiet():  # ``_wake`` and ``_resume``, inlined
+                stage.wakeup = 0
+                stage.resume(None)
+            else:
+                self._wake(stage, delivered)
 
     def _deliver_predictions(self, line: _Line, run: Run, delivered: float | None = None) -> None:
         predictions = line.predict(run) if line.level_oracle else line.predict(run.positions[run.output_from:])
         line.driver.predictions_arrived(run.run_id, predictions, run.n_outputs)
-        if line.wakeup is not None and not line.wakeup.triggered:
-            self._wake(line.wakeup, line.idle_since, delivered)
+        if line.wakeup:
+            self._wake(line, delivered)
 
     def wake_head(self, line: _Line, delivered: float | None = None) -> None:
-        if line.wakeup is not None and not line.wakeup.triggered:
-            self._wake(line.wakeup, line.idle_since, delivered)
+        if line.wakeup:
+            self._wake(line, delivered)
 
     def _at_next_probe(self, idle_since: float, action: Callable[[], None], delivered: float | None = None) -> None:
         """Run ``action`` now, or (a calibrated profile's polling) at the probe with which a rank idle since
         ``idle_since`` notices what has just arrived (``delivered``: when MPI delivered a message that the
         executor's link emulation held until now)."""
-        now = self.env.now
+        now = self.env._now
         if self.polling is None:
             noticed = now
         elif delivered is not None and delivered < now:
@@ -313,16 +463,22 @@ class SimulationEngine:
         if noticed <= now:
             action()
         else:
-            self.env.timeout(noticed - now).callbacks.append(lambda _timeout: action())
+            self._at(noticed - now, lambda _event: action())
 
-    def _wake(self, event: simpy.Event, idle_since: float, delivered: float | None = None) -> None:
-        """Wake a waiting process at the probe that notices the message."""
+    def _wake(self, waiter: _Stage | _Line, delivered: float | None = None) -> None:
+        """Wake a waiting stage or head (``waiter.wakeup`` set) at the probe that notices the message."""
+        if self.polling is None:  # noticed at once
+            waiter.wakeup = 0
+            self._resume(waiter.resume)
+            return
+        wait = waiter.wakeup
 
         def wake() -> None:
-            if not event.triggered:
-                event.succeed()
+            if waiter.wakeup == wait:  # still the same wait, not yet woken
+                waiter.wakeup = 0
+                self._resume(waiter.resume)
 
-        self._at_next_probe(idle_since, wake, delivered)
+        self._at_next_probe(waiter.idle_since, wake, delivered)
 
     def cancel_at(self, line: _Line, stage: _Stage, run_ids: tuple[int, ...], delivered: float | None = None) -> None:
         """A cancellation reaches ``stage``: an idle stage notices it at its next poll, a busy one when it looks."""
@@ -340,9 +496,12 @@ class SimulationEngine:
 
     def _cancel_unseen(self, stage: _Stage, run_ids: tuple[int, ...]) -> None:
         stage.unseen_cancels.extend(run_ids)
-        if stage.phase == "compute":  # stop at the next layer boundary to look
+        if stage.phase == "compute":  # stop at the next layer boundary to look (an interrupt: urgent, at once)
             stage.phase = "finishing"
-            stage.process.interrupt()
+            if self._quiet():
+                stage.interrupted(None)
+            else:
+                self._at(0.0, stage.interrupted, URGENT)
 
     def _notice_unseen(self, line: _Line, stage: _Stage) -> None:
         if stage.unseen_cancels:
@@ -351,7 +510,7 @@ class SimulationEngine:
 
     def _notice_cancels(self, line: _Line, stage: _Stage, run_ids: tuple[int, ...]) -> None:
         """The stage sees the cancellation; its machine says whether it passes it on towards stage 1."""
-        if stage.machine.see_cancels(run_ids, self.env.now):
+        if stage.machine.see_cancels(run_ids, self.env._now):
             previous = line.stages[stage.index - 1]
             self.send(stage.node, previous.node, line.pipeline.payloads.cancel(len(run_ids)), "cancel", -1,
                       lambda e: self.cancel_at(line, previous, run_ids, e.value), line.level)
@@ -376,7 +535,7 @@ class SimulationEngine:
         def emit(_event) -> None:
             if stage.current != run.run_id:
                 return  # aborted before reaching the exit layer
-            now = self.env.now
+            now = self.env._now
             self.records.append((COMPUTE, now - exit_head, now, node.name, run.run_id, 1, 0.0, 0, 0, "exit", exit_layer,
                                  line.level, False, False))
             if stage.node == line.head_node:
@@ -390,155 +549,253 @@ class SimulationEngine:
                 self.send(stage.node, line.head_node, line.pipeline.payloads.early_exit(), "early-exit", run.run_id,
                           arrive, line.level)
 
-        self.env.timeout(offset).callbacks.append(emit)
+        self._at(offset, emit)
         return exit_head
 
-    # -- processes ---------------------------------------------------------------------------------
-    def _stage_loop(self, line: _Line, stage: _Stage):
-        env = self.env
-        node = self.world.nodes[stage.node]
-        machine = stage.machine
-        queue = machine.queue
-        take, computes, skipped, finished = queue.popleft, machine.computes, machine.skipped, machine.finished
-        last = machine.is_last
-        cost_of = line.pipeline.cost.stage_cost
+    def _cost(self, line: _Line, stage: _Stage, node, run: Run, last: bool):
+        """The stage's cost of ``run`` (memoised: cost models are pure functions of their arguments)."""
+        key = (len(run.tokens), run.positions[0], run.n_outputs if last else 0)
+        cost = stage.costs.get(key)
+        if cost is None:
+            if len(stage.costs) >= _COST_MEMO_SIZE:
+                stage.costs.clear()
+            cost = stage.costs[key] = line.pipeline.cost.stage_cost(node, stage.n_layers, *key)
+        return cost
+
+    # -- stages ------------------------------------------------------------------------------------
+    # A stage's loop, as a process-per-stage model runs it (DistServe style), but driven by its events: look at
+    # the cancellations that arrived unseen, take the next run (or wait for one), compute it (a calibrated
+    # profile's dispatch first) or skip it, send it on, and again. Each method returns when the stage waits.
+    def _stage_loop(self, line: _Line, stage: _Stage) -> None:
+        """The top of the stage's loop."""
         while True:
-            self._notice_unseen(line, stage)
-            while not queue:
-                stage.wakeup = env.event()
-                stage.idle_since = env.now
-                stage.phase = "idle"
-                yield stage.wakeup
-            stage.phase = "dispatch"
-            run, computed_upstream, _ = take()
-            if run.kv_transactions:
-                yield from self._kv_transactions(stage.node, run)
-            compute = computes(run, computed_upstream)
-            if compute:
-                cost = cost_of(node, stage.n_layers, run.n_tokens, run.positions[0], run.n_outputs if last else 0)
-                stage.current = machine.current = run.run_id
-                if cost.dispatch > 0:
-                    yield from self._dispatch(stage.node, cost, run)
-                    self._notice_unseen(line, stage)  # the executor looks once more before the forward
-                    compute = computes(run, computed_upstream)
-            if not compute:
-                stage.current = machine.current = None
-                self.forward(line, stage, run, skipped(run, env.now))
-                continue
-            start = env.now
-            aborted = yield from self._compute(line, stage, cost, cost.total - cost.dispatch
-                                               + self._schedule_early_exit(line, stage, run, cost))
-            stage.current = None
-            self.forward(line, stage, run, finished(run, start, env.now, aborted))
+            if stage.unseen_cancels:
+                self._notice_unseen(line, stage)
+            if not self._stage_take(line, stage):
+                return
 
-    def _compute(self, line: _Line, stage: _Stage, cost, work: float):
-        """The stage's forward of ``work`` seconds; returns True when a cancellation of it aborted it.
+    def _stage_woken(self, line: _Line, stage: _Stage, _event=None) -> None:
+        if self._stage_take(line, stage):
+            self._stage_loop(line, stage)
 
-        A cancellation arriving meanwhile interrupts it; the stage finishes the layer in progress, looks at what
+    def _stage_take(self, line: _Line, stage: _Stage) -> bool:
+        """Take the next run, or wait for one; True when the run was skipped (the loop goes on at once)."""
+        machine = stage.machine
+        if not machine.queue:
+            stage.waits += 1
+            stage.wakeup = stage.waits
+            stage.idle_since = self.env._now
+            stage.phase = "idle"
+            return False
+        stage.phase = "dispatch"
+        run, computed_upstream, _ = machine.queue.popleft()
+        if run.kv_transactions:  # the relayed KV transactions first (then as below, in ``_stage_kv_done``)
+            stage.phase = "kv"
+            stage.start = self.env._now
+            stage.task = (run, computed_upstream, None)
+            self._kv_transactions(stage.node, run, stage.kv_done)
+            return False
+        return self._stage_decide(line, stage, run, computed_upstream)
+
+    def _stage_kv_done(self, line: _Line, stage: _Stage) -> None:
+        stage.phase = "dispatch"
+        run, computed_upstream, _ = stage.task
+        if self._stage_decide(line, stage, run, computed_upstream):
+            self._stage_loop(line, stage)
+
+    def _stage_decide(self, line: _Line, stage: _Stage, run: Run, computed_upstream: bool) -> bool:
+        """Compute the taken run (its dispatch first) or skip it; True when it was skipped (sent on)."""
+        machine = stage.machine
+        compute = machine.computes(run, computed_upstream)
+        cost = None
+        if compute:
+            cost = stage.costs.get((len(run.tokens), run.positions[0], run.n_outputs if machine.is_last else 0))
+            if cost is None:
+                cost = self._cost(line, stage, self.world.nodes[stage.node], run, machine.is_last)
+            stage.current = machine.current = run.run_id
+            if cost.dispatch > 0:
+                stage.task = (run, computed_upstream, cost)
+                self._dispatch(stage.node, cost, run, stage.dispatched)
+                return False
+        return self._stage_start(line, stage, run, cost, compute)
+
+    def _stage_dispatched(self, line: _Line, stage: _Stage) -> None:
+        """After the dispatch: the executor looks once more before the forward."""
+        run, computed_upstream, cost = stage.task
+        self._notice_unseen(line, stage)
+        if self._stage_start(line, stage, run, cost, stage.machine.computes(run, computed_upstream)):
+            self._stage_loop(line, stage)
+
+    def _stage_start(self, line: _Line, stage: _Stage, run: Run, cost, compute: bool) -> bool:
+        """Start the forward of ``run``, or skip it (True: skipped, sent on)."""
+        if not compute:
+            stage.current = stage.machine.current = None
+            self.forward(line, stage, run, stage.machine.skipped(run, self.env._now))
+            return True
+        stage.task = (run, None, cost)
+        stage.start = self.env._now
+        work = cost.total - cost.dispatch
+        if run.meta:
+            work += self._schedule_early_exit(line, stage, run, cost)
+        stage.work, stage.done = work, 0.0
+        stage.phase = "compute"
+        stage.job = self.hosts.start(stage.node, work, stage.computed)
+        return False
+
+    def _stage_computed(self, line: _Line, stage: _Stage, _job=None) -> None:
+        stage.job = None
+        run = stage.task[0]
+        stage.current = None
+        self.forward(line, stage, run, stage.machine.finished(run, stage.start, self.env._now, False))
+        self._stage_loop(line, stage)
+
+    def _stage_end(self, line: _Line, stage: _Stage, aborted: bool) -> None:
+        run = stage.task[0]
+        stage.current = None
+        self.forward(line, stage, run, stage.machine.finished(run, stage.start, self.env._now, aborted))
+        self._stage_loop(line, stage)
+
+    def _stage_interrupted(self, line: _Line, stage: _Stage, _event=None) -> None:
+        """A cancellation arrived during the forward: the stage finishes the layer in progress, looks at what
         arrived (passing it on), and stops there if its own run is cancelled, else goes on. As in the executor,
         the last look is after the last layer: a cancellation arriving during the output head is seen only once
-        the run is complete (and its predictions are sent anyway).
-        """
-        done = 0.0
+        the run is complete (and its predictions are sent anyway)."""
+        stage.done += stage.job.interrupt()
+        stage.job = None
+        cost, work, done = stage.task[2], stage.work, stage.done
+        boundary = work
         layers_end = stage.n_layers * cost.per_layer
-        while True:
-            stage.phase = "compute"
-            job = self.hosts.job(stage.node, work - done)
-            try:
-                yield from job.run()
-                return False
-            except simpy.Interrupt:
-                done += job.done
-            boundary = work
-            if cost.per_layer > 0 and done < layers_end - 1e-12:  # the next layer boundary
-                boundary = min(math.ceil(done / cost.per_layer - 1e-9) * cost.per_layer, layers_end)
-            if boundary > done:
-                yield from self.hosts.compute(stage.node, boundary - done)
-                done = boundary
-            self._notice_unseen(line, stage)
-            if done >= work - 1e-12:
-                return False
-            if stage.machine.must_abort():
-                return True
-
-    def _kv_transactions(self, node: int, run: Run):
-        """The relayed KV transactions ahead of ``run`` (PipeInfer's reference): one event for all of them."""
-        start = self.env.now
-        yield from self.hosts.compute(node, run.kv_transactions * self.kv_time[node])
-        self.records.append((COMPUTE, start, self.env.now, self.node_names[node], run.run_id, run.kv_transactions,
-                             0.0, 0, 0, "kv", -1, 0, False, False))  # busy, not target compute
-
-    def _dispatch(self, node: int, cost, run: Run):
-        """A calibrated profile's per-run messaging and scheduling before the forward: busy, not computing."""
-        if cost.dispatch <= 0:
+        if cost.per_layer > 0 and done < layers_end - 1e-12:  # the next layer boundary
+            boundary = min(math.ceil(done / cost.per_layer - 1e-9) * cost.per_layer, layers_end)
+        if boundary > done:
+            stage.boundary = boundary
+            self.hosts.start(stage.node, boundary - done, stage.at_boundary)
             return
-        start = self.env.now
-        try:
-            yield from self.hosts.compute(node, cost.dispatch)
-        finally:
-            self.records.append((DISPATCH, start, self.env.now, self.node_names[node], run.run_id, run.n_tokens,
-                                 0.0, 0, 0, "", -1, 0, False, False))
+        self._stage_looks(line, stage)
 
-    def _head_loop(self, line: _Line):
+    def _stage_at_boundary(self, line: _Line, stage: _Stage, _job=None) -> None:
+        stage.done = stage.boundary
+        self._stage_looks(line, stage)
+
+    def _stage_looks(self, line: _Line, stage: _Stage) -> None:
+        """At the layer boundary after an interrupt: done, aborted, or on with the rest of the forward."""
+        self._notice_unseen(line, stage)
+        if stage.done >= stage.work - 1e-12:
+            self._stage_end(line, stage, False)
+        elif stage.machine.must_abort():
+            self._stage_end(line, stage, True)
+        else:
+            stage.phase = "compute"
+            stage.job = self.hosts.start(stage.node, stage.work - stage.done, stage.computed)
+
+    def _kv_transactions(self, node: int, run: Run, then: Callable[[], None]) -> None:
+        """The relayed KV transactions ahead of ``run`` (PipeInfer's reference): one event for all of them."""
+        start = self.env._now
+
+        def applied(_job) -> None:
+            self.records.append((COMPUTE, start, self.env._now, self.node_names[node], run.run_id,
+                                 run.kv_transactions, 0.0, 0, 0, "kv", -1, 0, False, False))  # busy, not target compute
+            then()
+
+        self.hosts.start(node, run.kv_transactions * self.kv_time[node], applied)
+
+    def _dispatch(self, node: int, cost, run: Run, then: Callable[[], None]) -> None:
+        """A calibrated profile's per-run messaging and scheduling before the forward: busy, not computing."""
+        start = self.env._now
+
+        def dispatched(_job) -> None:
+            self.records.append((DISPATCH, start, self.env._now, self.node_names[node], run.run_id, run.n_tokens,
+                                 0.0, 0, 0, "", -1, 0, False, False))
+            then()
+
+        self.hosts.start(node, cost.dispatch, dispatched)
+
+    # -- heads -------------------------------------------------------------------------------------
+    def _head_loop(self, line: _Line, _event=None) -> None:
+        """A pipeline head's loop: take the driver's next work and spend its time (returns when it waits)."""
         env = self.env
-        world = self.world
-        head = world.nodes[line.head_node]
-        stage0 = line.stages[0]
-        single = len(line.stages) == 1
         driver = line.driver
-        verify_overhead = world.verify_overhead
-        cost_of = line.pipeline.cost.stage_cost
-        draft_cost = world.draft_cost
-        hosts, node = self.hosts, line.head_node
         finished = self.finished
         while not finished.triggered:
             self._tick()
             work = driver.next_work()
             if work is None:
-                line.wakeup = env.event()
-                line.idle_since = env.now
-                yield line.wakeup
-                continue
+                line.waits += 1
+                line.wakeup = line.waits
+                line.idle_since = env._now
+                return
             kind, item = work
-            start = env.now
+            start = line.work_start = env._now
             if kind is VERIFY:
-                if verify_overhead > 0:
-                    yield from hosts.compute(node, verify_overhead)
+                if self.world.verify_overhead > 0:
+                    self.hosts.start(line.head_node, self.world.verify_overhead,
+                                     partial(self._head_verified, line, item, start))
+                    return
                 driver.verify(item, start)
             elif kind is STAGE0:
                 run = item
-                cost = cost_of(head, stage0.n_layers, run.n_tokens, run.positions[0], run.n_outputs if single else 0)
-                stage0.current = run.run_id
+                head = self.world.nodes[line.head_node]
+                cost = self._cost(line, line.stages[0], head, run, len(line.stages) == 1)
+                line.stages[0].current = run.run_id
                 if run.kv_transactions:
-                    yield from self._kv_transactions(node, run)
-                yield from self._dispatch(node, cost, run)
-                start = env.now
-                yield from hosts.compute(node, cost.total - cost.dispatch
-                                         + self._schedule_early_exit(line, stage0, run, cost))
-                stage0.current = None
-                driver.stage0_done(run, start)
-                self.forward(line, stage0, run, PREDICTIONS if single else ACTIVATIONS)
+                    self._kv_transactions(line.head_node, run, partial(self._head_dispatch, line, run, cost))
+                else:
+                    self._head_dispatch(line, run, cost)
+                return
             else:
                 assert kind is DRAFT
                 task = item
                 batch = task.first_batch if task.step == 0 else 1
                 context = task.context_start if task.step == 0 else task.context_start + task.first_batch + task.step - 1
                 remote = line.remote_draft
-                if remote is None:
-                    yield from hosts.compute(node, draft_cost.model_cost(head, batch, context))
-                    task.step += 1
-                    driver.draft_step_done(task, start, batch)
-                    continue
-                # the draft on its own node: the head waits for the step's reply (sim/remote_draft.py)
-                yield env.timeout(remote.step(start, task.step == 0, batch, batch, context) - start)
-                task.step += 1
-                driver.draft_step_done(task, start, batch, remote=True)
+                if remote is not None:  # the draft on its own node: the head waits for the step's reply
+                    reply = remote.step(start, task.step == 0, batch, batch, context)
+                    self._at(reply - start, partial(self._head_drafted, line, task, start, batch, remote=True))
+                    return
+                cost = line.draft_costs.get((batch, context))
+                if cost is None:
+                    if len(line.draft_costs) >= _COST_MEMO_SIZE:
+                        line.draft_costs.clear()
+                    cost = line.draft_costs[batch, context] = self.world.draft_cost.model_cost(
+                        self.world.nodes[line.head_node], batch, context)
+                self.hosts.start(line.head_node, cost, partial(self._head_drafted, line, task, start, batch))
+                return
+
+    def _head_verified(self, line: _Line, item: tuple, start: float, _job=None) -> None:
+        line.driver.verify(item, start)
+        self._head_loop(line)
+
+    def _head_dispatch(self, line: _Line, run: Run, cost) -> None:
+        """The head's dispatch of ``run`` (a calibrated profile's), then its own layers."""
+        if cost.dispatch > 0:
+            self._dispatch(line.head_node, cost, run, partial(self._head_stage0, line, run, cost))
+        else:
+            self._head_stage0(line, run, cost)
+
+    def _head_stage0(self, line: _Line, run: Run, cost) -> None:
+        """The head's own layers of ``run`` (after its dispatch)."""
+        work = cost.total - cost.dispatch
+        if run.meta:
+            work += self._schedule_early_exit(line, line.stages[0], run, cost)
+        self.hosts.start(line.head_node, work, partial(self._head_stage0_done, line, run, self.env._now))
+
+    def _head_stage0_done(self, line: _Line, run: Run, start: float, _job=None) -> None:
+        line.stages[0].current = None
+        line.driver.stage0_done(run, start)
+        self.forward(line, line.stages[0], run, PREDICTIONS if len(line.stages) == 1 else ACTIVATIONS)
+        self._head_loop(line)
+
+    def _head_drafted(self, line: _Line, task: _DraftTask, start: float, batch: int, _job=None,
+                      remote: bool = False) -> None:
+        task.step += 1
+        line.driver.draft_step_done(task, start, batch, remote)
+        self._head_loop(line)
 
 
 def _ignore(_event) -> None:
     """Arrival of a message nobody reads."""
 
 
-def simulate(scenario: Scenario) -> Trace:
-    """Simulate a scenario with its configured strategy."""
-    return SimulationEngine(scenario).run()
+def simulate(scenario: Scenario, records: bool = True) -> Trace:
+    """Simulate a scenario with its configured strategy (``records=False``: metrics only, no records kept)."""
+    return SimulationEngine(scenario, records=records).run()

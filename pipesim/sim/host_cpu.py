@@ -9,15 +9,19 @@ The model is processor sharing: a node's job progresses at rate 1 alone and ``1 
 jobs of its host run, with ``slowdown(k) = 1 + (s - 1)(k - 1)`` (``s`` measured at k = 2). Rates change
 whenever a job of the host starts or ends, so partial overlaps are charged exactly. Nodes on a host of their
 own (or with ``s = 1``) take the plain path: one timeout, no extra events.
+
+Two ways to run work: as SimPy generators (``job(...).run()``, ``compute(...)``), or with callbacks
+(``start(node, work, on_done)``, which the simulator uses: no process per stage); both schedule the same events.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 
 import simpy
+from simpy.events import NORMAL
 
-__all__ = ["ComputeJob", "SharedHosts"]
+__all__ = ["ComputeJob", "SharedHosts", "SoloRun"]
 
 _EPS = 1e-12
 
@@ -59,6 +63,55 @@ class ComputeJob:
         now = self.hosts.env.now
         self.done = min(self.work, self.done + (now - self._since) * self._rate)
         self._since = now
+
+
+class SoloRun:
+    """Work on a node of its own: the SimPy event of its end (one event; cheaper than a Timeout). ``on_done(run)``
+    is called at the end unless ``interrupt()`` came first."""
+
+    __slots__ = ("callbacks", "env", "since", "work")
+    _ok = True  # what SimPy's loop reads of a processed event
+
+    def interrupt(self) -> float:
+        """Stop the work now; returns the work done (its end event still fires, doing nothing)."""
+        self.callbacks.clear()
+        return min(self.work, self.env.now - self.since)
+
+
+class _CallbackJob(ComputeJob):
+    """``ComputeJob.run`` without a process: the same events (any_of the job's end and the host's rate change),
+    a callback ``on_done(job)`` at the end."""
+
+    def __init__(self, hosts: SharedHosts, group: _HostGroup, node: int, work: float,
+                 on_done: Callable[[ComputeJob], None]) -> None:
+        super().__init__(hosts, node, work)
+        self._group = group
+        self._on_done = on_done
+        self._target: simpy.Event | None = None
+        group.add(self)
+        self._wait()
+
+    def _wait(self) -> None:
+        if self.work - self.done > _EPS:
+            env = self.hosts.env
+            remaining = (self.work - self.done) / self._rate
+            self._target = env.any_of([env.timeout(remaining), self._group.changed])
+            self._target.callbacks.append(self._resume)
+            return
+        self._advance()
+        self._group.remove(self)
+        self._on_done(self)
+
+    def _resume(self, _event: simpy.Event) -> None:
+        self._advance()
+        self._wait()
+
+    def interrupt(self) -> float:
+        """Stop the work now (the host's other jobs speed up); returns the work done."""
+        self._target.callbacks.remove(self._resume)
+        self._advance()
+        self._group.remove(self)
+        return self.done
 
 
 class _HostGroup:
@@ -126,6 +179,23 @@ class SharedHosts:
     def job(self, node: int, work: float) -> ComputeJob:
         """A job of ``work`` seconds (alone) on ``node``; run it with ``yield from job.run()``."""
         return ComputeJob(self, node, work)
+
+    def start(self, node: int, work: float, on_done: Callable) -> SoloRun | ComputeJob:
+        """Start ``work`` seconds (alone) on ``node``; ``on_done(job)`` runs when it is done. The job's
+        ``interrupt()`` stops it and returns the work done. The same events as ``compute``, without a process."""
+        group = self._groups.get(node)
+        if group is not None:
+            return _CallbackJob(self, group, node, work, on_done)
+        if work < 0:
+            raise ValueError(f"negative work {work} on node {node}")
+        env = self.env
+        job = SoloRun()
+        job.callbacks = [on_done]
+        job.env = env
+        job.since = env.now
+        job.work = work
+        env.schedule(job, NORMAL, work)
+        return job
 
     def compute(self, node: int, work: float) -> Generator[simpy.Event, object, None]:
         """``yield from hosts.compute(node, seconds)``: compute for ``seconds`` of solo time."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..models.catalog import ModelSpec
 
@@ -19,9 +19,9 @@ class NodeProfile:
     overhead_per_run: float = 0.0
 
 
-@dataclass(frozen=True)
-class StageCost:
-    """Time of one run on one stage: the total and the time per layer (for aborts at layer granularity)."""
+class StageCost(NamedTuple):
+    """Time of one run on one stage: the total and the time per layer (for aborts at layer granularity).
+    (A named tuple: the simulator builds one per run and stage, and a frozen dataclass costs three times more.)"""
 
     total: float
     per_layer: float
@@ -45,6 +45,9 @@ class RooflineCostModel:
         self._layer_weight_bytes = spec.params_per_layer * spec.bytes_per_weight
         self._layer_flops_per_token = 2.0 * spec.active_params_per_layer
         self._head_weight_bytes = spec.output_head_params * spec.bytes_per_weight
+        self._attention_flops = 4.0 * spec.d_model  # per token and attended position
+        self._kv_elements = 2.0 * spec.kv_dim  # K and V per attended position
+        self._dense = spec.n_experts <= 1
 
     def layer_weight_bytes(self, n_tokens: int) -> float:
         """Weight bytes one layer reads for a run of ``n_tokens`` tokens."""
@@ -54,11 +57,11 @@ class RooflineCostModel:
 
     def layer_time(self, node: NodeProfile, n_tokens: int, context: int) -> float:
         """One layer for a run of ``n_tokens`` tokens after ``context`` cached positions."""
-        spec = self.spec
         attended = context + n_tokens  # positions attended by the last token (causal within the run)
-        flops = n_tokens * (self._layer_flops_per_token + 4.0 * spec.d_model * (context + (n_tokens + 1) / 2))
-        kv_read = 2.0 * spec.kv_dim * attended * self.kv_bytes
-        return max(flops / node.flops, (self.layer_weight_bytes(n_tokens) + kv_read) / node.memory_bandwidth)
+        flops = n_tokens * (self._layer_flops_per_token + self._attention_flops * (context + (n_tokens + 1) / 2))
+        kv_read = self._kv_elements * attended * self.kv_bytes
+        weights = self._layer_weight_bytes if self._dense else self.layer_weight_bytes(n_tokens)
+        return max(flops / node.flops, (weights + kv_read) / node.memory_bandwidth)
 
     def output_head_time(self, node: NodeProfile, n_outputs: int) -> float:
         flops = 2.0 * self.spec.output_head_params * n_outputs

@@ -100,7 +100,7 @@ class Strategy(ABC):
 
     def _commit(self, tokens: Sequence[int], checked: int = 0, accepted: int = 0) -> list[Action]:
         """Append tokens to the output (up to the limit or a stop token); Finish when generation is complete."""
-        room = self.n_generate - len(self.generated)
+        room = self.n_generate - (len(self.sequence) - self.prompt_len)  # not len(self.generated): a copy
         kept: list[int] = []
         for token in tokens[:room]:
             kept.append(token)
@@ -108,7 +108,7 @@ class Strategy(ABC):
                 break
         self.sequence.extend(kept)
         actions: list[Action] = [EmitTokens(tuple(kept), min(checked, len(kept)), min(accepted, len(kept)))]
-        if len(self.generated) >= self.n_generate or (kept and kept[-1] in self.stop_tokens):
+        if len(self.sequence) - self.prompt_len >= self.n_generate or (kept and kept[-1] in self.stop_tokens):
             self.done = True
             actions.append(Finish())
         return actions
