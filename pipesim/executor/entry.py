@@ -114,7 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _act_out_fault([plan for _, plan in plans], rank)
         if os.environ.get("PIPESIM_TRACEBACK"):
             traceback.print_exc()
-        print(f"rank {rank}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        # one write per line: ranks share the launcher's stderr, and print's separate newline let two ranks'
+        # lines run together
+        sys.stderr.write(f"rank {rank}: {type(error).__name__}: {error}\n")
+        sys.stderr.flush()
         if size > 1:
             time.sleep(ABORT_GRACE_S)  # let mpiexec forward the message before the abort tears its pipes down
             comm.Abort(1)

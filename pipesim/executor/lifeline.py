@@ -59,7 +59,8 @@ def watch(rank: int, interval: float = 0.5) -> threading.Thread:
             elif launcher > 0 and not alive(launcher):
                 gone = f"the pipesim run launcher (pid {launcher})"
             if gone is not None:
-                print(f"rank {rank}: stopping: {gone} has ended", file=sys.stderr, flush=True)
+                sys.stderr.write(f"rank {rank}: stopping: {gone} has ended\n")  # one write: ranks share stderr
+                sys.stderr.flush()
                 os._exit(LIFELINE_EXIT)
 
     thread = threading.Thread(target=run, name="pipesim-lifeline", daemon=True)
