@@ -40,31 +40,36 @@ def target_only_run():
     return compute_metrics(trace)["tokens_per_s"], trace.output_tokens
 
 
-# With prefix-consistent acceptance (a candidate drafted after a wrong token is wrong), a verifier that keeps stale
-# candidates has them rejected one by one. The earlier variants (capped, verify-only) still keep them, as they
-# always did (their results stay as they were); the reference variants drop them, and their "never slower" claim
-# is tested in tests/test_pipespec_reference.py. So these claims fail for the earlier variants, on purpose.
-STALE_CANDIDATES = pytest.mark.xfail(strict=True, reason="the earlier PipeSpec variants (capped) verify stale "
-                                                         "candidates, drafted after a rejected token")
-
-
-@pytest.mark.parametrize("alpha", [pytest.param(0.05, marks=STALE_CANDIDATES), 0.3, 0.6, 0.9])
+@pytest.mark.parametrize("alpha", [0.3, 0.6, 0.9])
 @pytest.mark.parametrize("models", [2, 3])
 def test_pipespec_is_never_slower_than_the_target_alone(target_only_run, alpha, models):
     rate, reference = target_only_run
-    sets = [f"acceptance.chain_alphas={[alpha] * (models - 1)}"]
-    if models == 2:
-        sets += ["models.chain=[llama-3.2-1b]", "placement.chain_nodes=[[0],[2,3,4,5]]"]
-    trace = simulate(earlier(*sets))
+    trace = simulate(earlier(*_chain_sets(alpha, models)))
     assert trace.output_tokens == reference
     assert compute_metrics(trace)["tokens_per_s"] >= rate
 
 
-@STALE_CANDIDATES
-def test_asynchronous_chain_beats_the_lockstep_baseline():
+def _chain_sets(alpha: float, models: int) -> list[str]:
+    sets = [f"acceptance.chain_alphas={[alpha] * (models - 1)}"]
+    if models == 2:
+        sets += ["models.chain=[llama-3.2-1b]", "placement.chain_nodes=[[0],[2,3,4,5]]"]
+    return sets
+
+
+@pytest.mark.parametrize("models", [2, 3])
+def test_the_capped_variant_pays_for_verifying_stale_candidates(target_only_run, models):
+    """The earlier semantics (capped) keep candidates drafted after a rejected token, and the acceptance oracle
+    judges each against its prefix, so they are rejected as the wrong predictions they are: at alpha 0.05 the
+    capped chain falls behind the target alone, and its asynchronous chain behind the lockstep one (both claims
+    held under the old position-only oracle). The reference variants drop such candidates
+    (tests/test_pipespec_reference.py: never slower than autoregressive at a flat verification cost)."""
+    rate, reference = target_only_run
+    trace = simulate(earlier(*_chain_sets(0.05, models)))
+    assert trace.output_tokens == reference
+    assert compute_metrics(trace)["tokens_per_s"] < rate
     rates = {name: compute_metrics(simulate(earlier(strategy=name)))["tokens_per_s"]
              for name in ["pipespec", "pipespec-sync"]}
-    assert rates["pipespec"] > rates["pipespec-sync"]
+    assert rates["pipespec"] < rates["pipespec-sync"]
 
 
 def test_pipespec_approaches_the_draft_bound_as_alpha_goes_to_one():
