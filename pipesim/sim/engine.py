@@ -145,7 +145,7 @@ class _Line:
         self.head_node = pipeline.nodes[0]
         names = engine.node_names
         n = pipeline.n_stages
-        full = getattr(strategy, "cancelled_traffic", "header") == "full"
+        full = strategy.cancelled_traffic == "full"
         self.stages = [_Stage(k, node, span, StageMachine(k, n, names[node], engine.records, pipeline.level, full)
                               if k else None)
                        for k, (node, span) in enumerate(zip(pipeline.nodes, pipeline.layer_ranges, strict=True))]

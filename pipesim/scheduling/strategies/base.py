@@ -20,6 +20,8 @@ class Strategy(ABC):
     name: str = "base"
     one_run_in_flight: bool = False  # the driver holds messages from other levels while a run is in the pipeline
     expects_messages: bool = False  # a level of a chain: it may wait for messages with no run in flight
+    cancelled_traffic: str = "header"  # what a stage sends on for a run it did not compute: a header at most, or
+    # "full" activations and logits (PipeInfer's reference; the executor's workers ask full_cancelled_traffic)
     kv_capacity: int | None = None  # KV cells of every stage's cache (None: unbounded); strategies that hold
     # speculative runs in flight launch no more than fit (back-pressure)
 
