@@ -101,13 +101,8 @@ class _Head(HeadDriver):
         self.engine.rollbacks += type(message).__name__ == "SendRollback"
 
     def begin_draft(self, request) -> _DraftTask:
-        draft = self.engine.draft
-        confident = getattr(draft, "propose_confident", None)  # a test draft that reports confidences itself
-        if confident is not None:  # and stops below the request's threshold
-            return _DraftTask(request, confident(request.context, request.n_tokens, request.committed_len,
-                                                 request.min_confidence))
-        return _DraftTask(request, draft.propose(request.context, request.n_tokens, request.committed_len,
-                                                 request.min_confidence).tokens)
+        return _DraftTask(request, self.engine.draft.propose(request.context, request.n_tokens, request.committed_len,
+                                                             request.min_confidence).tokens)
 
     def end_draft(self, task) -> None:
         pass

@@ -18,7 +18,7 @@ from pipesim.scenario import load_scenario
 from pipesim.scheduling import LaunchRun, RequestDraft, make_strategy
 from pipesim.scheduling.driver import DRAFT, VERIFY, HeadDriver
 from pipesim.sim import simulate
-from pipesim.world.acceptance import AcceptanceModel, OracleDraft, SyntheticTokens
+from pipesim.world.acceptance import AcceptanceModel, OracleDraft, Proposal, SyntheticTokens
 
 from .kv_model import drive
 
@@ -89,17 +89,17 @@ class _ConfidentDraft:
         self.oracle, self.right, self.wrong = oracle, right, wrong
         self.thresholds: list[float] = []
 
-    def propose_confident(self, context, n_tokens, committed_len, min_confidence):
+    def propose(self, context, n_tokens, committed_len, min_confidence=0.0) -> Proposal:
         self.thresholds.append(min_confidence)
-        context_len = len(context)
-        tokens = self.oracle.propose(context, n_tokens, committed_len).tokens
-        kept = []
-        for i, token in enumerate(tokens):
-            confidence = self.right if token == self.oracle.tokens.token(context_len + i) else self.wrong
+        proposal = self.oracle.propose(context, n_tokens, committed_len)
+        kept, confidences = [], []
+        for i, token in enumerate(proposal.tokens):
+            confidence = self.right if token == self.oracle.tokens.token(len(context) + i) else self.wrong
             if confidence < min_confidence:
-                break
+                return Proposal(kept, confidences, stopped=True)
             kept.append(token)
-        return kept
+            confidences.append(confidence)
+        return Proposal(kept, confidences)
 
 
 def test_a_higher_p_accept_drafts_fewer_wrong_tokens_with_a_confident_draft():
