@@ -16,6 +16,7 @@ from pathlib import Path
 
 PROC = Path("/proc")
 RESUMED_SAMPLES = 40  # a stopped rank seen running in this many samples in a row was continued, not killed
+PF_EXITING = 0x4  # linux/sched.h: set when a task begins to exit, before its files close and before it is a zombie
 
 
 def _read(path: Path) -> bytes | None:
@@ -23,6 +24,21 @@ def _read(path: Path) -> bytes | None:
         return path.read_bytes()
     except OSError:
         return None
+
+
+def live_state(stat: bytes) -> str | None:
+    """The state letter from a ``/proc/PID/stat`` line, or None for a process that is gone in all but name.
+
+    A zombie (``Z``), a dead task (``X``) and one already exiting (``PF_EXITING`` in the flags field) count as
+    gone. The flag matters for naming who died first: a killed rank is marked exiting as soon as it acts on the
+    signal, and only later, after tearing down its memory, closes its pipes and becomes a zombie; MPICH kills
+    the other ranks when it sees those pipes close, and they may become zombies before the victim does.
+    """
+    fields = stat.rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces and parentheses
+    state = fields[0].decode()
+    if state in ("Z", "X") or int(fields[6]) & PF_EXITING:
+        return None
+    return state
 
 
 def job_ranks(launcher_pid: int) -> dict[int, tuple[int, str]]:
@@ -44,19 +60,16 @@ def job_ranks(launcher_pid: int) -> dict[int, tuple[int, str]]:
         stat = _read(entry / "stat")
         if rank is None or stat is None or not rank.isdigit():
             continue
-        state = stat.rsplit(b")", 1)[1].split()[0].decode()
-        if state != "Z":
+        state = live_state(stat)
+        if state is not None:
             found[int(entry.name)] = (int(rank), state)
     return found
 
 
 def _state(pid: int) -> str | None:
-    """The state letter of a live process (None: gone or a zombie)."""
+    """The state letter of a live process (None: gone, a zombie, or exiting)."""
     stat = _read(PROC / str(pid) / "stat")
-    if stat is None:
-        return None
-    state = stat.rsplit(b")", 1)[1].split()[0].decode()
-    return None if state == "Z" else state
+    return None if stat is None else live_state(stat)
 
 
 class JobWatch:
