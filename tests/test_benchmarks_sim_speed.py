@@ -35,9 +35,9 @@ def test_a_revision_is_measured_from_its_own_tree(tmp_path, in_git):
     new = bench.measure_in(ROOT, scenario, "speculative", 16, 1)
     assert old["tokens"] == new["tokens"] == 16
     assert old["events"] > 0 and new["events"] > 0
-    empty = tmp_path / "empty"  # no pipesim there: the child would import another copy, which is refused
+    empty = tmp_path / "empty"  # no pipesim there: the child imports an installed copy, which is refused, or none
     empty.mkdir()
-    with pytest.raises(SystemExit, match="expected pipesim from"):
+    with pytest.raises(SystemExit, match="expected pipesim from|No module named 'pipesim'"):
         bench.measure_in(empty, scenario, "speculative", 16, 1)
     with pytest.raises(SystemExit, match="not a git revision"):
         bench.extract_revision("no-such-revision-xyz", tmp_path)
