@@ -248,3 +248,51 @@ def test_trees_are_pipeinfers_and_need_the_confidence_oracle():
         load_scenario(PAPER, ["strategy.n_parallel=3"])
     with pytest.raises(ScenarioError, match="token trees are drafted by pipeinfer only"):
         load_scenario(PAPER, ["strategy.name=speculative", "strategy.n_parallel=2"])
+
+
+# -- the executor ---------------------------------------------------------------------------------------------
+EMULATED = """
+name: emulated-trees
+models: {target: llama-2-7b, target_quantization: q4_k_m, draft: tinyllama-1.1b, draft_quantization: q4_k_m}
+cluster: {count: 4, flops: 20T, memory_bandwidth: 1TB/s}
+network: {bandwidth: 10Gbit/s, latency: 50us}
+acceptance: {alpha: 0.6, confidence: true}
+workload: {prompt_tokens: 32, generate_tokens: 40}
+strategy: {name: pipeinfer, n_parallel: 3, kv_transactions: compact}
+executor: {compute: emulated, timeout_s: 60}
+"""
+
+
+def test_the_executor_runs_trees_with_emulated_compute_and_matches_target_only(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    scenario, saved = tmp_path / "trees.yaml", tmp_path / "traces.json"
+    scenario.write_text(EMULATED)
+    variants = ["strategy.variant=reference", "strategy.variant=continuous",
+                "strategy.variant=continuous;placement.draft_node=3;placement.layer_split=[0.4,0.3,0.3,0]"]
+    argv = [sys.executable, "-m", "pipesim.cli", "run", str(scenario), "--ranks", "4", "--json",
+            "--save-trace", str(saved)]
+    for variant in variants:
+        argv += ["--variant", variant]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=240, cwd=PAPER.parent.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    entries = json.loads(saved.read_text())
+    assert [entry["variant"] for entry in entries] == variants
+    for entry in entries:
+        assert entry["trace"]["meta"]["matches_reference"] is True, entry["variant"]
+        launched = [r[5] for r in entry["trace"]["records"] if r[0] == "launch" and r[12]]  # speculative runs
+        assert max(launched) > 3, entry["variant"]  # more nodes than --draft 3: runs carried trees
+
+
+def test_the_executor_refuses_trees_with_real_compute():
+    from pipesim.executor.errors import ExecutorSetupError
+    from pipesim.executor.plan import make_plan
+    from pipesim.scenario import load_scenario
+
+    scenario = load_scenario(PAPER.parent / "local-tiny.yaml", ["strategy.name=pipeinfer", "strategy.n_parallel=2",
+                                                                 "acceptance.confidence=true"])
+    with pytest.raises(ExecutorSetupError, match="n_parallel=2: token trees run in the executor with "
+                                                 "executor.compute=emulated only"):
+        make_plan(scenario, scenario.cluster.count)
