@@ -113,6 +113,16 @@ def test_a_hand_worked_tree():
     assert tree[0] != tree[2]
 
 
+def test_no_split_at_or_above_one_half():
+    # candidates are sorted and share what the top one leaves: p_k <= min(p_0, 1 - p_0) <= 0.5, so with the paper
+    # script's -ps 0.9 (and p_adjust 0) a tree never splits, as in the code
+    for seed in range(200):
+        oracle = _oracle(0.5, seed, vocab=32000)
+        context = tuple(oracle.tokens.token(p) for p in range(20))
+        assert oracle.propose_tree(context, 4, 20, 0.0, n_parallel=3, split_confidence=0.5).n_splits == 0
+        assert max(oracle._alternatives(20 + seed, 0.3, None)[0]) <= 0.3
+
+
 # -- the strategy -------------------------------------------------------------------------------------------
 def _drive_tree(alpha, seed, variant, n_parallel=3, p_split=0.1, n_generate=40, **params):
     oracle = _oracle(alpha, seed)
@@ -209,6 +219,22 @@ def test_a_hand_worked_tree_run_through_the_reference(case):
     # s_keep's accepted cell (position 5) joins sequence 0; the partition's three sequences are removed
     ops = [(op.kind, op.seq, op.dst, op.p0, op.p1) for op in n_last.kv_ops]
     assert ops[:4] == [("cp", kept, 0, 5, 6), ("rm", 1, -1, 0, None), ("rm", 2, -1, 0, None), ("rm", 3, -1, 0, None)]
+
+
+def test_the_reference_judges_a_tree_run_by_branch_0():
+    # check_for_cancel's loop over the branches ends with branch 0, whose verdict stands: a run whose branch 0 root
+    # lost is cancelled although its branch 1 root (20) is the committed token
+    strategy = make_strategy("pipeinfer", [5, 6, 7], 20, {"n_parallel": 3, "n_partitions": 2})
+    (prefill,) = _launches(strategy.start())
+    actions = strategy.on_logits(prefill.run_id, [8])
+    (n8,) = _launches(actions)
+    request = next(a for a in actions if isinstance(a, RequestDraft))
+    (spec,) = _launches(strategy.on_draft(request.request_id,
+                                          TokenTree([9, 10, 20, 21], [-1, 0, -1, 2], [(0,), (0,), (1,), (1,)])))
+    actions = strategy.on_logits(n8.run_id, [20])
+    cancels = [a for a in actions if type(a).__name__ == "CancelRuns"]
+    assert cancels and spec.run_id in cancels[0].run_ids
+    assert strategy.generated == [8, 20]
 
 
 def _tokens_per_verification(n_parallel: int, variant: str) -> tuple[float, float]:
