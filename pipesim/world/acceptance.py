@@ -286,10 +286,12 @@ class OracleDraft:
                 parent = paths[s][-1] if paths[s] else -1
                 for k, branch in enumerate(takers):
                     is_true = winner is not None and k == winner
-                    if k == 0:
-                        token = tokens.token(position) if right else tokens.wrong(position)
-                    else:
-                        token = tokens.token(position) if is_true else (tokens.token(position) + 1 + k) % tokens.vocab_size
+                    if is_true:
+                        token = tokens.token(position)
+                    elif k == 0:
+                        token = tokens.wrong(position)
+                    else:  # a wrong alternative: distinct from the top candidate's wrong token and from the others
+                        token = (tokens.token(position) + 1 + k) % tokens.vocab_size
                     node = len(node_tokens)
                     node_tokens.append(token)
                     node_parents.append(parent)

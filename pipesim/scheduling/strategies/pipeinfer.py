@@ -80,8 +80,9 @@ def reference_kv_transactions(n_partitions: int, n_parallel: int = 1) -> dict[st
     ``n_parallel`` sequences, removes and copies the kept range of sequence 0 (2), and removes and copies that
     range for every sequence 1..max_seq (2 each). ``nonspec_before``: ``begin_async_run`` for a non-speculative
     run removes every sequence 0..max_seq at its position; ``nonspec_after``: then copies sequence 0 to every
-    sequence 1..max_seq (these travel ahead of the next run). ``split`` (the draft's own context, not relayed through the target's stages): each split of a token tree
-    removes and copies the new branch's draft sequence (``llama_kv_cache_seq_rm`` + ``seq_cp`` on ``ctx_dft``).
+    sequence 1..max_seq (these travel ahead of the next run). ``split``, on the draft's own context (not relayed
+    through the target's stages): each split of a token tree removes and copies the new branch's draft sequence
+    (``llama_kv_cache_seq_rm`` + ``seq_cp`` on ``ctx_dft``).
     """
     max_seq = n_partitions * n_parallel + 1
     return {"spec_launch": 3 * n_parallel, "verify": n_parallel + 2 + 2 * max_seq,
