@@ -335,6 +335,9 @@ class AcceptanceConfig(_Strict):
         (8.0, 2.0), description="confidence: Beta(a, b) of a right token's draft probability")
     confidence_wrong: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = Field(
         (2.0, 5.0), description="confidence: Beta(a, b) of a wrong token's draft probability")
+    confidence_second: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = Field(
+        (1.0, 2.0), description="confidence, token trees: Beta(a, b) of each alternative candidate's share of the "
+                                "probability the candidates before it leave")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -400,15 +403,11 @@ class StrategyConfig(_Strict):
                                                                 "run of one speculation loop (speculative.cpp)")
     p_decay: float = Field(0.0, ge=0.0, le=1.0, description="pipeinfer: p_adjust falls by this per draft that "
                                                              "stopped before its first token (speculative.cpp)")
-    n_parallel: int = Field(1, ge=1, description="pipeinfer: draft branches (token trees); only 1 (a linear "
-                                                  "draft) is modelled")
-
-    @field_validator("n_parallel")
-    @classmethod
-    def _linear_draft(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("token trees (n_parallel > 1, p_split) are not modelled: only 1, a linear draft")
-        return n
+    # -- pipeinfer token trees (speculative.cpp start_async_spec_run; common.h defaults -np 1, -ps 0.1)
+    n_parallel: int = Field(1, ge=1, le=64, description="pipeinfer: most branches of a drafted token tree "
+                                                         "(-np; 1: a linear draft)")
+    p_split: float = Field(0.1, ge=0.0, le=1.0, description="pipeinfer: a branch splits at a candidate whose draft "
+                                                             "probability exceeds p_split + p_adjust (-ps)")
 
     @model_validator(mode="after")
     def _check_variant(self) -> StrategyConfig:
@@ -416,6 +415,9 @@ class StrategyConfig(_Strict):
         if self.variant not in allowed:
             raise ValueError(f"strategy.variant={self.variant!r} is not a variant of {self.name!r} "
                              f"(one of: {', '.join(allowed)})")
+        if self.n_parallel > 1 and self.name != "pipeinfer":
+            raise ValueError(f"strategy.n_parallel={self.n_parallel}: token trees are drafted by pipeinfer only "
+                             f"(not {self.name}); use 1")
         if self.name in CHAIN_STRATEGIES:
             reference = self.variant == "reference"
             if not reference and self.lookahead == 0:
@@ -449,7 +451,8 @@ class StrategyConfig(_Strict):
                     "run_pattern": self.pipeinfer_run_pattern, "head_priority": self.pipeinfer_head_priority,
                     "sync_prefill": self.pipeinfer_sync_prefill,
                     "cancelled_traffic": self.pipeinfer_cancelled_traffic, "kv_transactions": self.kv_transactions,
-                    "p_recovery": self.p_recovery, "p_decay": self.p_decay}
+                    "p_recovery": self.p_recovery, "p_decay": self.p_decay, "n_parallel": self.n_parallel,
+                    "p_split": self.p_split}
         if self.name in ("pipespec", "pipespec-sync"):
             return self.chain_knobs()
         if self.name == "speed":
@@ -516,6 +519,9 @@ class Scenario(_Strict):
                 raise ValueError("cluster.cost_model=floor needs cluster.layer_floor or cluster.hardware")
         if self.strategy.name in ("speculative", "pipeinfer") and self.models.draft is None:
             raise ValueError(f"strategy.name={self.strategy.name!r} needs models.draft")
+        if self.strategy.n_parallel > 1 and not self.acceptance.confidence:
+            raise ValueError(f"strategy.n_parallel={self.strategy.n_parallel} needs acceptance.confidence=true "
+                             "(a tree splits on the draft's probabilities)")
         if self.acceptance.model == "positional" and not self.acceptance.alphas:
             raise ValueError("acceptance.alphas must be given for acceptance.model=positional")
         if self.acceptance.model == "replay" and not self.acceptance.sequence:

@@ -41,8 +41,28 @@ class KVCacheModel:
         return sorted((c[0], c[1]) for c in self.cells if c[0] < position and c[2] & set(seq_ids))
 
     def write(self, run: Run) -> None:
-        for token, position in zip(run.tokens, run.positions, strict=True):
-            self.cells.append([position, token, set(run.seq_ids)])
+        for token, position, seqs in zip(run.tokens, run.positions, token_seqs(run), strict=True):
+            self.cells.append([position, token, set(seqs)])
+
+
+def token_seqs(run: Run) -> list[tuple[int, ...]]:
+    """Each token's sequence ids: a token tree's own per node (``run.meta["token_seqs"]``), else the run's."""
+    return list(run.meta.get("token_seqs", [run.seq_ids] * run.n_tokens))
+
+
+def token_ancestors(run: Run) -> list[list[int]]:
+    """The tokens of the run each token attends to besides the cache: its tree ancestors, or every earlier one."""
+    parents = run.meta.get("tree_parents")
+    if parents is None:
+        return [list(range(i)) for i in range(run.n_tokens)]
+    out: list[list[int]] = []
+    for i in range(run.n_tokens):
+        chain, node = [], parents[i]
+        while node >= 0:
+            chain.append(node)
+            node = parents[node]
+        out.append(chain)
+    return out
 
 
 @dataclass
@@ -101,8 +121,7 @@ class _Head(HeadDriver):
         self.engine.rollbacks += type(message).__name__ == "SendRollback"
 
     def begin_draft(self, request) -> _DraftTask:
-        return _DraftTask(request, self.engine.draft.propose(request.context, request.n_tokens, request.committed_len,
-                                                             request.min_confidence).tokens)
+        return _DraftTask(request, self.engine.draft.propose_request(request).tokens)
 
     def end_draft(self, task) -> None:
         pass
@@ -127,10 +146,13 @@ class _Head(HeadDriver):
                 self.predictions_arrived(run.run_id, self.engine.predict(self, run), run.n_outputs)
             return
         context = self.contexts[run.run_id]
-        expected = list(enumerate(context)) + list(zip(run.positions, run.tokens, strict=True))
+        seqs, ancestors = token_seqs(run), token_ancestors(run)
         for i, position in enumerate(run.positions):
-            seen = kv.visible(run.seq_ids, position) + [
-                (p, t) for p, t in zip(run.positions[:i], run.tokens[:i], strict=True)]
+            # a token sees the cells of its sequences and the batch's earlier tokens that share one (its path)
+            seen = kv.visible(seqs[i], position) + [
+                (run.positions[j], run.tokens[j]) for j in range(i) if set(seqs[j]) & set(seqs[i])]
+            path = sorted((run.positions[j], run.tokens[j]) for j in ancestors[i])
+            expected = list(enumerate(context))[:run.first_position] + path
             assert sorted(seen) == expected[:position], (
                 f"level {self.level} run {run.run_id} token at {position} sees {sorted(seen)[-5:]} "
                 f"not {expected[:position][-5:]}")

@@ -89,6 +89,9 @@ class _ConfidentDraft:
         self.oracle, self.right, self.wrong = oracle, right, wrong
         self.thresholds: list[float] = []
 
+    def propose_request(self, request) -> Proposal:
+        return self.propose(request.context, request.n_tokens, request.committed_len, request.min_confidence)
+
     def propose(self, context, n_tokens, committed_len, min_confidence=0.0) -> Proposal:
         self.thresholds.append(min_confidence)
         proposal = self.oracle.propose(context, n_tokens, committed_len)

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from ..scheduling import RequestDraft
 from ..scheduling.prefix import common_prefix_len
-from ..world.acceptance import OracleDraft, Proposal
+from ..world.acceptance import OracleDraft, Proposal, TreeProposal
 from ..world.costs import NodeProfile
 from .emulation import sleep_until
 
@@ -86,10 +86,12 @@ class ReferenceTokens:
 class DraftTask:
     """One draft request in progress: ``step()`` runs one draft forward (the first processes the context)."""
 
-    def __init__(self, request: RequestDraft, runner: DraftRunner, proposal: Proposal | None) -> None:
+    def __init__(self, request: RequestDraft, runner: DraftRunner, proposal: Proposal | TreeProposal | None) -> None:
         self.request = request
         self.runner = runner
         self.proposal = proposal
+        self.tree = proposal if isinstance(proposal, TreeProposal) else None  # a token tree (PipeInfer)
+        self.steps = 0
         self.tokens: list[int] = []
         self.pending = runner.rewind(request.context)
         self.done = request.n_tokens <= 0
@@ -98,6 +100,13 @@ class DraftTask:
         """Run one draft forward; returns how many tokens it processed."""
         fed = self.pending
         token, confidence = self.runner.feed(fed)
+        if self.tree is not None:  # its draft steps (one token each fed back: branch 0's), then the whole tree
+            self.steps += 1
+            main = self.tree.tokens[:len(self.tree.tokens.path(0))]
+            self.pending = [main[self.steps - 1]] if self.steps <= len(main) else []
+            if self.steps >= self.tree.n_steps or not self.pending:
+                self.tokens, self.done = self.tree.tokens, True
+            return len(fed)
         if self.proposal is not None:  # the oracle's token; past its last one, its stop below the cut-off
             if len(self.tokens) >= len(self.proposal.tokens):
                 self.done = True
@@ -122,8 +131,7 @@ class Drafter:
     def begin(self, request: RequestDraft) -> DraftTask:
         proposal = None
         if self.oracle is not None:
-            proposal = self.oracle.propose(request.context, request.n_tokens, request.committed_len,
-                                           request.min_confidence)
+            proposal = self.oracle.propose_request(request)
         return DraftTask(request, self.runner, proposal)
 
     def close(self) -> None:

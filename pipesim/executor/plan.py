@@ -103,6 +103,10 @@ def make_plan(scenario: Scenario, n_ranks: int) -> Plan:
     if ex.fault_rank is not None and ex.fault_rank >= n_ranks:
         raise ExecutorSetupError(f"executor.fault_rank={ex.fault_rank} is not a rank (ranks 0..{n_ranks - 1})")
     target = draft = None
+    if scenario.strategy.n_parallel > 1 and ex.compute == "real":
+        raise ExecutorSetupError(f"strategy.n_parallel={scenario.strategy.n_parallel}: token trees run in the "
+                                 "executor with executor.compute=emulated only (the torch stages give all tokens "
+                                 "of a run the same sequence ids: no tree attention mask)")
     if ex.compute == "real":
         target = resolve_model(ex.model, "executor.model", ex.seed)
         n_layers = target.n_layers

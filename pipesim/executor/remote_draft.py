@@ -21,7 +21,7 @@ import numpy as np
 from ..scheduling import RequestDraft
 from ..scheduling.prefix import common_prefix_len
 from ..trace import Record
-from ..world.acceptance import OracleDraft
+from ..world.acceptance import OracleDraft, TreeProposal
 from ..world.draft_exchange import REPLY_VALUES, REQUEST_HEAD
 from .clock import Clock
 from .drafts import DraftRunner
@@ -74,11 +74,12 @@ class RemoteDraftTask:
     """One draft request in progress on the draft rank; ``step()`` waits for the next step's reply."""
 
     def __init__(self, drafter: RemoteDrafter, request: RequestDraft, task_id: int,
-                 proposals: list[int] | None) -> None:
+                 proposals: list[int] | TreeProposal | None) -> None:
         self.drafter = drafter
         self.request = request
         self.task_id = task_id
         self.proposals = proposals
+        self.tree = proposals if isinstance(proposals, TreeProposal) else None  # PipeInfer's token trees
         self.tokens: list[int] = []
         self.steps = 0
         self.done = request.n_tokens <= 0
@@ -92,6 +93,10 @@ class RemoteDraftTask:
         self.steps += 1
         # what the draft holds for sure: the context, and the tokens it was fed after it (as the simulator's)
         drafter.known = list(self.request.context) + self.tokens[:self.steps - 1]
+        if self.tree is not None:  # a token tree: its draft steps, then the whole tree
+            if self.steps >= self.tree.n_steps:
+                self.tokens, self.done = self.tree.tokens, True
+            return n_fed
         if self.proposals is not None:  # the oracle's token; past its last one, its stop below the cut-off
             if len(self.tokens) >= len(self.proposals):
                 self.done = True
@@ -126,8 +131,8 @@ class RemoteDrafter:
     def begin(self, request: RequestDraft) -> RemoteDraftTask:
         proposals = None
         if self.oracle is not None:
-            proposals = self.oracle.propose(request.context, request.n_tokens, request.committed_len,
-                                            request.min_confidence).tokens
+            proposal = self.oracle.propose_request(request)
+            proposals = proposal if request.n_parallel > 1 else proposal.tokens
         self._next_id += 1
         self._replies.clear()  # early replies of an abandoned draft
         return RemoteDraftTask(self, request, self._next_id, proposals)

@@ -27,6 +27,8 @@ class RequestDraft:
 
     Drafting stops early at a token whose draft confidence is below ``min_confidence`` (when the draft reports
     confidences). ``committed_len`` is how much of ``context`` is committed (the rest is itself speculative).
+    With ``n_parallel > 1`` the draft proposes a token tree (a ``TokenTree``) of up to ``n_parallel`` branches, a
+    branch splitting at each candidate whose draft probability exceeds ``split_confidence`` (PipeInfer).
     """
 
     request_id: int
@@ -34,6 +36,8 @@ class RequestDraft:
     n_tokens: int
     committed_len: int
     min_confidence: float = 0.0
+    n_parallel: int = 1
+    split_confidence: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -216,7 +216,7 @@ class _Line:
         known, tail = self.draft_committed, self.draft_tail  # the cache's first ``known`` tokens are the context's
         common = known + common_prefix_len(tail, context[known:known + len(tail)])
         cached = min(common, len(context) - 1)
-        proposal = self.engine.draft.propose(context, request.n_tokens, request.committed_len, request.min_confidence)
+        proposal = self.engine.draft.propose_request(request)  # a linear draft or a token tree
         self.in_draft = True
         return _DraftTask(request, proposal.tokens, first_batch=len(context) - cached, context_start=cached,
                           n_steps=proposal.n_steps)

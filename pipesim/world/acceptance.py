@@ -19,6 +19,13 @@ corrected prefix. Models (``AcceptanceModel``; the README's "Acceptance models" 
 
 With a ``ConfidenceModel`` the oracle also reports a draft probability per token, drawn from one Beta distribution
 for right tokens and another for wrong ones, and stops drafting at the first token below the request's cut-off.
+
+Token trees (``OracleDraft.propose_tree``, PipeInfer's ``n_parallel`` and ``p_split``): besides its top candidate a
+branch has alternatives whose probabilities share what the top one leaves (stick-breaking with
+``ConfidenceModel.second``); an alternative above the split threshold starts a new branch. The assumption: the
+draft is calibrated in its alternatives, so when the top candidate of a branch on the target's sequence is wrong,
+the target's token is alternative k with probability ``p_k / (1 - p_0)`` (and none with the rest); when the top
+candidate is right no alternative is (a node's children hold distinct tokens: at most one agrees with the target).
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..scheduling.actions import RequestDraft
+from ..scheduling.verification import TokenTree
 
 _MIX = 0x9E3779B1
 ACCEPTANCE_MODELS = ("iid", "positional", "replay", "markov")
@@ -67,6 +77,7 @@ class ConfidenceModel:
 
     right: tuple[float, float] = (8.0, 2.0)
     wrong: tuple[float, float] = (2.0, 5.0)
+    second: tuple[float, float] = (1.0, 2.0)  # trees: each alternative's share of the probability left, Beta(a, b)
 
 
 class AcceptanceModel:
@@ -162,6 +173,19 @@ class Proposal:
         return len(self.tokens) + self.stopped
 
 
+@dataclass(frozen=True)
+class TreeProposal:
+    """What the oracle drafts as a token tree: the tree (``TokenTree``, branch 0's path first) with each node's draft
+    probability, the draft forward steps it took (one per step in which some branch sampled), and the splits (each
+    a ``seq_rm`` + ``seq_cp`` on the draft's own KV cache in ``speculative.cpp``)."""
+
+    tokens: TokenTree
+    confidences: list[float]
+    n_steps: int
+    n_splits: int = 0
+    stopped: bool = False  # every branch stopped below the cut-off (none ran into the token budget)
+
+
 def on_target(tokens, context: Sequence[int], start: int) -> bool:
     """Whether ``context[start:]`` equals the target's sequence at those positions (``tokens.token``)."""
     token = tokens.token
@@ -196,6 +220,154 @@ class OracleDraft:
             confidences.append(confidence)
             diverged = not right
         return Proposal(proposed, confidences)
+
+    def propose_request(self, request: RequestDraft) -> Proposal | TreeProposal:
+        """The answer to a draft request: a linear proposal, or a tree when it asks for ``n_parallel > 1``."""
+        if request.n_parallel > 1:
+            return self.propose_tree(request.context, request.n_tokens, request.committed_len,
+                                     request.min_confidence, request.n_parallel, request.split_confidence)
+        return self.propose(request.context, request.n_tokens, request.committed_len, request.min_confidence)
+
+    def propose_tree(self, context: Sequence[int], n_tokens: int, committed_len: int, min_confidence: float = 0.0,
+                     n_parallel: int = 1, split_confidence: float = 1.0) -> TreeProposal:
+        """Draft a token tree as ``speculative.cpp``'s ``start_async_spec_run`` does (its tree-based sampling loop).
+
+        Drafting starts with branch 0. At each step every drafting branch samples; it stops when its top
+        probability is below ``min_confidence`` (``p_accept + p_adjust``); while fewer than ``n_parallel``
+        branches exist, each alternative candidate k >= 1 above ``split_confidence`` (``p_split + p_adjust``), in
+        order, splits off a new branch that copies the parent's path and takes candidate k. A branch stops once the
+        tree holds more than ``n_tokens`` nodes (``batch_tgt.n_tokens > n_draft``), and drafting ends after that
+        step. With ``n_parallel=1`` the tree is a chain and equals ``propose``'s tokens, probabilities and steps.
+        Right and wrong follow the module's tree assumption; branch 0 draws from the same streams as ``propose``,
+        the other branches from streams of their own per (position, branch): seeded and deterministic.
+        """
+        tokens, acceptance = self.tokens, self.acceptance
+        start = len(context)
+        on_target0 = on_target(tokens, context, committed_len)
+        node_tokens: list[int] = []
+        node_parents: list[int] = []
+        node_conf: list[float] = []
+        node_branches: list[list[int]] = []
+        paths: list[list[int]] = [[]]  # each branch's nodes
+        right_path = [on_target0]  # each branch's path is the target's so far
+        drafting = [True]
+        n_steps = n_splits = 0
+        stopped = False
+        for i in range(n_tokens):
+            position = start + i
+            depth = position - committed_len
+            added = sampled = 0
+            n_existing = len(paths)  # branches split in this step sample from the next one on
+            for s in range(n_existing):
+                if not drafting[s]:
+                    continue
+                sampled += 1
+                right = right_path[s] and acceptance.correct(position, depth)
+                draws = None if s == 0 else self._tree_draws(position, s)
+                confidence = (acceptance.draft_confidence(position, right) if s == 0
+                              else self._branch_confidence(draws, right))
+                if confidence < min_confidence or math.isnan(confidence):
+                    drafting[s] = False
+                    continue
+                alternatives, u_pick = self._alternatives(position, confidence, draws)
+                takers = [s]
+                for p_k in alternatives:  # split while a candidate is above the threshold and room is left
+                    if len(paths) < n_parallel and p_k > split_confidence:
+                        paths.append(list(paths[s]))
+                        right_path.append(right_path[s])
+                        drafting.append(True)
+                        for node in paths[s]:
+                            node_branches[node].append(len(paths) - 1)
+                        takers.append(len(paths) - 1)
+                        n_splits += 1
+                    else:
+                        break
+                winner = 0 if right else _right_alternative(confidence, alternatives, right_path[s], u_pick)
+                parent = paths[s][-1] if paths[s] else -1
+                for k, branch in enumerate(takers):
+                    is_true = winner is not None and k == winner
+                    if is_true:
+                        token = tokens.token(position)
+                    elif k == 0:
+                        token = tokens.wrong(position)
+                    else:  # a wrong alternative: distinct from the top candidate's wrong token and from the others
+                        token = (tokens.token(position) + 1 + k) % tokens.vocab_size
+                    node = len(node_tokens)
+                    node_tokens.append(token)
+                    node_parents.append(parent)
+                    node_conf.append(confidence if k == 0 else alternatives[k - 1])
+                    node_branches.append([branch])
+                    paths[branch].append(node)
+                    right_path[branch] = right_path[branch] and is_true
+                    added += 1
+                    if len(node_tokens) > n_tokens:
+                        drafting[branch] = False
+            if sampled:
+                n_steps += 1
+            if not added:
+                stopped = True
+                break
+            if len(node_tokens) > n_tokens:
+                break
+        return TreeProposal(_main_first(node_tokens, node_parents, node_branches), _reorder(node_conf, paths[0]),
+                            n_steps, n_splits, stopped)
+
+    def _tree_draws(self, position: int, branch: int) -> np.random.Generator:
+        """The draws of a branch > 0 at a position: a stream of their own (branch 0 uses ``propose``'s)."""
+        return np.random.default_rng([self.acceptance.seed & 0xFFFFFFFF, 0x7EE, position, branch])
+
+    def _branch_confidence(self, draws: np.random.Generator, right: bool) -> float:
+        model = self.acceptance.confidence
+        if model is None:
+            return 1.0
+        return float(draws.beta(*(model.right if right else model.wrong)))
+
+    def _alternatives(self, position: int, top: float,
+                      draws: np.random.Generator | None) -> tuple[list[float], float]:
+        """Probabilities of candidates 1..7 (``speculative.cpp`` looks at 8: each takes a Beta(``second``) share of
+        what the candidates before it leave, no more than the one before it), and the uniform that picks the right
+        one (``_right_alternative``). No confidence model: no alternatives."""
+        model = self.acceptance.confidence
+        if model is None:
+            return [], 1.0
+        if draws is None:  # branch 0's alternatives: a stream apart from propose's, which it leaves untouched
+            draws = np.random.default_rng([self.acceptance.seed & 0xFFFFFFFF, 0x7EE, position, 0])
+        shares = draws.beta(*model.second, size=7)
+        left, previous, out = 1.0 - top, top, []
+        for share in shares:
+            p = min(previous, left * float(share))
+            out.append(p)
+            left -= p
+            previous = p
+        return out, float(draws.random())
+
+
+def _right_alternative(top: float, alternatives: list[float], on_path: bool, u: float) -> int | None:
+    """Which candidate k >= 1 is the target's token when the top one (probability ``top``) is wrong, for a branch whose
+    path is the target's: k with probability ``p_k / (1 - top)`` (uniform ``u``), None (no candidate) otherwise."""
+    if not on_path or not alternatives or top >= 1.0:
+        return None
+    target, cumulative = u * (1.0 - top), 0.0
+    for k, p in enumerate(alternatives, start=1):
+        cumulative += p
+        if target < cumulative:
+            return k
+    return None
+
+
+def _main_first(tokens: list[int], parents: list[int], branches: list[list[int]]) -> TokenTree:
+    """The tree with branch 0's path first, then the other nodes in drafting order (parents stay before children)."""
+    main = [i for i in range(len(tokens)) if 0 in branches[i]]
+    order = main + [i for i in range(len(tokens)) if 0 not in branches[i]]
+    index = {old: new for new, old in enumerate(order)}
+    return TokenTree([tokens[i] for i in order], [index[parents[i]] if parents[i] >= 0 else -1 for i in order],
+                     [sorted(branches[i]) for i in order])
+
+
+def _reorder(values: list[float], main: list[int]) -> list[float]:
+    """``values`` per node in ``_main_first``'s order."""
+    in_main = set(main)
+    return [values[i] for i in main] + [v for i, v in enumerate(values) if i not in in_main]
 
 
 class LevelOracle:

@@ -93,7 +93,7 @@ class World:
         scenario = self.scenario
         acc = scenario.acceptance
         prompt = scenario.workload.prompt_tokens if prompt_len is None else prompt_len
-        confidence = ConfidenceModel(acc.confidence_right, acc.confidence_wrong) if acc.confidence else None
+        confidence = ConfidenceModel(acc.confidence_right, acc.confidence_wrong, acc.confidence_second) if acc.confidence else None
         return AcceptanceModel(acc.model, scenario.acceptance_alpha(), acc.alphas, acc.sequence, prompt_len=prompt,
                                seed=self.acceptance_seed, p_after_accept=acc.p_after_accept,
                                p_after_reject=acc.p_after_reject, p_first=acc.p_first, confidence=confidence)

@@ -23,6 +23,14 @@ Variants (``strategy.variant``; each departure is a switch of its own, ``PIPEINF
   ``p_accept + p_adjust`` (``calc_p_adjust``).
 - ``continuous`` keeps one speculative chain going, launches a single-token run only when it breaks, speculates
   during the prefill and carries its few KV operations in the next run's header at no cost.
+
+Token trees (``n_parallel > 1``, both variants): the draft proposes a tree of up to ``n_parallel`` branches, split
+above ``p_split + p_adjust`` (``start_async_spec_run``); a speculative run carries every node of the tree as one
+batch, each node with the sequence ids of the branches whose path holds it (partition ``k`` owns sequence ids
+``(k-1) * n_parallel + 1 ...``, the code's ``seq_offset``); the next run continues branch 0 (the code's
+``id = drafts[0].tokens.back()``) and copies its sequence into each of its own; verification walks the tree
+(``verify_tree``) and copies the kept branch's accepted cells to sequence 0 (``s_keep``). A run is judged consistent
+by branch 0's path, as ``check_for_cancel`` ends with branch 0's verdict.
 """
 
 from __future__ import annotations
@@ -34,12 +42,16 @@ from dataclasses import dataclass
 from ..actions import Action, CancelRuns, InvalidateRuns, LaunchRun, RequestDraft
 from ..kv_pool import KVPartitionPool
 from ..runs import CANONICAL_SEQ, KVOp, Run
+from ..verification import TokenTree, verify_tree
 from .base import Strategy
 
-# Defaults of the paper's code and scripts: --draft 3, -pa 0.1 (p_accept), 1000 sequence partitions.
+# Defaults of the paper's code and scripts: --draft 3, -pa 0.1 (p_accept), 1000 sequence partitions; the code's
+# n_parallel 1 and p_split 0.1 (common.h; the paper's script sets -np 3 -ps 0.9)
 DEFAULT_MICRO_BATCH = 3
 DEFAULT_MIN_CONFIDENCE = 0.1
 DEFAULT_PARTITIONS = 1000
+DEFAULT_N_PARALLEL = 1
+DEFAULT_P_SPLIT = 0.1
 
 # Each variant's setting of every switch (an explicit switch overrides its variant's).
 PIPEINFER_VARIANT_SWITCHES: dict[str, dict[str, object]] = {
@@ -68,11 +80,13 @@ def reference_kv_transactions(n_partitions: int, n_parallel: int = 1) -> dict[st
     ``n_parallel`` sequences, removes and copies the kept range of sequence 0 (2), and removes and copies that
     range for every sequence 1..max_seq (2 each). ``nonspec_before``: ``begin_async_run`` for a non-speculative
     run removes every sequence 0..max_seq at its position; ``nonspec_after``: then copies sequence 0 to every
-    sequence 1..max_seq (these travel ahead of the next run).
+    sequence 1..max_seq (these travel ahead of the next run). ``split``, on the draft's own context (not relayed
+    through the target's stages): each split of a token tree removes and copies the new branch's draft sequence
+    (``llama_kv_cache_seq_rm`` + ``seq_cp`` on ``ctx_dft``).
     """
     max_seq = n_partitions * n_parallel + 1
     return {"spec_launch": 3 * n_parallel, "verify": n_parallel + 2 + 2 * max_seq,
-            "nonspec_before": max_seq + 1, "nonspec_after": max_seq}
+            "nonspec_before": max_seq + 1, "nonspec_after": max_seq, "split": 2}
 
 
 @dataclass
@@ -89,7 +103,8 @@ class PipeInferStrategy(Strategy):
     Parameters: ``micro_batch`` drafted tokens per speculative run (1-4 in the paper), ``min_confidence`` the
     draft-probability cut-off below which drafting stops, ``max_runs_in_flight`` a bound on valid runs in the
     pipeline (None: bounded by the partition pool only, as in the paper's code), ``n_partitions`` the size of
-    the KV partition pool, ``early_cancellation`` whether invalidated runs are cancelled. With ``kv_capacity``
+    the KV partition pool, ``early_cancellation`` whether invalidated runs are cancelled, ``n_parallel`` the most
+    branches of a drafted token tree (1: a linear draft) and ``p_split`` its split threshold. With ``kv_capacity``
     (set by the engine from the stages' KV caches) no speculation starts that would not fit them: the head waits
     for verifications to free partitions instead (back-pressure).
     """
@@ -102,10 +117,13 @@ class PipeInferStrategy(Strategy):
                  stop_tokens: Sequence[int] = (), variant: str = "reference", run_pattern: str | None = None,
                  head_priority: str | None = None, sync_prefill: bool | None = None,
                  cancelled_traffic: str | None = None, kv_transactions: str | None = None,
-                 p_recovery: float = 0.0, p_decay: float = 0.0) -> None:
+                 p_recovery: float = 0.0, p_decay: float = 0.0, n_parallel: int = DEFAULT_N_PARALLEL,
+                 p_split: float = DEFAULT_P_SPLIT) -> None:
         super().__init__(prompt, n_generate, stop_tokens)
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+        if n_parallel < 1:
+            raise ValueError(f"n_parallel must be >= 1, got {n_parallel}")
         if max_runs_in_flight is not None and max_runs_in_flight < 1:
             raise ValueError(f"max_runs_in_flight must be >= 1 or None, got {max_runs_in_flight}")
         switches = resolve_switches(variant, run_pattern=run_pattern, head_priority=head_priority,
@@ -121,10 +139,16 @@ class PipeInferStrategy(Strategy):
         self.min_confidence = min_confidence  # p_accept
         self.p_recovery = p_recovery
         self.p_decay = p_decay
+        self.n_parallel = n_parallel
+        self.p_split = p_split
+        # a tree holds at most micro_batch nodes before its last step, which adds one per branch
+        self._max_nodes = micro_batch + (n_parallel if n_parallel > 1 else 0)
+        self.draft_kv_transactions = 0  # seq_rm/seq_cp on the draft's own context for the trees' splits
         self._iter = 0  # speculative runs launched since the head last handled predictions (calc_p_adjust's iter)
         self._n_reject = 0  # drafts that stopped before their first token since the last commit
         self._prefill_pending = self.sync_prefill
-        self._tx = reference_kv_transactions(n_partitions) if self.kv_transactions == "reference" else None
+        self._tx = (reference_kv_transactions(n_partitions, n_parallel) if self.kv_transactions == "reference"
+                    else None)
         self._pending_tx = 0
         self.max_runs_in_flight = max_runs_in_flight
         self.early_cancellation = early_cancellation
@@ -173,6 +197,8 @@ class PipeInferStrategy(Strategy):
                 return self._speculate()
             self._draft_stalled = True  # the same threshold again: wait for the next verification
             return []
+        if isinstance(tokens, TokenTree):
+            self.draft_kv_transactions += 2 * (tokens.n_branches - 1)  # each split: seq_rm + seq_cp on ctx_dft
         return [*self._launch_speculative(tokens), *self._speculate()]
 
     def wants_draft(self, request_id: int) -> bool:
@@ -182,8 +208,16 @@ class PipeInferStrategy(Strategy):
 
     def draft_threshold(self) -> float:
         """The draft's stop threshold ``p_accept + p_adjust`` (``speculative.cpp``: ``calc_p_adjust``)."""
-        p_adjust = self._iter * self.p_recovery - max(self._n_reject * self.p_decay, 0.0)
-        return self.min_confidence + p_adjust
+        return self.min_confidence + self._p_adjust()
+
+    def _p_adjust(self) -> float:
+        return self._iter * self.p_recovery - max(self._n_reject * self.p_decay, 0.0)
+
+    def _seqs(self, partition: int) -> tuple[int, ...]:
+        """The sequence ids partition ``partition`` owns: ``seq_offset = (k-1) * n_parallel + 1`` and the
+        ``n_parallel`` after it (``main``'s free offsets); partition k itself with a linear draft."""
+        base = (partition - 1) * self.n_parallel + 1
+        return tuple(range(base, base + self.n_parallel))
 
     # -- internals ---------------------------------------------------------------------------------
     def _launch(self, *args, **kwargs):
@@ -211,17 +245,60 @@ class PipeInferStrategy(Strategy):
         if partition is None:
             return []
         previous = self._chain[-1].run
-        source = previous.partition if previous.speculative else CANONICAL_SEQ
-        self._queue_kv(KVOp("cp", source, dst=partition))
+        source = self._seqs(previous.partition)[0] if previous.speculative else CANONICAL_SEQ
+        for seq in self._seqs(partition):  # start_async_spec_run copies into each of the partition's sequences
+            self._queue_kv(KVOp("cp", source, dst=seq))
         self._count_tx("spec_launch")
-        launch = self._launch(list(tokens), len(self.sequence) + len(self._drafted), seq_ids=(partition,),
-                              speculative=True, parent=previous.run_id, partition=partition, kind="spec")
-        self._drafted.extend(tokens)
+        first = len(self.sequence) + len(self._drafted)
+        if isinstance(tokens, TokenTree) and tokens.n_branches == 1:
+            tokens = list(tokens)
+        if isinstance(tokens, TokenTree):
+            launch, main = self._launch_tree(tokens, first, partition, previous.run_id)
+        else:
+            main = list(tokens)
+            launch = self._launch(main, first, seq_ids=self._seqs(partition)[:1], speculative=True,
+                                  parent=previous.run_id, partition=partition, kind="spec")
+        self._drafted.extend(main)
         self._spec_cells += len(tokens)
         self._iter += 1
         if self.run_pattern == "reference":
             return [self._push(launch, len(self.sequence), tuple(self._drafted))]
         return [self._push(launch)]
+
+    def _launch_tree(self, tree: TokenTree, first: int, partition: int, parent: int) -> tuple[LaunchRun, list[int]]:
+        """A speculative run of a whole token tree, and the tokens of its branch 0 (the path the next run continues).
+
+        Its nodes travel in drafting order (by depth, as ``start_async_spec_run`` adds them to ``batch_tgt``), each
+        at position ``first + depth`` with the sequence ids of the branches holding it (``run.meta["token_seqs"]``;
+        ``run.meta["tree_parents"]``: each node's parent in the run, -1 the context's last token).
+        """
+        depths = [tree.depth(i) for i in range(len(tree))]
+        order = sorted(range(len(tree)), key=depths.__getitem__)
+        index = {old: new for new, old in enumerate(order)}
+        seqs = self._seqs(partition)
+        token_seqs = tuple(tuple(seqs[b] for b in tree.branches[i]) for i in order)
+        launch = self._launch([tree[i] for i in order], first, seq_ids=tuple(sorted(set().union(*token_seqs))),
+                              speculative=True, parent=parent, partition=partition, kind="spec")
+        run = launch.run
+        run.positions = [first + depths[i] for i in order]
+        run.meta["tree_parents"] = tuple(index[tree.parents[i]] if tree.parents[i] >= 0 else -1 for i in order)
+        run.meta["token_seqs"] = token_seqs
+        main = [tree[i] for i in tree.path(0)]
+        run.meta["main_end"] = first + len(main)
+        return launch, main
+
+    def _walk_tree(self, run: Run, predictions: Sequence[int], q: int):
+        """Verify a tree run from its branch-0 node at position ``q`` (whose path is committed): (new tokens,
+        checked, accepted, the kept sequence, the verification), or None when ``q`` is not on branch 0's path."""
+        main_seq = self._seqs(run.partition)[0]
+        token_seqs = run.meta["token_seqs"]
+        main = [i for i, seqs in enumerate(token_seqs) if main_seq in seqs]
+        offset = q - run.first_position
+        if not 0 <= offset < len(main):
+            return None
+        result = verify_tree(run.tokens, run.meta["tree_parents"], list(predictions), start=main[offset])
+        keep_seq = min(token_seqs[result.end])  # s_keep = keeps[0]: the lowest branch that agreed throughout
+        return result.emitted, result.n_checked, result.n_accepted, keep_seq, result, main
 
     def _push(self, launch, burst_start: int = 0, assumed: tuple[int, ...] = ()):
         link = _ChainLink(launch.run, None, burst_start, assumed)
@@ -237,14 +314,14 @@ class PipeInferStrategy(Strategy):
             return []
         if self.max_runs_in_flight is not None and len(self._chain) >= self.max_runs_in_flight:
             return []
-        if self.pool.n_free == 0 or not self._fits(self.micro_batch):
+        if self.pool.n_free == 0 or not self._fits(self._max_nodes):
             return []
         threshold = self.draft_threshold()
         if threshold >= 1.0:  # run_speculation_loop: no speculation while p_accept + p_adjust >= 1
             return []
         context = (*self.sequence, *self._drafted)
         self._draft_request = RequestDraft(self._new_request_id(), context, self.micro_batch, len(self.sequence),
-                                           threshold)
+                                           threshold, self.n_parallel, self.p_split + self._p_adjust())
         self._draft_epoch = self._epoch
         return [self._draft_request]
 
@@ -271,23 +348,29 @@ class PipeInferStrategy(Strategy):
         run = link.run
         outputs = dict(zip(run.positions[run.output_from:], link.predictions or [], strict=False))
         q = len(self.sequence) - 1
-        if q not in outputs:  # the run decides a position already decided: no match
+        tree = self._walk_tree(run, link.predictions or [], q) if "tree_parents" in run.meta else None
+        if q not in outputs or (tree is None and "tree_parents" in run.meta):  # decides a position already decided
             if run.speculative:
                 self._free_partition(run)
             return []
-        new_tokens: list[int] = []
-        checked = accepted = 0
-        p = q
-        while True:
-            predicted = outputs[p]
-            new_tokens.append(predicted)
-            if p + 1 > run.last_position:
-                break
-            checked += 1
-            if run.tokens[p + 1 - run.first_position] != predicted:
-                break
-            accepted += 1
-            p += 1
+        keep_seq = self._seqs(run.partition)[0] if run.speculative else CANONICAL_SEQ
+        if tree is not None:  # the walk of speculative.cpp's verification loop over the tree's branches
+            new_tokens, checked, accepted, keep_seq = tree[:4]
+            predicted, p = new_tokens[-1], q + accepted
+        else:
+            new_tokens = []
+            checked = accepted = 0
+            p = q
+            while True:
+                predicted = outputs[p]
+                new_tokens.append(predicted)
+                if p + 1 > run.last_position:
+                    break
+                checked += 1
+                if run.tokens[p + 1 - run.first_position] != predicted:
+                    break
+                accepted += 1
+                p += 1
         last = p + 1  # position of the last new token; a surviving run drafted there is checked by it
         drafted_there = [other.assumed[last - other.burst_start] for other in self._chain
                          if other.assumed and other.burst_start <= last < other.burst_start + len(other.assumed)]
@@ -296,7 +379,7 @@ class PipeInferStrategy(Strategy):
             accepted += predicted in drafted_there
         if run.speculative:  # its tokens after q join sequence 0 (q itself came with the run that committed it)
             if p > q:
-                self._queue_kv(KVOp("cp", run.partition, dst=CANONICAL_SEQ, p0=q + 1, p1=p + 1))
+                self._queue_kv(KVOp("cp", keep_seq, dst=CANONICAL_SEQ, p0=q + 1, p1=p + 1))
             self._free_partition(run)
             self._count_tx("verify")
         actions = self._commit(new_tokens, checked, accepted)
@@ -311,7 +394,8 @@ class PipeInferStrategy(Strategy):
         # surviving run's partition (and the partitions copied from it) hold their own cell there
         q = len(self.sequence) - 1
         for partition in self.pool.in_use:
-            self._queue_kv(KVOp("rm", partition, p0=q, p1=q + 1))
+            for seq in self._seqs(partition):
+                self._queue_kv(KVOp("rm", seq, p0=q, p1=q + 1))
         actions.append(self._launch_nonspec())
         return actions
 
@@ -327,7 +411,7 @@ class PipeInferStrategy(Strategy):
         dropped: set[int] = set()  # cancelled speculative runs: a run chained on one lacks its context
         for link in self._chain:
             start, assumed, run = link.burst_start, link.assumed, link.run
-            stale = run.last_position + 1 < n_past
+            stale = run.meta.get("main_end", run.last_position + 1) < n_past  # n_past_max: branch 0's end
             if (stale or run.parent in dropped
                     or any(assumed[i] != sequence[start + i] for i in range(min(len(assumed), n - start)))):
                 invalid.append(link)
@@ -347,7 +431,8 @@ class PipeInferStrategy(Strategy):
         return actions
 
     def _free_partition(self, run: Run) -> None:
-        self._queue_kv(KVOp("rm", run.partition))
+        for seq in self._seqs(run.partition):
+            self._queue_kv(KVOp("rm", seq))
         self.pool.release(run.partition)
         self._spec_cells -= run.n_tokens
 
@@ -357,6 +442,8 @@ class PipeInferStrategy(Strategy):
         link = self._chain.popleft()
         del self._links[link.run.run_id]
         run = link.run
+        if "tree_parents" in run.meta:
+            return self._resolve_front_tree(run, link.predictions or [])
         new_tokens: list[int] = []
         checked = accepted = 0
         chain_broken = False
@@ -386,13 +473,52 @@ class PipeInferStrategy(Strategy):
             actions.append(self._launch_nonspec())
         return actions
 
-    def _retire_partition(self, run: Run, committed_end: int) -> None:
-        """Copy a verified run's accepted tokens (positions < ``committed_end``) to the canonical sequence; free it."""
+    def _resolve_front_tree(self, run: Run, predictions: Sequence[int]) -> list[Action]:
+        """``_resolve_front`` for a tree run: walk the tree from its root on branch 0 (the token the run before it
+        confirmed); the chain goes on only while the accepted path is branch 0's to its end, and the prediction
+        after it is the next run's first token, as for a linear run."""
+        tree = self._walk_tree(run, predictions, len(self.sequence) - 1)
+        if tree is None:  # decides nothing
+            self._retire_partition(run, len(self.sequence))
+            self._count_tx("verify")
+            self._n_reject = 0
+            return self._commit([], 0, 0)
+        new_tokens, checked, accepted, keep_seq, result, main = tree
+        committed_end = len(self.sequence) + accepted
+        on_main = set(result.path) <= set(main)
+        chain_broken = True
+        if on_main:
+            for _ in range(accepted):
+                self._drafted.popleft()
+            if result.end == main[-1] and self._drafted:  # the bonus token meets the next run's first token
+                checked += 1
+                if self._drafted.popleft() == new_tokens[-1]:
+                    accepted += 1
+                    chain_broken = False
+        self._retire_partition(run, committed_end, keep_seq)
+        self._count_tx("verify")
+        actions: list[Action] = []
+        if chain_broken:
+            actions.extend(self._invalidate_chain())
+        actions.extend(self._commit(new_tokens, checked, accepted))
+        self._n_reject = 0
+        if self.done:
+            actions.extend(self._invalidate_chain())
+        elif chain_broken:
+            actions.append(self._launch_nonspec())
+        return actions
+
+    def _retire_partition(self, run: Run, committed_end: int, keep_seq: int | None = None) -> None:
+        """Copy a verified run's accepted tokens (positions < ``committed_end``) from its kept sequence (branch 0's
+        by default) to the canonical sequence; free it."""
         assert run.partition is not None
+        seqs = self._seqs(run.partition)
         last_committed = min(run.last_position + 1, committed_end)
         if last_committed > run.first_position:
-            self._queue_kv(KVOp("cp", run.partition, dst=CANONICAL_SEQ, p0=run.first_position, p1=last_committed))
-        self._queue_kv(KVOp("rm", run.partition))
+            self._queue_kv(KVOp("cp", seqs[0] if keep_seq is None else keep_seq, dst=CANONICAL_SEQ,
+                                p0=run.first_position, p1=last_committed))
+        for seq in seqs:
+            self._queue_kv(KVOp("rm", seq))
         self.pool.release(run.partition)
         self._spec_cells -= run.n_tokens
 
@@ -406,7 +532,8 @@ class PipeInferStrategy(Strategy):
         for link in self._chain:
             del self._links[link.run.run_id]
             if link.run.speculative:
-                self._queue_kv(KVOp("rm", link.run.partition))
+                for seq in self._seqs(link.run.partition):
+                    self._queue_kv(KVOp("rm", seq))
                 self.pool.release(link.run.partition)
                 self._spec_cells -= link.run.n_tokens
         self._chain.clear()
