@@ -33,6 +33,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from heapq import heappush
 
 import simpy
 from simpy.events import NORMAL, URGENT
@@ -57,7 +58,7 @@ from ..world.build import Pipeline, World, build_world
 from ..world.costs import RooflineCostModel
 from ..world.network import LinkDirection
 from ..world.profile import kv_transaction_time
-from .host_cpu import SharedHosts
+from .host_cpu import SharedHosts, SoloRun
 from .polling import PollBackoff
 from .remote_draft import RemoteDraft
 
@@ -67,16 +68,17 @@ class SimulationError(RuntimeError):
 
 
 class _Call:
-    """A bare SimPy event calling ``callbacks`` at its time (SimPy's loop reads only these and ``_ok``)."""
+    """A bare SimPy event calling ``callbacks`` at its time (SimPy's loop reads only these and ``_ok``); ``eid``:
+    its place among the events of one instant (SimPy's event id)."""
 
-    __slots__ = ("callbacks",)
+    __slots__ = ("callbacks", "eid")
     _ok = True
 
 
 class _Message:
     """A message's arrival: a bare SimPy event whose ``value`` is when MPI delivered it (None: at arrival)."""
 
-    __slots__ = ("callbacks", "value")
+    __slots__ = ("callbacks", "eid", "value")
     _ok = True
 
 
@@ -96,7 +98,8 @@ class _Stage:
     waits: int = 0
     idle_since: float = 0.0
     unseen_cancels: list[int] = field(default_factory=list)  # arrived while busy; noticed at the next look
-    phase: str = "idle"  # idle, kv (relayed KV transactions), dispatch, compute, finishing (after an interrupt)
+    phase: str = "idle"  # idle, kv (relayed KV transactions), dispatch, compute, finishing (after an interrupt),
+    # kvc (KV transactions, then the forward as one event: until ``kv_end`` the stage is in its KV transactions)
     current: int | None = None
     to_next: LinkDirection | None = None  # the link to the next stage, once used
     n_layers: int = 0
@@ -109,6 +112,10 @@ class _Stage:
     done: float = 0.0
     boundary: float = 0.0
     job: object = None
+    solo: bool = True  # on a host of its own (its compute is one plain event)
+    kv_start: float = 0.0  # kvc: the KV transactions' span, and the event id their end event would have had
+    kv_end: float = 0.0
+    kv_eid: int = 0
     # callbacks, bound once (``_Line`` sets them)
     resume: Callable = None
     computed: Callable = None
@@ -116,6 +123,7 @@ class _Stage:
     at_boundary: Callable = None
     dispatched: Callable = None
     kv_done: Callable = None
+    kv_computed: Callable = None
 
     def __post_init__(self) -> None:
         self.n_layers = self.layers[1] - self.layers[0]
@@ -170,6 +178,8 @@ class _Line:
             stage.at_boundary = partial(engine._stage_at_boundary, self, stage)
             stage.dispatched = partial(engine._stage_dispatched, self, stage)
             stage.kv_done = partial(engine._stage_kv_done, self, stage)
+            stage.kv_computed = partial(engine._stage_kv_computed, self, stage)
+            stage.solo = engine.hosts.group_of(stage.node) is None
         # what the draft model holds in its cache: ``draft_committed`` tokens of the committed sequence (which
         # never changes, so they need no comparing), then ``draft_tail``
         self.draft_committed = 0
@@ -197,7 +207,7 @@ class _Line:
     def send_cancel(self, run_ids: tuple[int, ...]) -> None:
         engine, last = self.engine, self.stages[-1]
         engine.send(self.head_node, last.node, self.pipeline.payloads.cancel(len(run_ids)), "cancel", -1,
-                    lambda e: engine.cancel_at(self, last, run_ids, e.value), self.level)
+                    lambda e: engine.cancel_at(self, last, run_ids, e.value, e.eid), self.level)
 
     def send_to_level(self, message) -> None:
         engine = self.engine
@@ -276,6 +286,7 @@ class SimulationEngine:
         self.env = simpy.Environment()
         self._schedule = self.env.schedule
         self._queue = self.env._queue
+        self._eid = self.env._eid  # SimPy's event ids: the order of events of one instant
         self.network = world.network()
         self.acceptance = world.acceptance()
         self.draft = world.oracle_draft(self.acceptance)
@@ -298,6 +309,10 @@ class SimulationEngine:
                     self._stage_loop(line, stage)
                 self._head_loop(line)
             self._run_bounded()
+            for line in self.lines:  # transactions that ended by now, of forwards still under way
+                for stage in line.stages[1:]:
+                    if stage.phase == "kvc" and stage.kv_end <= self.env._now:
+                        self._kvc_begin(stage)
             if self.keep_records:
                 records = list(map(partial(tuple.__new__, Record), self.records))
             else:
@@ -345,7 +360,7 @@ class SimulationEngine:
             if not line.wakeup and line.work_start < watermark:
                 watermark = line.work_start
             for stage in line.stages[1:]:
-                if stage.phase in ("compute", "finishing", "kv") and stage.start < watermark:
+                if stage.phase in ("compute", "finishing", "kv", "kvc") and stage.start < watermark:
                     watermark = stage.start
             remote = line.remote_draft  # its steps are recorded from when the draft node is free
             if remote is not None and (line.in_draft or remote.run_ahead) and remote.free_at < watermark:
@@ -358,7 +373,8 @@ class SimulationEngine:
         """``callback(event)`` after ``delay`` (a Timeout's place in SimPy's queue; ``URGENT``: an interrupt's)."""
         event = _Call()
         event.callbacks = [callback]
-        self._schedule(event, priority, delay)
+        event.eid = eid = next(self._eid)
+        heappush(self._queue, (self.env._now + delay, priority, eid, event))  # what ``env.schedule`` does
 
     def _quiet(self) -> bool:
         """Nothing else is due at this instant (an event scheduled now would be the next one processed).
@@ -398,7 +414,8 @@ class SimulationEngine:
         event = _Message()
         event.value = now + link.transport if self.held_messages else None
         event.callbacks = [deliver]
-        self._schedule(event, NORMAL, arrival - now)
+        event.eid = eid = next(self._eid)
+        heappush(self._queue, (now + (arrival - now), NORMAL, eid, event))  # what ``env.schedule`` does
 
     def forward(self, line: _Line, stage: _Stage, run: Run, what: str | None) -> None:
         """Send a run on from ``stage``: activations, a header, or predictions to the pipeline's head."""
@@ -449,10 +466,11 @@ class SimulationEngine:
         if line.wakeup:
             self._wake(line, delivered)
 
-    def _at_next_probe(self, idle_since: float, action: Callable[[], None], delivered: float | None = None) -> None:
-        """Run ``action`` now, or (a calibrated profile's polling) at the probe with which a rank idle since
-        ``idle_since`` notices what has just arrived (``delivered``: when MPI delivered a message that the
-        executor's link emulation held until now)."""
+    def _at_next_probe(self, idle_since: float, action: Callable[[int], None], delivered: float | None = None,
+                       eid: int = 0) -> None:
+        """Run ``action(eid)`` now (``eid``: the event being processed), or (a calibrated profile's polling) at the
+        probe with which a rank idle since ``idle_since`` notices what has just arrived (``delivered``: when MPI
+        delivered a message that the executor's link emulation held until now), with the probe event's id."""
         now = self.env._now
         if self.polling is None:
             noticed = now
@@ -461,9 +479,9 @@ class SimulationEngine:
         else:
             noticed = self.polling.noticed(idle_since, now)
         if noticed <= now:
-            action()
+            action(eid)
         else:
-            self._at(noticed - now, lambda _event: action())
+            self._at(noticed - now, lambda event: action(event.eid))
 
     def _wake(self, waiter: _Stage | _Line, delivered: float | None = None) -> None:
         """Wake a waiting stage or head (``waiter.wakeup`` set) at the probe that notices the message."""
@@ -473,29 +491,33 @@ class SimulationEngine:
             return
         wait = waiter.wakeup
 
-        def wake() -> None:
+        def wake(_eid: int) -> None:
             if waiter.wakeup == wait:  # still the same wait, not yet woken
                 waiter.wakeup = 0
                 self._resume(waiter.resume)
 
         self._at_next_probe(waiter.idle_since, wake, delivered)
 
-    def cancel_at(self, line: _Line, stage: _Stage, run_ids: tuple[int, ...], delivered: float | None = None) -> None:
-        """A cancellation reaches ``stage``: an idle stage notices it at its next poll, a busy one when it looks."""
+    def cancel_at(self, line: _Line, stage: _Stage, run_ids: tuple[int, ...], delivered: float | None = None,
+                  eid: int = 0) -> None:
+        """A cancellation reaches ``stage`` (by the event ``eid``): an idle stage notices it at its next poll, a
+        busy one when it looks."""
         if stage.phase != "idle":
-            self._cancel_unseen(stage, run_ids)
+            self._cancel_unseen(stage, run_ids, eid)
             return
 
-        def probe() -> None:
+        def probe(probe_eid: int) -> None:
             if stage.phase == "idle":
                 self._notice_cancels(line, stage, run_ids)
             else:  # a run woke the stage first: it looks again before the forward or at a layer boundary
-                self._cancel_unseen(stage, run_ids)
+                self._cancel_unseen(stage, run_ids, probe_eid)
 
-        self._at_next_probe(stage.idle_since, probe, delivered)
+        self._at_next_probe(stage.idle_since, probe, delivered, eid)
 
-    def _cancel_unseen(self, stage: _Stage, run_ids: tuple[int, ...]) -> None:
+    def _cancel_unseen(self, stage: _Stage, run_ids: tuple[int, ...], eid: int) -> None:
         stage.unseen_cancels.extend(run_ids)
+        if stage.phase == "kvc" and self._kv_ended(stage, eid):
+            self._kvc_begin(stage)
         if stage.phase == "compute":  # stop at the next layer boundary to look (an interrupt: urgent, at once)
             stage.phase = "finishing"
             if self._quiet():
@@ -513,7 +535,7 @@ class SimulationEngine:
         if stage.machine.see_cancels(run_ids, self.env._now):
             previous = line.stages[stage.index - 1]
             self.send(stage.node, previous.node, line.pipeline.payloads.cancel(len(run_ids)), "cancel", -1,
-                      lambda e: self.cancel_at(line, previous, run_ids, e.value), line.level)
+                      lambda e: self.cancel_at(line, previous, run_ids, e.value, e.eid), line.level)
 
     def _schedule_early_exit(self, line: _Line, stage: _Stage, run: Run, cost) -> float:
         """SPEED: if the run's exit layer is on this stage, send the early prediction when that layer is done.
@@ -590,12 +612,62 @@ class SimulationEngine:
         stage.phase = "dispatch"
         run, computed_upstream, _ = machine.queue.popleft()
         if run.kv_transactions:  # the relayed KV transactions first (then as below, in ``_stage_kv_done``)
+            if stage.solo and not run.meta and machine.computes(run, computed_upstream):
+                cost = stage.costs.get((len(run.tokens), run.positions[0], run.n_outputs if machine.is_last else 0))
+                if cost is None:
+                    cost = self._cost(line, stage, self.world.nodes[stage.node], run, machine.is_last)
+                kv = run.kv_transactions * self.kv_time[stage.node]
+                if cost.dispatch <= 0 < kv:
+                    self._stage_kv_compute(stage, run, cost, kv)
+                    return False
             stage.phase = "kv"
             stage.start = self.env._now
             stage.task = (run, computed_upstream, None)
             self._kv_transactions(stage.node, run, stage.kv_done)
             return False
         return self._stage_decide(line, stage, run, computed_upstream)
+
+    def _stage_kv_compute(self, stage: _Stage, run: Run, cost, kv: float) -> None:
+        """A run the stage will compute after its KV transactions, with no dispatch: the transactions and the
+        forward as one event (phase ``kvc``). Nothing the stage does at the transactions' end depends on what
+        happens during them (a cancellation arriving then is only noticed after the forward, new runs queue), so
+        the forward's end is known at once: it is scheduled at the time the two events would give (the
+        transactions' end, plus the forward), and the transactions' end is replayed where it can be seen (a
+        cancellation arriving after it interrupts the forward: ``_kv_ended``)."""
+        now = self.env._now
+        stage.kv_start = stage.start = now
+        stage.kv_end = kv_end = now + kv  # the transactions' end event's time
+        stage.kv_eid = next(self._eid)  # ... and its id
+        stage.current = stage.machine.current = run.run_id
+        stage.task = (run, None, cost)
+        stage.work = work = cost.total - cost.dispatch
+        stage.done = 0.0
+        stage.phase = "kvc"
+        job = SoloRun()
+        job.callbacks = [stage.kv_computed]
+        job.env = self.env
+        job.since = kv_end
+        job.work = work
+        stage.job = job
+        heappush(self._queue, (kv_end + work, NORMAL, next(self._eid), job))
+
+    def _kv_ended(self, stage: _Stage, eid: int) -> bool:
+        """In phase kvc, at the event ``eid`` of now: whether the transactions' end event came first."""
+        now = self.env._now
+        return now > stage.kv_end or (now == stage.kv_end and eid > stage.kv_eid)
+
+    def _kvc_begin(self, stage: _Stage) -> None:
+        """The transactions of a kvc stage have ended: their record, and the forward from their end."""
+        run = stage.task[0]
+        self.records.append((COMPUTE, stage.kv_start, stage.kv_end, self.node_names[stage.node], run.run_id,
+                             run.kv_transactions, 0.0, 0, 0, "kv", -1, 0, False, False))
+        stage.start = stage.kv_end
+        stage.phase = "compute"
+
+    def _stage_kv_computed(self, line: _Line, stage: _Stage, _job=None) -> None:
+        if stage.phase == "kvc":
+            self._kvc_begin(stage)
+        self._stage_computed(line, stage)
 
     def _stage_kv_done(self, line: _Line, stage: _Stage) -> None:
         stage.phase = "dispatch"
