@@ -187,11 +187,13 @@ class HeadDriver:
         if self.n_stages > 1:
             self.awaiting.add(run.run_id)
 
-    def draft_step_done(self, task: Any, start: float, batch: int, remote: bool = False) -> None:
-        """One draft step of ``task`` (``batch`` tokens processed) from ``start``; ``remote``: it ran on the
-        draft's own node (placement.draft_node), which records its compute itself."""
+    def draft_step_done(self, task: Any, start: float, batch: int, remote: bool = False,
+                        end: float | None = None) -> None:
+        """One draft step of ``task`` (``batch`` tokens processed) from ``start`` to ``end`` (default: now);
+        ``remote``: it ran on the draft's own node (placement.draft_node), which records its compute itself."""
         if not remote:
-            self.records.append(span(COMPUTE, start, self.port.now(), self.where, -1, batch, "draft", level=self.level))
+            self.records.append(span(COMPUTE, start, self.port.now() if end is None else end, self.where, -1, batch,
+                                     "draft", level=self.level))
         self._draft_begun = True
         if task.done:
             self.draft_task = None

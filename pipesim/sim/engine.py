@@ -187,6 +187,9 @@ class _Line:
         self.frame_bytes: dict[tuple, tuple[float, float]] = {}  # a frame's counts -> (header, with activations)
         self.draft_costs: dict[tuple[int, int], float] = {}  # memo: (tokens, context) -> the draft's step time
         self.remote_draft = engine.remote_draft(pipeline)  # the draft on a node of its own, else None
+        # a draft task's steps as one event (``_head_draft_rest``)
+        self.whole_drafts = (self.driver.whole_runs and self.remote_draft is None and len(engine.world.pipelines) == 1
+                             and engine.hosts.group_of(self.head_node) is None)
         self.in_draft = False  # between begin_draft and end_draft (the remote draft's next step may start earlier)
         tokens = engine.world.tokens
         self.level_oracle = not pipeline.is_target  # predictions from the run (its prefix), not its positions
@@ -824,14 +827,52 @@ class SimulationEngine:
                     reply = remote.step(start, task.step == 0, batch, batch, context)
                     self._at(reply - start, partial(self._head_drafted, line, task, start, batch, remote=True))
                     return
-                cost = line.draft_costs.get((batch, context))
-                if cost is None:
-                    if len(line.draft_costs) >= _COST_MEMO_SIZE:
-                        line.draft_costs.clear()
-                    cost = line.draft_costs[batch, context] = self.world.draft_cost.model_cost(
-                        self.world.nodes[line.head_node], batch, context)
+                cost = self._draft_cost(line, batch, context)
+                if line.whole_drafts and task.step + 1 < task.n_steps:
+                    self._head_draft_rest(line, task, start, batch, cost)
+                    return
                 self.hosts.start(line.head_node, cost, partial(self._head_drafted, line, task, start, batch))
                 return
+
+    def _draft_cost(self, line: _Line, batch: int, context: int) -> float:
+        """The head's draft step of ``batch`` tokens after ``context`` (memoised)."""
+        cost = line.draft_costs.get((batch, context))
+        if cost is None:
+            if len(line.draft_costs) >= _COST_MEMO_SIZE:
+                line.draft_costs.clear()
+            cost = line.draft_costs[batch, context] = self.world.draft_cost.model_cost(
+                self.world.nodes[line.head_node], batch, context)
+        return cost
+
+    def _head_draft_rest(self, line: _Line, task: _DraftTask, start: float, batch: int, cost: float) -> None:
+        """A head that runs a draft task's steps back to back (``head_priority: run``, a head of its own, one
+        pipeline): nothing can come between them (the driver looks at nothing else until the task is done), so
+        its remaining steps are one event, at the time their events would give (each step's end plus the next
+        step's cost); each step is recorded as it was."""
+        steps = []
+        end = start + cost
+        steps.append((start, batch, end))
+        base = task.context_start + task.first_batch - 1
+        for step in range(task.step + 1, task.n_steps):
+            begin = end
+            end = begin + self._draft_cost(line, 1, base + step)
+            steps.append((begin, 1, end))
+        job = SoloRun()
+        job.callbacks = [partial(self._head_drafted_all, line, task, steps)]
+        job.env = self.env
+        job.since = start
+        job.work = end - start
+        heappush(self._queue, (end, NORMAL, next(self._eid), job))
+
+    def _head_drafted_all(self, line: _Line, task: _DraftTask, steps: list, _job=None) -> None:
+        driver = line.driver
+        for start, batch, end in steps[:-1]:
+            task.step += 1
+            driver.draft_step_done(task, start, batch, end=end)
+        start, batch, _ = steps[-1]
+        task.step += 1
+        driver.draft_step_done(task, start, batch)
+        self._head_loop(line)
 
     def _head_verified(self, line: _Line, item: tuple, start: float, _job=None) -> None:
         line.driver.verify(item, start)
