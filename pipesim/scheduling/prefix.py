@@ -30,26 +30,29 @@ class GrowingPrefix(Sequence):
     Valid while ``base`` only grows (a strategy's committed sequence): its first ``n`` tokens never change.
     """
 
-    __slots__ = ("_base", "_n", "_tail")
+    __slots__ = ("_base", "_len", "_n", "_tail")
 
     def __init__(self, base: list[int], n: int, tail: tuple[int, ...] = ()) -> None:
         self._base = base
         self._n = n
         self._tail = tail
+        self._len = n + len(tail)
 
     def __len__(self) -> int:
-        return self._n + len(self._tail)
+        return self._len
 
     def __getitem__(self, index):
         n = self._n
+        if type(index) is int and 0 <= index:
+            return self._base[index] if index < n else self._tail[index - n]
         if isinstance(index, slice):
-            start, stop, step = index.indices(n + len(self._tail))
+            start, stop, step = index.indices(self._len)
             if step != 1:
                 return tuple(self)[index]
             head = tuple(self._base[start:min(stop, n)]) if start < n else ()
             return head + self._tail[max(start - n, 0):max(stop - n, 0)] if stop > n else head
         if index < 0:
-            index += n + len(self._tail)
+            index += self._len
             if index < 0:
                 raise IndexError("context index out of range")
         if index < n:
