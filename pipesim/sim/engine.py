@@ -76,9 +76,10 @@ class _Call:
 
 
 class _Message:
-    """A message's arrival: a bare SimPy event whose ``value`` is when MPI delivered it (None: at arrival)."""
+    """A message's arrival: a bare SimPy event whose ``value`` is when MPI delivered it (None: at arrival); a run's
+    frame to a stage also carries the run and whether it was computed upstream."""
 
-    __slots__ = ("callbacks", "eid", "value")
+    __slots__ = ("callbacks", "computed", "eid", "run", "value")
     _ok = True
 
 
@@ -124,6 +125,7 @@ class _Stage:
     dispatched: Callable = None
     kv_done: Callable = None
     kv_computed: Callable = None
+    arrival: Callable = None
 
     def __post_init__(self) -> None:
         self.n_layers = self.layers[1] - self.layers[0]
@@ -179,6 +181,7 @@ class _Line:
             stage.dispatched = partial(engine._stage_dispatched, self, stage)
             stage.kv_done = partial(engine._stage_kv_done, self, stage)
             stage.kv_computed = partial(engine._stage_kv_computed, self, stage)
+            stage.arrival = partial(engine._stage_arrival, self, stage)
             stage.solo = engine.hosts.group_of(stage.node) is None
         # what the draft model holds in its cache: ``draft_committed`` tokens of the committed sequence (which
         # never changes, so they need no comparing), then ``draft_tail``
@@ -407,8 +410,8 @@ class SimulationEngine:
     def send(self, src: int, dst: int, nbytes: float, what: str, run_id: int, deliver, level: int = 0) -> None:
         self.send_on(self.network.link(src, dst), nbytes, what, run_id, deliver, level)
 
-    def send_on(self, link, nbytes: float, what: str, run_id: int, deliver, level: int = 0) -> None:
-        """A message on one direction of a link; ``deliver(event)`` runs at its arrival."""
+    def send_on(self, link, nbytes: float, what: str, run_id: int, deliver, level: int = 0) -> _Message:
+        """A message on one direction of a link; ``deliver(event)`` runs at its arrival (the event, returned)."""
         now = self.env._now
         start, end, arrival = link.send(now, nbytes)
         self.records.append((TRANSFER, start, end, link.name, run_id, 0, nbytes, 0, 0, what, -1, level, False, False))
@@ -419,6 +422,7 @@ class SimulationEngine:
         event.callbacks = [deliver]
         event.eid = eid = next(self._eid)
         heappush(self._queue, (now + (arrival - now), NORMAL, eid, event))  # what ``env.schedule`` does
+        return event
 
     def forward(self, line: _Line, stage: _Stage, run: Run, what: str | None) -> None:
         """Send a run on from ``stage``: activations, a header, or predictions to the pipeline's head."""
@@ -446,18 +450,19 @@ class SimulationEngine:
             sizes = line.frame_bytes[counts] = (payloads.header(*counts), payloads.activations(*counts))
         if stage.to_next is None:
             stage.to_next = self.network.link(stage.node, nxt.node)
-        self.send_on(stage.to_next, sizes[full_frame], what, run.run_id,
-                     lambda e: self._deliver_to_stage(nxt, run, computed, e.value), line.level)
+        message = self.send_on(stage.to_next, sizes[full_frame], what, run.run_id, nxt.arrival, line.level)
+        message.run, message.computed = run, computed
 
-    def _deliver_to_stage(self, stage: _Stage, run: Run, computed_upstream: bool,
-                          delivered: float | None = None) -> None:
-        stage.machine.arrive(run, computed_upstream)
+    def _stage_arrival(self, line: _Line, stage: _Stage, message: _Message) -> None:
+        """A run's frame reaches ``stage`` (``message.run``, ``.computed``: whether it was computed upstream)."""
+        stage.machine.arrive(message.run, message.computed)
         if stage.wakeup:
             if self.polling is None and self._quiet():  # ``_wake`` and ``_resume``, inlined
                 stage.wakeup = 0
-                stage.resume(None)
+                if self._stage_take(line, stage):  # ``_stage_woken``
+                    self._stage_loop(line, stage)
             else:
-                self._wake(stage, delivered)
+                self._wake(stage, message.value)
 
     def _deliver_predictions(self, line: _Line, run: Run, delivered: float | None = None) -> None:
         predictions = line.predict(run) if line.level_oracle else line.predict(run.positions[run.output_from:])
