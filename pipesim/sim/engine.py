@@ -20,7 +20,11 @@ schedules exactly the events the process-per-stage model did, at the same instan
 order, so results are the same bit for bit. One exception makes it faster: the wake-up of a waiting stage or head
 (SimPy's ``Event.succeed``, an event at this instant) and an interrupt (an urgent event at this instant) are
 handled at once when nothing else is due at this instant, since SimPy would process them next with nothing in
-between (every caller wakes or interrupts as its last act). Costs are memoised per stage (cost models are pure
+between (every caller wakes or interrupts as its last act). Two more merge events where nothing can tell them apart: a
+stage's relayed KV transactions and the forward after them (``_stage_kv_compute``: the transactions' end is replayed,
+by time and SimPy event id, where a cancellation arriving in between can see it), and the back-to-back steps of a
+draft task on a head that looks at nothing else meanwhile (``_head_draft_rest``); each is scheduled at the time the
+separate events would give, and records the same. Costs are memoised per stage (cost models are pure
 functions of the node, the layers, the run's tokens, its context and its outputs). Python's cyclic garbage
 collector is paused while a simulation runs: it would walk the growing list of records again and again, and the
 events (freed as soon as they are processed) make no lasting cycles.
