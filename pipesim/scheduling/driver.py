@@ -42,6 +42,7 @@ STAGE0 = "stage0"  # work: compute a run through the head's own layers (the engi
 DRAFT = "draft"  # work: one draft step of the current draft task
 
 _PREDICTIONS, _EARLY = 0, 1
+_PRUNE_MIN = 64  # cancellations remembered before the first forgetting of runs already taken
 
 
 class HeadPort(Protocol):
@@ -77,7 +78,10 @@ class HeadDriver:
         self.results: deque[tuple] = deque()  # (_PREDICTIONS, run_id, predictions, n_outputs) | (_EARLY, run_id, token)
         self.messages: deque = deque()  # from other levels of a chain
         self.launch_queue: deque[Run] = deque()
-        self.cancelled: set[int] = set()
+        self.cancelled: set[int] = set()  # cancelled runs the head may still take (ids > ``_taken``)
+        self._taken = -1  # the id of the last run taken from the launch queue
+        self._last_launched = -1
+        self._prune_at = _PRUNE_MIN
         self.awaiting: set[int] = set()  # runs sent down the pipeline whose predictions are still due
         self.draft_task: Any = None
         self.output: list[int] = []
@@ -138,7 +142,12 @@ class HeadDriver:
     def _take_launch(self) -> Run | None:
         """The next run of the launch queue, or None when it was cancelled (the head skips it here)."""
         run = self.launch_queue.popleft()
-        if run.run_id not in self.cancelled:
+        self._taken = run.run_id
+        cancelled = self.cancelled
+        if len(cancelled) > self._prune_at:  # runs are taken in id order: those before this one are gone
+            cancelled = self.cancelled = {run_id for run_id in cancelled if run_id >= run.run_id}
+            self._prune_at = max(_PRUNE_MIN, 2 * len(cancelled))
+        if run.run_id not in cancelled:
             return run
         now = self.port.now()
         self.records.append((SKIP, now, now, self.where, run.run_id, run.n_tokens, 0.0, 0, 0, "", 0,
@@ -178,11 +187,13 @@ class HeadDriver:
         if self.n_stages > 1:
             self.awaiting.add(run.run_id)
 
-    def draft_step_done(self, task: Any, start: float, batch: int, remote: bool = False) -> None:
-        """One draft step of ``task`` (``batch`` tokens processed) from ``start``; ``remote``: it ran on the
-        draft's own node (placement.draft_node), which records its compute itself."""
+    def draft_step_done(self, task: Any, start: float, batch: int, remote: bool = False,
+                        end: float | None = None) -> None:
+        """One draft step of ``task`` (``batch`` tokens processed) from ``start`` to ``end`` (default: now);
+        ``remote``: it ran on the draft's own node (placement.draft_node), which records its compute itself."""
         if not remote:
-            self.records.append(span(COMPUTE, start, self.port.now(), self.where, -1, batch, "draft", level=self.level))
+            self.records.append(span(COMPUTE, start, self.port.now() if end is None else end, self.where, -1, batch,
+                                     "draft", level=self.level))
         self._draft_begun = True
         if task.done:
             self.draft_task = None
@@ -199,6 +210,10 @@ class HeadDriver:
             kind = type(action)
             if kind is LaunchRun:
                 run = action.run
+                if run.run_id <= self._last_launched:  # stages forget cancellations by this order (StageMachine)
+                    raise ValueError(f"{type(self.strategy).__name__} launched run {run.run_id} after run "
+                                     f"{self._last_launched}: runs must be launched in the order of their ids")
+                self._last_launched = run.run_id
                 records.append((LAUNCH, now, now, where, run.run_id, run.n_tokens, 0.0, 0, 0, run.kind, -1, level,
                                 run.speculative, False))
                 self.launch_queue.append(run)

@@ -24,6 +24,8 @@ from collections import deque
 
 from .records import CANCEL_SEEN, COMPUTE, SKIP
 
+_PRUNE_MIN = 64  # cancellations remembered before the first forgetting of those no run can ask about
+
 ACTIVATIONS = "activations"
 HEADER = "header"
 PREDICTIONS = "predictions"
@@ -47,7 +49,7 @@ class StageMachine:
     """
 
     __slots__ = ("index", "is_last", "passes_cancels", "where", "level", "records", "queue", "cancelled", "current",
-                 "full_traffic")
+                 "full_traffic", "_floor", "_prune_at")
 
     def __init__(self, index: int, n_stages: int, where: str, records: list, level: int = 0,
                  full_traffic: bool = False) -> None:
@@ -60,9 +62,13 @@ class StageMachine:
         self.level = level
         self.records = records
         self.queue: deque = deque()
-        self.cancelled: set[int] = set()
+        self.cancelled: set[int] = set()  # cancelled runs that may still be asked about (ids >= ``_floor``)
         self.current: int | None = None
         self.full_traffic = full_traffic
+        # runs arrive in launch order, which is their ids' order (``HeadDriver`` checks it): once the stage has
+        # taken run r no run before it can come, so cancellations of those are forgotten (memory stays flat)
+        self._floor = -1
+        self._prune_at = _PRUNE_MIN
 
     # -- events ----------------------------------------------------------------------------------------
     def arrive(self, run, computed_upstream: bool, payload=None) -> None:
@@ -83,8 +89,18 @@ class StageMachine:
         return self.queue.popleft()
 
     def computes(self, run, computed_upstream: bool) -> bool:
-        """Whether the stage computes the run (else it skips it)."""
-        return computed_upstream and run.run_id not in self.cancelled
+        """Whether the stage computes the run it has taken (else it skips it)."""
+        run_id = run.run_id
+        if run_id > self._floor:
+            self._floor = run_id
+            if len(self.cancelled) > self._prune_at:
+                self._prune()
+        return computed_upstream and run_id not in self.cancelled
+
+    def _prune(self) -> None:
+        floor = self._floor
+        self.cancelled = {run_id for run_id in self.cancelled if run_id >= floor}
+        self._prune_at = max(_PRUNE_MIN, 2 * len(self.cancelled))
 
     def must_abort(self) -> bool:
         """At a layer boundary: the run in progress has been cancelled."""

@@ -20,7 +20,11 @@ schedules exactly the events the process-per-stage model did, at the same instan
 order, so results are the same bit for bit. One exception makes it faster: the wake-up of a waiting stage or head
 (SimPy's ``Event.succeed``, an event at this instant) and an interrupt (an urgent event at this instant) are
 handled at once when nothing else is due at this instant, since SimPy would process them next with nothing in
-between (every caller wakes or interrupts as its last act). Costs are memoised per stage (cost models are pure
+between (every caller wakes or interrupts as its last act). Two more merge events where nothing can tell them apart: a
+stage's relayed KV transactions and the forward after them (``_stage_kv_compute``: the transactions' end is replayed,
+by time and SimPy event id, where a cancellation arriving in between can see it), and the back-to-back steps of a
+draft task on a head that looks at nothing else meanwhile (``_head_draft_rest``); each is scheduled at the time the
+separate events would give, and records the same. Costs are memoised per stage (cost models are pure
 functions of the node, the layers, the run's tokens, its context and its outputs). Python's cyclic garbage
 collector is paused while a simulation runs: it would walk the growing list of records again and again, and the
 events (freed as soon as they are processed) make no lasting cycles.
@@ -33,6 +37,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from heapq import heappush
 
 import simpy
 from simpy.events import NORMAL, URGENT
@@ -57,7 +62,7 @@ from ..world.build import Pipeline, World, build_world
 from ..world.costs import RooflineCostModel
 from ..world.network import LinkDirection
 from ..world.profile import kv_transaction_time
-from .host_cpu import SharedHosts
+from .host_cpu import SharedHosts, SoloRun
 from .polling import PollBackoff
 from .remote_draft import RemoteDraft
 
@@ -67,16 +72,18 @@ class SimulationError(RuntimeError):
 
 
 class _Call:
-    """A bare SimPy event calling ``callbacks`` at its time (SimPy's loop reads only these and ``_ok``)."""
+    """A bare SimPy event calling ``callbacks`` at its time (SimPy's loop reads only these and ``_ok``); ``eid``:
+    its place among the events of one instant (SimPy's event id)."""
 
-    __slots__ = ("callbacks",)
+    __slots__ = ("callbacks", "eid")
     _ok = True
 
 
 class _Message:
-    """A message's arrival: a bare SimPy event whose ``value`` is when MPI delivered it (None: at arrival)."""
+    """A message's arrival: a bare SimPy event whose ``value`` is when MPI delivered it (None: at arrival); a run's
+    frame to a stage also carries the run and whether it was computed upstream."""
 
-    __slots__ = ("callbacks", "value")
+    __slots__ = ("callbacks", "computed", "eid", "run", "value")
     _ok = True
 
 
@@ -96,7 +103,8 @@ class _Stage:
     waits: int = 0
     idle_since: float = 0.0
     unseen_cancels: list[int] = field(default_factory=list)  # arrived while busy; noticed at the next look
-    phase: str = "idle"  # idle, kv (relayed KV transactions), dispatch, compute, finishing (after an interrupt)
+    phase: str = "idle"  # idle, kv (relayed KV transactions), dispatch, compute, finishing (after an interrupt),
+    # kvc (KV transactions, then the forward as one event: until ``kv_end`` the stage is in its KV transactions)
     current: int | None = None
     to_next: LinkDirection | None = None  # the link to the next stage, once used
     n_layers: int = 0
@@ -109,6 +117,10 @@ class _Stage:
     done: float = 0.0
     boundary: float = 0.0
     job: object = None
+    solo: bool = True  # on a host of its own (its compute is one plain event)
+    kv_start: float = 0.0  # kvc: the KV transactions' span, and the event id their end event would have had
+    kv_end: float = 0.0
+    kv_eid: int = 0
     # callbacks, bound once (``_Line`` sets them)
     resume: Callable = None
     computed: Callable = None
@@ -116,6 +128,8 @@ class _Stage:
     at_boundary: Callable = None
     dispatched: Callable = None
     kv_done: Callable = None
+    kv_computed: Callable = None
+    arrival: Callable = None
 
     def __post_init__(self) -> None:
         self.n_layers = self.layers[1] - self.layers[0]
@@ -170,6 +184,9 @@ class _Line:
             stage.at_boundary = partial(engine._stage_at_boundary, self, stage)
             stage.dispatched = partial(engine._stage_dispatched, self, stage)
             stage.kv_done = partial(engine._stage_kv_done, self, stage)
+            stage.kv_computed = partial(engine._stage_kv_computed, self, stage)
+            stage.arrival = partial(engine._stage_arrival, self, stage)
+            stage.solo = engine.hosts.group_of(stage.node) is None
         # what the draft model holds in its cache: ``draft_committed`` tokens of the committed sequence (which
         # never changes, so they need no comparing), then ``draft_tail``
         self.draft_committed = 0
@@ -177,6 +194,9 @@ class _Line:
         self.frame_bytes: dict[tuple, tuple[float, float]] = {}  # a frame's counts -> (header, with activations)
         self.draft_costs: dict[tuple[int, int], float] = {}  # memo: (tokens, context) -> the draft's step time
         self.remote_draft = engine.remote_draft(pipeline)  # the draft on a node of its own, else None
+        # a draft task's steps as one event (``_head_draft_rest``)
+        self.whole_drafts = (self.driver.whole_runs and self.remote_draft is None and len(engine.world.pipelines) == 1
+                             and engine.hosts.group_of(self.head_node) is None)
         self.in_draft = False  # between begin_draft and end_draft (the remote draft's next step may start earlier)
         tokens = engine.world.tokens
         self.level_oracle = not pipeline.is_target  # predictions from the run (its prefix), not its positions
@@ -197,7 +217,7 @@ class _Line:
     def send_cancel(self, run_ids: tuple[int, ...]) -> None:
         engine, last = self.engine, self.stages[-1]
         engine.send(self.head_node, last.node, self.pipeline.payloads.cancel(len(run_ids)), "cancel", -1,
-                    lambda e: engine.cancel_at(self, last, run_ids, e.value), self.level)
+                    lambda e: engine.cancel_at(self, last, run_ids, e.value, e.eid), self.level)
 
     def send_to_level(self, message) -> None:
         engine = self.engine
@@ -276,6 +296,7 @@ class SimulationEngine:
         self.env = simpy.Environment()
         self._schedule = self.env.schedule
         self._queue = self.env._queue
+        self._eid = self.env._eid  # SimPy's event ids: the order of events of one instant
         self.network = world.network()
         self.acceptance = world.acceptance()
         self.draft = world.oracle_draft(self.acceptance)
@@ -298,6 +319,10 @@ class SimulationEngine:
                     self._stage_loop(line, stage)
                 self._head_loop(line)
             self._run_bounded()
+            for line in self.lines:  # transactions that ended by now, of forwards still under way
+                for stage in line.stages[1:]:
+                    if stage.phase == "kvc" and stage.kv_end <= self.env._now:
+                        self._kvc_begin(stage)
             if self.keep_records:
                 records = list(map(partial(tuple.__new__, Record), self.records))
             else:
@@ -345,7 +370,7 @@ class SimulationEngine:
             if not line.wakeup and line.work_start < watermark:
                 watermark = line.work_start
             for stage in line.stages[1:]:
-                if stage.phase in ("compute", "finishing", "kv") and stage.start < watermark:
+                if stage.phase in ("compute", "finishing", "kv", "kvc") and stage.start < watermark:
                     watermark = stage.start
             remote = line.remote_draft  # its steps are recorded from when the draft node is free
             if remote is not None and (line.in_draft or remote.run_ahead) and remote.free_at < watermark:
@@ -358,7 +383,8 @@ class SimulationEngine:
         """``callback(event)`` after ``delay`` (a Timeout's place in SimPy's queue; ``URGENT``: an interrupt's)."""
         event = _Call()
         event.callbacks = [callback]
-        self._schedule(event, priority, delay)
+        event.eid = eid = next(self._eid)
+        heappush(self._queue, (self.env._now + delay, priority, eid, event))  # what ``env.schedule`` does
 
     def _quiet(self) -> bool:
         """Nothing else is due at this instant (an event scheduled now would be the next one processed).
@@ -388,8 +414,8 @@ class SimulationEngine:
     def send(self, src: int, dst: int, nbytes: float, what: str, run_id: int, deliver, level: int = 0) -> None:
         self.send_on(self.network.link(src, dst), nbytes, what, run_id, deliver, level)
 
-    def send_on(self, link, nbytes: float, what: str, run_id: int, deliver, level: int = 0) -> None:
-        """A message on one direction of a link; ``deliver(event)`` runs at its arrival."""
+    def send_on(self, link, nbytes: float, what: str, run_id: int, deliver, level: int = 0) -> _Message:
+        """A message on one direction of a link; ``deliver(event)`` runs at its arrival (the event, returned)."""
         now = self.env._now
         start, end, arrival = link.send(now, nbytes)
         self.records.append((TRANSFER, start, end, link.name, run_id, 0, nbytes, 0, 0, what, -1, level, False, False))
@@ -398,7 +424,9 @@ class SimulationEngine:
         event = _Message()
         event.value = now + link.transport if self.held_messages else None
         event.callbacks = [deliver]
-        self._schedule(event, NORMAL, arrival - now)
+        event.eid = eid = next(self._eid)
+        heappush(self._queue, (now + (arrival - now), NORMAL, eid, event))  # what ``env.schedule`` does
+        return event
 
     def forward(self, line: _Line, stage: _Stage, run: Run, what: str | None) -> None:
         """Send a run on from ``stage``: activations, a header, or predictions to the pipeline's head."""
@@ -426,18 +454,19 @@ class SimulationEngine:
             sizes = line.frame_bytes[counts] = (payloads.header(*counts), payloads.activations(*counts))
         if stage.to_next is None:
             stage.to_next = self.network.link(stage.node, nxt.node)
-        self.send_on(stage.to_next, sizes[full_frame], what, run.run_id,
-                     lambda e: self._deliver_to_stage(nxt, run, computed, e.value), line.level)
+        message = self.send_on(stage.to_next, sizes[full_frame], what, run.run_id, nxt.arrival, line.level)
+        message.run, message.computed = run, computed
 
-    def _deliver_to_stage(self, stage: _Stage, run: Run, computed_upstream: bool,
-                          delivered: float | None = None) -> None:
-        stage.machine.arrive(run, computed_upstream)
+    def _stage_arrival(self, line: _Line, stage: _Stage, message: _Message) -> None:
+        """A run's frame reaches ``stage`` (``message.run``, ``.computed``: whether it was computed upstream)."""
+        stage.machine.arrive(message.run, message.computed)
         if stage.wakeup:
             if self.polling is None and self._quiet():  # ``_wake`` and ``_resume``, inlined
                 stage.wakeup = 0
-                stage.resume(None)
+                if self._stage_take(line, stage):  # ``_stage_woken``
+                    self._stage_loop(line, stage)
             else:
-                self._wake(stage, delivered)
+                self._wake(stage, message.value)
 
     def _deliver_predictions(self, line: _Line, run: Run, delivered: float | None = None) -> None:
         predictions = line.predict(run) if line.level_oracle else line.predict(run.positions[run.output_from:])
@@ -449,10 +478,11 @@ class SimulationEngine:
         if line.wakeup:
             self._wake(line, delivered)
 
-    def _at_next_probe(self, idle_since: float, action: Callable[[], None], delivered: float | None = None) -> None:
-        """Run ``action`` now, or (a calibrated profile's polling) at the probe with which a rank idle since
-        ``idle_since`` notices what has just arrived (``delivered``: when MPI delivered a message that the
-        executor's link emulation held until now)."""
+    def _at_next_probe(self, idle_since: float, action: Callable[[int], None], delivered: float | None = None,
+                       eid: int = 0) -> None:
+        """Run ``action(eid)`` now (``eid``: the event being processed), or (a calibrated profile's polling) at the
+        probe with which a rank idle since ``idle_since`` notices what has just arrived (``delivered``: when MPI
+        delivered a message that the executor's link emulation held until now), with the probe event's id."""
         now = self.env._now
         if self.polling is None:
             noticed = now
@@ -461,9 +491,9 @@ class SimulationEngine:
         else:
             noticed = self.polling.noticed(idle_since, now)
         if noticed <= now:
-            action()
+            action(eid)
         else:
-            self._at(noticed - now, lambda _event: action())
+            self._at(noticed - now, lambda event: action(event.eid))
 
     def _wake(self, waiter: _Stage | _Line, delivered: float | None = None) -> None:
         """Wake a waiting stage or head (``waiter.wakeup`` set) at the probe that notices the message."""
@@ -473,29 +503,33 @@ class SimulationEngine:
             return
         wait = waiter.wakeup
 
-        def wake() -> None:
+        def wake(_eid: int) -> None:
             if waiter.wakeup == wait:  # still the same wait, not yet woken
                 waiter.wakeup = 0
                 self._resume(waiter.resume)
 
         self._at_next_probe(waiter.idle_since, wake, delivered)
 
-    def cancel_at(self, line: _Line, stage: _Stage, run_ids: tuple[int, ...], delivered: float | None = None) -> None:
-        """A cancellation reaches ``stage``: an idle stage notices it at its next poll, a busy one when it looks."""
+    def cancel_at(self, line: _Line, stage: _Stage, run_ids: tuple[int, ...], delivered: float | None = None,
+                  eid: int = 0) -> None:
+        """A cancellation reaches ``stage`` (by the event ``eid``): an idle stage notices it at its next poll, a
+        busy one when it looks."""
         if stage.phase != "idle":
-            self._cancel_unseen(stage, run_ids)
+            self._cancel_unseen(stage, run_ids, eid)
             return
 
-        def probe() -> None:
+        def probe(probe_eid: int) -> None:
             if stage.phase == "idle":
                 self._notice_cancels(line, stage, run_ids)
             else:  # a run woke the stage first: it looks again before the forward or at a layer boundary
-                self._cancel_unseen(stage, run_ids)
+                self._cancel_unseen(stage, run_ids, probe_eid)
 
-        self._at_next_probe(stage.idle_since, probe, delivered)
+        self._at_next_probe(stage.idle_since, probe, delivered, eid)
 
-    def _cancel_unseen(self, stage: _Stage, run_ids: tuple[int, ...]) -> None:
+    def _cancel_unseen(self, stage: _Stage, run_ids: tuple[int, ...], eid: int) -> None:
         stage.unseen_cancels.extend(run_ids)
+        if stage.phase == "kvc" and self._kv_ended(stage, eid):
+            self._kvc_begin(stage)
         if stage.phase == "compute":  # stop at the next layer boundary to look (an interrupt: urgent, at once)
             stage.phase = "finishing"
             if self._quiet():
@@ -513,7 +547,7 @@ class SimulationEngine:
         if stage.machine.see_cancels(run_ids, self.env._now):
             previous = line.stages[stage.index - 1]
             self.send(stage.node, previous.node, line.pipeline.payloads.cancel(len(run_ids)), "cancel", -1,
-                      lambda e: self.cancel_at(line, previous, run_ids, e.value), line.level)
+                      lambda e: self.cancel_at(line, previous, run_ids, e.value, e.eid), line.level)
 
     def _schedule_early_exit(self, line: _Line, stage: _Stage, run: Run, cost) -> float:
         """SPEED: if the run's exit layer is on this stage, send the early prediction when that layer is done.
@@ -590,12 +624,62 @@ class SimulationEngine:
         stage.phase = "dispatch"
         run, computed_upstream, _ = machine.queue.popleft()
         if run.kv_transactions:  # the relayed KV transactions first (then as below, in ``_stage_kv_done``)
+            if stage.solo and not run.meta and machine.computes(run, computed_upstream):
+                cost = stage.costs.get((len(run.tokens), run.positions[0], run.n_outputs if machine.is_last else 0))
+                if cost is None:
+                    cost = self._cost(line, stage, self.world.nodes[stage.node], run, machine.is_last)
+                kv = run.kv_transactions * self.kv_time[stage.node]
+                if cost.dispatch <= 0 < kv:
+                    self._stage_kv_compute(stage, run, cost, kv)
+                    return False
             stage.phase = "kv"
             stage.start = self.env._now
             stage.task = (run, computed_upstream, None)
             self._kv_transactions(stage.node, run, stage.kv_done)
             return False
         return self._stage_decide(line, stage, run, computed_upstream)
+
+    def _stage_kv_compute(self, stage: _Stage, run: Run, cost, kv: float) -> None:
+        """A run the stage will compute after its KV transactions, with no dispatch: the transactions and the
+        forward as one event (phase ``kvc``). Nothing the stage does at the transactions' end depends on what
+        happens during them (a cancellation arriving then is only noticed after the forward, new runs queue), so
+        the forward's end is known at once: it is scheduled at the time the two events would give (the
+        transactions' end, plus the forward), and the transactions' end is replayed where it can be seen (a
+        cancellation arriving after it interrupts the forward: ``_kv_ended``)."""
+        now = self.env._now
+        stage.kv_start = stage.start = now
+        stage.kv_end = kv_end = now + kv  # the transactions' end event's time
+        stage.kv_eid = next(self._eid)  # ... and its id
+        stage.current = stage.machine.current = run.run_id
+        stage.task = (run, None, cost)
+        stage.work = work = cost.total - cost.dispatch
+        stage.done = 0.0
+        stage.phase = "kvc"
+        job = SoloRun()
+        job.callbacks = [stage.kv_computed]
+        job.env = self.env
+        job.since = kv_end
+        job.work = work
+        stage.job = job
+        heappush(self._queue, (kv_end + work, NORMAL, next(self._eid), job))
+
+    def _kv_ended(self, stage: _Stage, eid: int) -> bool:
+        """In phase kvc, at the event ``eid`` of now: whether the transactions' end event came first."""
+        now = self.env._now
+        return now > stage.kv_end or (now == stage.kv_end and eid > stage.kv_eid)
+
+    def _kvc_begin(self, stage: _Stage) -> None:
+        """The transactions of a kvc stage have ended: their record, and the forward from their end."""
+        run = stage.task[0]
+        self.records.append((COMPUTE, stage.kv_start, stage.kv_end, self.node_names[stage.node], run.run_id,
+                             run.kv_transactions, 0.0, 0, 0, "kv", -1, 0, False, False))
+        stage.start = stage.kv_end
+        stage.phase = "compute"
+
+    def _stage_kv_computed(self, line: _Line, stage: _Stage, _job=None) -> None:
+        if stage.phase == "kvc":
+            self._kvc_begin(stage)
+        self._stage_computed(line, stage)
 
     def _stage_kv_done(self, line: _Line, stage: _Stage) -> None:
         stage.phase = "dispatch"
@@ -752,14 +836,52 @@ class SimulationEngine:
                     reply = remote.step(start, task.step == 0, batch, batch, context)
                     self._at(reply - start, partial(self._head_drafted, line, task, start, batch, remote=True))
                     return
-                cost = line.draft_costs.get((batch, context))
-                if cost is None:
-                    if len(line.draft_costs) >= _COST_MEMO_SIZE:
-                        line.draft_costs.clear()
-                    cost = line.draft_costs[batch, context] = self.world.draft_cost.model_cost(
-                        self.world.nodes[line.head_node], batch, context)
+                cost = self._draft_cost(line, batch, context)
+                if line.whole_drafts and task.step + 1 < task.n_steps:
+                    self._head_draft_rest(line, task, start, batch, cost)
+                    return
                 self.hosts.start(line.head_node, cost, partial(self._head_drafted, line, task, start, batch))
                 return
+
+    def _draft_cost(self, line: _Line, batch: int, context: int) -> float:
+        """The head's draft step of ``batch`` tokens after ``context`` (memoised)."""
+        cost = line.draft_costs.get((batch, context))
+        if cost is None:
+            if len(line.draft_costs) >= _COST_MEMO_SIZE:
+                line.draft_costs.clear()
+            cost = line.draft_costs[batch, context] = self.world.draft_cost.model_cost(
+                self.world.nodes[line.head_node], batch, context)
+        return cost
+
+    def _head_draft_rest(self, line: _Line, task: _DraftTask, start: float, batch: int, cost: float) -> None:
+        """A head that runs a draft task's steps back to back (``head_priority: run``, a head of its own, one
+        pipeline): nothing can come between them (the driver looks at nothing else until the task is done), so
+        its remaining steps are one event, at the time their events would give (each step's end plus the next
+        step's cost); each step is recorded as it was."""
+        steps = []
+        end = start + cost
+        steps.append((start, batch, end))
+        base = task.context_start + task.first_batch - 1
+        for step in range(task.step + 1, task.n_steps):
+            begin = end
+            end = begin + self._draft_cost(line, 1, base + step)
+            steps.append((begin, 1, end))
+        job = SoloRun()
+        job.callbacks = [partial(self._head_drafted_all, line, task, steps)]
+        job.env = self.env
+        job.since = start
+        job.work = end - start
+        heappush(self._queue, (end, NORMAL, next(self._eid), job))
+
+    def _head_drafted_all(self, line: _Line, task: _DraftTask, steps: list, _job=None) -> None:
+        driver = line.driver
+        for start, batch, end in steps[:-1]:
+            task.step += 1
+            driver.draft_step_done(task, start, batch, end=end)
+        start, batch, _ = steps[-1]
+        task.step += 1
+        driver.draft_step_done(task, start, batch)
+        self._head_loop(line)
 
     def _head_verified(self, line: _Line, item: tuple, start: float, _job=None) -> None:
         line.driver.verify(item, start)

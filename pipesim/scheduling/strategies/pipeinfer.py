@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from ..actions import Action, CancelRuns, InvalidateRuns, LaunchRun, RequestDraft
 from ..kv_pool import KVPartitionPool
+from ..prefix import GrowingPrefix
 from ..runs import CANONICAL_SEQ, KVOp, Run
 from ..verification import TokenTree, verify_tree
 from .base import Strategy
@@ -319,7 +320,7 @@ class PipeInferStrategy(Strategy):
         threshold = self.draft_threshold()
         if threshold >= 1.0:  # run_speculation_loop: no speculation while p_accept + p_adjust >= 1
             return []
-        context = (*self.sequence, *self._drafted)
+        context = GrowingPrefix(self.sequence, len(self.sequence), tuple(self._drafted))  # no O(tokens) copy
         self._draft_request = RequestDraft(self._new_request_id(), context, self.micro_batch, len(self.sequence),
                                            threshold, self.n_parallel, self.p_split + self._p_adjust())
         self._draft_epoch = self._epoch
