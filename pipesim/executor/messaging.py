@@ -69,6 +69,9 @@ class Messenger:
         self._last_empty_probe = clock.now()  # when this rank last found nothing more to receive
         self._started = time.monotonic()
         self._last_heard: dict[int, float] = {}  # source rank -> time.monotonic() of its last message
+        self._synchronous: dict[int, deque[MPI.Request]] = {}  # dst -> its windowed sends, oldest first
+        self.window_wait_s = 0.0  # time spent waiting for a full window to drain (``send_windowed``)
+        self.receive_s = 0.0  # time spent receiving messages (not looking for them): calibration reads it
 
     # -- sending ---------------------------------------------------------------------------------------
     def send(self, dst: int, tag: int, body: np.ndarray, payload: np.ndarray | None = None) -> None:
@@ -80,6 +83,33 @@ class Messenger:
         if payload is not None:
             requests.append(self.comm.Isend(payload, dest=dst, tag=tag + PAYLOAD_OFFSET))
         self._sending.append((requests, (data, payload)))
+        self.sent[dst] += 1
+
+    def send_windowed(self, dst: int, tag: int, body: np.ndarray, window: int, deadline: float, what: str) -> None:
+        """Send a small frame synchronously (``Issend``: complete once ``dst`` has received it) with at most
+        ``window`` of them unreceived per destination, so a burst never piles up in MPI's eager buffers. While the
+        window is full this rank keeps receiving (its neighbours may be waiting on it) and sleeps between polls;
+        ExecutorTimeout past ``deadline``."""
+        pending = self._synchronous.setdefault(dst, deque())
+        sleep = MIN_SLEEP
+        waited_from = None
+        while True:
+            while pending and pending[0].Test():
+                pending.popleft()
+            if len(pending) < window:
+                break
+            waited_from = time.perf_counter() if waited_from is None else waited_from
+            if time.monotonic() > deadline:
+                raise ExecutorTimeout(f"timed out waiting for rank {dst} to take {what} ({self.silence()})")
+            self._receive_arrived()
+            time.sleep(sleep)
+            sleep = min(2 * sleep, self.poll_interval)
+        if waited_from is not None:
+            self.window_wait_s += time.perf_counter() - waited_from
+        data = frame(body, self.clock.head_now(), None)
+        request = self.comm.Issend(data, dest=dst, tag=tag)
+        pending.append(request)
+        self._sending.append(([request], (data, None)))
         self.sent[dst] += 1
 
     def progress(self) -> None:
@@ -154,6 +184,7 @@ class Messenger:
         comm, status = self.comm, self._status
         seen_empty = self._last_empty_probe
         while self._probe(comm, status):
+            received_from = time.perf_counter()
             source, tag = status.Get_source(), status.Get_tag()
             if tag not in DATA_TAGS:
                 raise ProtocolError(f"rank {self.rank}: unexpected message with tag {tag} from rank {source}")
@@ -178,6 +209,7 @@ class Messenger:
             link_name = f"{self.node_names[source]}->{self.node_names[self.rank]}"
             self.records.append(Record("transfer", t0, t1, link_name, run_id, 0, float(nbytes), what=note))
             self._incoming.setdefault(source, deque()).append(Envelope(tag, source, body, payload, due, request))
+            self.receive_s += time.perf_counter() - received_from
         self._last_empty_probe = self.clock.now()
 
     @staticmethod

@@ -26,11 +26,13 @@ from .backend import StageBackend
 from .clock import Clock
 from .emulation import charge_kv_transactions
 from .errors import InjectedFault
+from .kv_relay import TransactionInbox, relay
 from .messaging import Messenger
 from .protocol import (
     TAG_CANCEL,
     TAG_DISCARD,
     TAG_EARLY,
+    TAG_KVTX,
     TAG_PRED,
     TAG_RUN,
     EarlyExitMessage,
@@ -65,9 +67,11 @@ class Worker:
     def __init__(self, rank: int, n_ranks: int, backend: StageBackend, messenger: Messenger, clock: Clock,
                  records: list[Record], node_name: str, deadline: float, fault: bool = False,
                  pipeline: Sequence[int] | None = None, level: int = 0, kv_transaction_time: float = 0.0,
-                 full_traffic: FullTraffic | None = None) -> None:
+                 full_traffic: FullTraffic | None = None, kv_messages: bool = True) -> None:
         self.rank = rank
         self.kv_transaction_time = kv_transaction_time
+        self.kv_messages = kv_messages  # relayed KV transactions arrive as messages (else a modelled charge)
+        self.kv_inbox = TransactionInbox()
         self.full_traffic = full_traffic
         pipeline = list(range(n_ranks)) if pipeline is None else list(pipeline)
         index = pipeline.index(rank)  # its stage in the pipeline (the rank itself by default)
@@ -104,6 +108,8 @@ class Worker:
             if envelope.tag == TAG_RUN:
                 msg = decode_run(envelope.body)
                 self.machine.arrive(msg, msg.computed, envelope.payload)
+            elif envelope.tag == TAG_KVTX:
+                self.kv_inbox.arrived(envelope.body)
             elif envelope.tag == TAG_CANCEL:
                 run_ids = decode_cancel(envelope.body)
                 if self.machine.see_cancels(run_ids, self.clock.now()):
@@ -118,8 +124,12 @@ class Worker:
     # -- runs ------------------------------------------------------------------------------------------
     def _process(self, msg: RunMessage, computed: bool, activations: np.ndarray | None) -> None:
         machine = self.machine
+        if self.kv_messages:  # forwarded and applied ahead of the run, whether it is then computed or skipped
+            relay(msg.run_id, self.kv_inbox.take(msg.run_id, msg.kv_transactions), self.backend.apply_kv_ops,
+                  self.messenger, self.next, self.deadline, self.records, self.name, self.clock.now)
+        else:
+            charge_kv_transactions(msg, self.kv_transaction_time, self.clock.now, self.records, self.name)
         self.backend.apply_kv_ops(msg.kv_ops)
-        charge_kv_transactions(msg, self.kv_transaction_time, self.clock.now, self.records, self.name)
         if self.fault:
             raise InjectedFault(f"injected fault at run {msg.run_id} (executor.fault_rank={self.rank})")
         self._pump()  # a cancellation that came in while this run was received counts before the forward

@@ -75,6 +75,46 @@ def reference_kv_transactions(n_partitions: int, n_parallel: int = 1) -> dict[st
             "nonspec_before": max_seq + 1, "nonspec_after": max_seq}
 
 
+def reference_kv_transaction_ops(occasion: str, where: tuple[int, ...], n_partitions: int,
+                                 n_parallel: int = 1) -> list[KVOp]:
+    """The transactions ``reference_kv_transactions`` counts, as operations: ``len`` equals its count for
+    ``occasion``. ``where`` (pipesim positions) is what the occasion's loops in ``speculative.cpp`` read:
+
+    - ``spec_launch`` ``(partition, source, from, first)``: ``start_async_spec_run`` removes each sequence
+      ``partition + i`` from ``from`` on and copies ``source`` over ``[from, first)`` into it; ``begin_async_run``
+      removes it at the run's first position ``first``;
+    - ``verify`` ``(partition, first, end)`` (``end``: the position of the token the next run feeds, the code's
+      ``n_past_tgt``; ``first``: the run's first drafted position, the code's ``current_run.n_past_tgt + 1``):
+      ``main`` removes each ``partition + i`` from ``end`` on, replaces sequence 0 over ``[first, end)`` by the kept
+      sequence ``partition`` and mirrors that range into every sequence ``1..max_seq``;
+    - ``nonspec_before`` / ``nonspec_after`` ``(q,)``: ``begin_async_run`` removes every sequence ``0..max_seq`` at
+      ``q``, then copies sequence 0 there to every ``1..max_seq``.
+
+    The code's sequence ids are ``partition + i`` (its ``seq_offset + i``); ``max_seq = n_partitions * n_parallel
+    + 1``, one id past the last partition (the code's loops touch it, so a KV cache needs ``max_seq + 1`` ids).
+    """
+    max_seq = n_partitions * n_parallel + 1
+    if occasion == "spec_launch":
+        partition, source, start, first = where
+        ops: list[KVOp] = []
+        for i in range(n_parallel):
+            ops += [KVOp("rm", partition + i, p0=start, p1=None), KVOp("cp", source, partition + i, start, first)]
+        return ops + [KVOp("rm", partition + i, p0=first, p1=first + 1) for i in range(n_parallel)]
+    if occasion == "verify":
+        partition, first, end = where
+        ops = [KVOp("rm", partition + i, p0=end, p1=None) for i in range(n_parallel)]
+        ops += [KVOp("rm", CANONICAL_SEQ, p0=first, p1=end), KVOp("cp", partition, CANONICAL_SEQ, first, end)]
+        for seq in range(1, max_seq + 1):
+            ops += [KVOp("rm", seq, p0=first, p1=end), KVOp("cp", CANONICAL_SEQ, seq, first, end)]
+        return ops
+    (q,) = where
+    if occasion == "nonspec_before":
+        return [KVOp("rm", seq, p0=q, p1=q + 1) for seq in range(max_seq + 1)]
+    if occasion == "nonspec_after":
+        return [KVOp("cp", CANONICAL_SEQ, seq, q, q + 1) for seq in range(1, max_seq + 1)]
+    raise ValueError(f"unknown KV transaction occasion {occasion!r}")
+
+
 @dataclass
 class _ChainLink:
     run: Run
@@ -126,6 +166,8 @@ class PipeInferStrategy(Strategy):
         self._prefill_pending = self.sync_prefill
         self._tx = reference_kv_transactions(n_partitions) if self.kv_transactions == "reference" else None
         self._pending_tx = 0
+        self._pending_tx_where: list[tuple[str, tuple[int, ...]]] = []  # the occasions behind _pending_tx
+        self.n_partitions = n_partitions
         self.max_runs_in_flight = max_runs_in_flight
         self.early_cancellation = early_cancellation
         self.pool = KVPartitionPool(n_partitions)
@@ -191,18 +233,22 @@ class PipeInferStrategy(Strategy):
         launch = super()._launch(*args, **kwargs)
         if self._pending_tx:
             launch.run.kv_transactions = self._pending_tx
+            launch.run.meta["kv_tx"] = tuple(self._pending_tx_where)  # reference_kv_transaction_ops expands them
             self._pending_tx = 0
+            self._pending_tx_where = []
         return launch
 
-    def _count_tx(self, occasion: str) -> None:
+    def _count_tx(self, occasion: str, where: tuple[int, ...]) -> None:
         if self._tx is not None:
             self._pending_tx += self._tx[occasion]
+            self._pending_tx_where.append((occasion, where))
 
     def _launch_nonspec(self) -> LaunchRun:
         """A single-token non-speculative run of the last committed token (``begin_non_spec_run``)."""
-        self._count_tx("nonspec_before")
-        launch = self._push(self._launch([self.sequence[-1]], len(self.sequence) - 1))
-        self._count_tx("nonspec_after")
+        q = len(self.sequence) - 1
+        self._count_tx("nonspec_before", (q,))
+        launch = self._push(self._launch([self.sequence[-1]], q))
+        self._count_tx("nonspec_after", (q,))
         return launch
 
     def _launch_speculative(self, tokens: Sequence[int]) -> list[Action]:
@@ -213,7 +259,9 @@ class PipeInferStrategy(Strategy):
         previous = self._chain[-1].run
         source = previous.partition if previous.speculative else CANONICAL_SEQ
         self._queue_kv(KVOp("cp", source, dst=partition))
-        self._count_tx("spec_launch")
+        first = len(self.sequence) + len(self._drafted)
+        self._count_tx("spec_launch", (partition, source, len(self.sequence) if source == CANONICAL_SEQ else first - 1,
+                                       first))
         launch = self._launch(list(tokens), len(self.sequence) + len(self._drafted), seq_ids=(partition,),
                               speculative=True, parent=previous.run_id, partition=partition, kind="spec")
         self._drafted.extend(tokens)
@@ -298,7 +346,7 @@ class PipeInferStrategy(Strategy):
             if p > q:
                 self._queue_kv(KVOp("cp", run.partition, dst=CANONICAL_SEQ, p0=q + 1, p1=p + 1))
             self._free_partition(run)
-            self._count_tx("verify")
+            self._count_tx("verify", (run.partition, run.first_position, len(self.sequence) + len(new_tokens) - 1))
         actions = self._commit(new_tokens, checked, accepted)
         self._n_reject = 0
         if self.done:
@@ -375,7 +423,7 @@ class PipeInferStrategy(Strategy):
         actions: list[Action] = []
         if run.speculative:  # its drafted tokens before len(sequence) + accepted are committed
             self._retire_partition(run, len(self.sequence) + accepted)
-            self._count_tx("verify")
+            self._count_tx("verify", (run.partition, run.first_position, len(self.sequence) + len(new_tokens) - 1))
         if chain_broken:
             actions.extend(self._invalidate_chain())
         actions.extend(self._commit(new_tokens, checked, accepted))
