@@ -47,13 +47,14 @@ def run_transactions(run: Run, n_partitions: int, n_parallel: int = 1) -> tuple[
 
 def relay(run_id: int, ops: Sequence[KVOp], apply: Callable[[Sequence[KVOp]], None], messenger: Messenger,
           next_rank: int | None, deadline: float, records: list[Record], where: str,
-          now: Callable[[], float]) -> None:
-    """Forward each transaction to ``next_rank`` (None: the last stage) and apply it to this stage's KV, one by one
-    as ``ggml_mpi_sync_pipelined`` does; one ``compute`` record ``kv`` spans them (its count: how many)."""
+          now: Callable[[], float], first: int = 0) -> None:
+    """Forward each transaction (``first``: the index of the first within its run) to ``next_rank`` (None: the
+    last stage) and apply it to this stage's KV, one by one as ``ggml_mpi_sync_pipelined`` does; one ``compute``
+    record ``kv`` spans them (its count: how many)."""
     if not ops:
         return
     start = now()
-    for index, op in enumerate(ops):
+    for index, op in enumerate(ops, start=first):
         if next_rank is not None:
             messenger.send_windowed(next_rank, TAG_KVTX, encode_kv_transaction(run_id, index, op), KV_WINDOW,
                                     deadline, f"KV transaction {index} of run {run_id}")
@@ -83,6 +84,16 @@ class TransactionInbox:
                                     f"{run_id} was due")
             ops.append(op)
         return ops
+
+    def front(self) -> tuple[int, int, int]:
+        """(run id, index, how many in a row of that run) of the transactions at the front."""
+        run_id, index, _ = self._queue[0]
+        count = 0
+        for got_run, _, _ in self._queue:
+            if got_run != run_id:
+                break
+            count += 1
+        return run_id, index, count
 
     def __len__(self) -> int:
         return len(self._queue)

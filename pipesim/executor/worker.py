@@ -72,6 +72,7 @@ class Worker:
         self.kv_transaction_time = kv_transaction_time
         self.kv_messages = kv_messages  # relayed KV transactions arrive as messages (else a modelled charge)
         self.kv_inbox = TransactionInbox()
+        self._kv_relayed: dict[int, int] = {}  # run id -> its transactions relayed before the run arrived
         self.full_traffic = full_traffic
         pipeline = list(range(n_ranks)) if pipeline is None else list(pipeline)
         index = pipeline.index(rank)  # its stage in the pipeline (the rank itself by default)
@@ -92,6 +93,9 @@ class Worker:
         while True:
             self._pump()
             if not machine.queue:
+                if len(self.kv_inbox):
+                    self._relay_ahead()
+                    continue
                 self.messenger.wait(self.deadline, "a run or a cancellation")
                 continue
             msg, computed, activations = machine.take()
@@ -117,6 +121,18 @@ class Worker:
             else:
                 raise ProtocolError(f"rank {self.rank}: unexpected tag {envelope.tag} from rank {envelope.source}")
 
+    def _relay_ahead(self) -> None:
+        """Transactions with no run queued ahead of them: forward and apply them now, as the reference's worker
+        does with each one it meets (``llama_process_mpi_worker``), so a burst flows down the pipeline while the
+        head is still sending it; the run they precede takes the rest when it comes."""
+        run_id, index, count = self.kv_inbox.front()
+        done = self._kv_relayed.get(run_id, 0)
+        if index != done:
+            raise ProtocolError(f"rank {self.rank}: KV transaction {index} of run {run_id} where {done} was due")
+        relay(run_id, self.kv_inbox.take(run_id, count, done), self.backend.apply_kv_ops, self.messenger, self.next,
+              self.deadline, self.records, self.name, self.clock.now, done)
+        self._kv_relayed[run_id] = done + count
+
     def _should_cancel(self) -> bool:
         self._pump()
         return self.machine.must_abort()
@@ -125,8 +141,10 @@ class Worker:
     def _process(self, msg: RunMessage, computed: bool, activations: np.ndarray | None) -> None:
         machine = self.machine
         if self.kv_messages:  # forwarded and applied ahead of the run, whether it is then computed or skipped
-            relay(msg.run_id, self.kv_inbox.take(msg.run_id, msg.kv_transactions), self.backend.apply_kv_ops,
-                  self.messenger, self.next, self.deadline, self.records, self.name, self.clock.now)
+            done = self._kv_relayed.pop(msg.run_id, 0)
+            relay(msg.run_id, self.kv_inbox.take(msg.run_id, msg.kv_transactions - done, done),
+                  self.backend.apply_kv_ops, self.messenger, self.next, self.deadline, self.records, self.name,
+                  self.clock.now, done)
         else:
             charge_kv_transactions(msg, self.kv_transaction_time, self.clock.now, self.records, self.name)
         self.backend.apply_kv_ops(msg.kv_ops)
