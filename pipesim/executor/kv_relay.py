@@ -9,7 +9,8 @@ meets them in ``llama_process_mpi_worker`` -> ``llama_process_mpi_transaction`` 
 between the decodes around them). Here each transaction is one small message (``TAG_KVTX``: op, sequence ids,
 positions; the reference's begin-transaction message and its values travel as one) sent ahead of the run it
 precedes, whose header announces how many to expect; each stage forwards it to the next stage and applies it to
-its own KV (real compute: the actual ``seq_rm``/``seq_cp`` on the torch KV cache, which is organised by sequence
+its own KV as soon as no queued run precedes it (so a burst flows down the pipeline while the head still sends it;
+one that arrives behind a queued run waits for that run, in order, as the reference's single-threaded worker does) (real compute: the actual ``seq_rm``/``seq_cp`` on the torch KV cache, which is organised by sequence
 ids as llama.cpp's is; emulated compute: received and forwarded only, since the message cost is now real). The
 operations come from ``reference_kv_transaction_ops`` (the same loops ``reference_kv_transactions`` counts), so
 the number of messages on every link equals the count the simulator charges.
