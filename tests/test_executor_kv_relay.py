@@ -110,7 +110,7 @@ def check_messages(entry: dict, spec: int, verify: int, before: int, after: int)
     messages: dict[str, Counter] = defaultdict(Counter)
     for r in records:
         if r[0] == "transfer" and r[9] == "kv-transaction":
-            messages[r[3]][r[4]] += 1
+            messages[r[3]][r[4]] += r[5]  # consecutive ones of a run fold into one record, counting them
     applied: Counter = Counter()  # a stage relays what arrived before the run, the run the rest
     for r in records:
         if r[0] == "compute" and r[9] == "kv":

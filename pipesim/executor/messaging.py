@@ -22,7 +22,7 @@ from ..trace import Record
 from .clock import Clock
 from .emulation import LinkEmulator
 from .errors import ExecutorTimeout
-from .protocol import DATA_TAGS, PAYLOAD_OFFSET, ProtocolError, describe, frame, unframe
+from .protocol import DATA_TAGS, PAYLOAD_OFFSET, TAG_KVTX, ProtocolError, describe, frame, unframe
 
 MIN_SLEEP = 50e-6
 
@@ -207,10 +207,32 @@ class Messenger:
                 t0 = min(self.clock.to_local(sent_at), now)
                 t1, due = min(max(t0, seen_empty), now), now
             link_name = f"{self.node_names[source]}->{self.node_names[self.rank]}"
-            self.records.append(Record("transfer", t0, t1, link_name, run_id, 0, float(nbytes), what=note))
+            if tag != TAG_KVTX or not self._merge_transaction(t0, t1, link_name, run_id, nbytes):
+                self.records.append(Record("transfer", t0, t1, link_name, run_id, int(tag == TAG_KVTX),
+                                           float(nbytes), what=note))
             self._incoming.setdefault(source, deque()).append(Envelope(tag, source, body, payload, due, request))
             self.receive_s += time.perf_counter() - received_from
         self._last_empty_probe = self.clock.now()
+
+    def _merge_transaction(self, t0: float, t1: float, link: str, run_id: int, nbytes: int) -> bool:
+        """Fold a relayed KV transaction into the transfer record just before it when that is one of the same run
+        on the same link (thousands arrive per verification): its ``n_tokens`` counts the messages, ``nbytes``
+        sums them, its span grows to cover an overlapping one (a zero-length lower bound stays one, so the link's
+        busy time is unchanged). False when it cannot be folded."""
+        if not self.records:
+            return False
+        last = self.records[-1]
+        if not (isinstance(last, Record) and last.kind == "transfer" and last.what == "kv-transaction"
+                and last.where == link and last.run_id == run_id):
+            return False
+        if t0 <= last.t1:
+            span = {"t1": max(last.t1, t1)}
+        elif last.t0 == last.t1 and t0 == t1:
+            span = {}
+        else:
+            return False
+        self.records[-1] = last._replace(n_tokens=last.n_tokens + 1, nbytes=last.nbytes + nbytes, **span)
+        return True
 
     @staticmethod
     def _probe(comm: MPI.Comm, status: MPI.Status) -> bool:

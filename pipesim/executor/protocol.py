@@ -16,7 +16,8 @@ same sender. A frame starts with ``[send_time_ns, payload_code, payload_count]``
 - ``TAG_CANCEL`` (head -> last -> ... -> 1): ``[run_ids...]``.
 - ``TAG_KVTX`` (head -> 1 -> ... -> last; PipeInfer's reference KV bookkeeping): ``[run_id, index, kind, seq, dst,
   p0, p1]``, one ``llama_kv_cache_seq_rm``/``seq_cp`` of the head, relayed hop by hop ahead of the run ``run_id``
-  (whose header announces their number, flag ``KVTX``); ``index`` counts them from 0 within the run.
+  (whose header announces their number, flag ``KVTX``); ``index`` counts them from 0 within the run. Their
+  ``transfer`` records fold consecutive ones of a run on a link into one (``n_tokens``: how many messages).
 - ``TAG_EARLY`` (the rank holding the exit layer -> head; SPEED): ``[run_id, position, token]``, the early
   prediction of the token at ``position`` (after the run's last token); ``token = -1``: the rank reached the
   exit layer and the head's oracle decides the token.
