@@ -46,6 +46,12 @@ class ExecutorConfig(StrictModel):
     fault_action: Literal["raise", "kill", "stop"] = Field(
         "raise", description="testing: what executor.fault_rank does at its first run: raise an error, or send "
                              "itself SIGKILL (dies without a word) or SIGSTOP (stops answering)")
+    kv_transactions: Literal["messages", "charge"] = Field(
+        "messages", description="pipeinfer, strategy.kv_transactions=reference: send each relayed KV transaction as "
+                                "its own message, forwarded and applied by every stage as the reference code does "
+                                "('messages'), or only count them in the run's header and sleep "
+                                "cluster.kv_transaction_time (or the profile's kv_transaction) per transaction at "
+                                "every stage, as the simulator charges them ('charge')")
     seed: int = Field(0, description="seed of random tiny-model weights (a tiny draft model uses seed + 1)")
     early_exit: Literal["real", "oracle"] | None = Field(
         None, description="speed: the early prediction from the model's own final norm + head applied after the "

@@ -45,6 +45,14 @@ def test_calibrate_then_validate_in_emulated_mode(tmp_path):
     raw = json.loads(profile_path.with_suffix(".raw.json").read_text())
     assert all(len(r["concurrent"]["alone"]) == len(r["concurrent"]["together"]) == 3 for r in raw["ranks"])
     assert all(node.concurrent_slowdown >= 1.0 for node in profile.nodes.values())
+    # PipeInfer's reference KV transactions, relayed through both ranks: a time per transaction for each node
+    # (emulated compute: receiving, forwarding and the message alone), the median of the probe's bursts
+    assert all(node.kv_transaction is not None and 0 < node.kv_transaction < float("inf")
+               for node in profile.nodes.values())
+    for report in raw["ranks"]:
+        bursts = report["kv_transactions"]["bursts"]
+        assert bursts and all(b["n"] == 4 * load_scenario(SCENARIO).strategy.n_partitions + 8 for b in bursts)
+        assert profile.nodes[report["node"]].kv_transaction == report["kv_transactions"]["seconds_per_transaction"]
     # the executor's idle polling, as the simulator will charge it: its backoff and each rank's timer overshoot
     scenario_poll = load_scenario(SCENARIO).executor.poll_interval_s
     assert profile.poll["longest"] == scenario_poll and 0 < profile.poll["first"] <= scenario_poll

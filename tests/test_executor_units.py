@@ -181,7 +181,10 @@ def test_model_runner_rolls_back_its_kv_cache():
 def test_plan_of_the_tiny_scenario():
     plan = make_plan(load_scenario(TINY), 2)
     assert plan.layer_ranges == [(0, 2), (2, 4)] and plan.target.kind == "tiny"
-    assert plan.max_seqs == plan.scenario.strategy.n_partitions + 1
+    # PipeInfer's reference relays the code's loops over sequences 0..max_seq, max_seq = n_partitions + 1
+    assert plan.max_seqs == plan.scenario.strategy.n_partitions + 2
+    compact = make_plan(load_scenario(TINY, ["strategy.kv_transactions=compact"]), 2)
+    assert compact.max_seqs == compact.scenario.strategy.n_partitions + 1
 
 
 @pytest.mark.parametrize("overrides, ranks, message", [

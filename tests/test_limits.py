@@ -23,7 +23,9 @@ def test_kv_estimate_by_hand_from_the_tiny_model_shape():
     # tiny-llama: 4 layers, d_model 64, 4 heads, 2 KV heads -> head_dim 16, kv width 32; 2 layers per rank
     plan = tiny_plan("workload.generate_tokens=1000")  # pipeinfer, oracle draft, real compute
     cells = 16 + 1000 + 512  # prompt + generated + executor.kv_headroom
-    kv_stage = 2 * 2 * cells * 32 * 4 + cells * (1001 + 12)  # k and v float32 + a flag per partition + bookkeeping
+    # k and v float32 + a flag per sequence (0, the 1000 partitions and the reference's max_seq 1001, which its
+    # relayed KV transactions touch) + bookkeeping
+    kv_stage = 2 * 2 * cells * 32 * 4 + cells * (1002 + 12)
     records = 1000 * 4096
     reference = 2 * 4 * (16 + 1000 + 64) * 32 * 4 + (16 + 1000 + 64) * (1 + 12)  # the whole model, one sequence
     assert rank_bytes(plan) == [kv_stage + 2 * records + reference, kv_stage + records]

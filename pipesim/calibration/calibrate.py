@@ -68,6 +68,8 @@ def fit_profile(raw: dict[str, Any], command: str = "") -> tuple[HardwareProfile
             coefficients.draft_fixed = coefficients.draft_per_token = coefficients.draft_per_token_context = 0.0
         if report.get("sampling"):
             verify_overhead = statistics.median(s["seconds"] for s in report["sampling"][:2])
+        if report.get("kv_transactions"):
+            coefficients.kv_transaction = report["kv_transactions"]["seconds_per_transaction"]
         nodes[report["node"]] = coefficients
         for name, samples in report["links"].items():
             link = fit_link([LinkSample(**s) for s in samples])
@@ -278,6 +280,12 @@ def _cmd_calibrate(args) -> int:
         if node.layer_single is not None:
             print(f"    single-token runs: per layer {node.layer_single * 1e3:.3f} ms"
                   + (f", head {node.head_single * 1e3:.2f} ms" if node.head_single is not None else ""))
+    relayed = {name: node.kv_transaction for name, node in profile.nodes.items() if node.kv_transaction is not None}
+    if relayed:
+        assumed = load_scenario(args.scenario, list(args.set)).cluster.kv_transaction_time
+        print("  relayed KV transaction (PipeInfer's reference; profile term kv_transaction): "
+              + ", ".join(f"{name} {seconds * 1e6:.1f} us" for name, seconds in relayed.items())
+              + f" per transaction per node (the scenario assumes {assumed * 1e6:.1f} us)")
     if profile.poll:
         print(f"  idle polling: sleeps {profile.poll['first'] * 1e6:.0f} us doubling to "
               f"{profile.poll['longest'] * 1e3:.2f} ms, each {profile.poll['overshoot'] * 1e6:.0f} us late")

@@ -356,6 +356,77 @@ def _spin_recv(comm, buffer, source: int, limit: float = 60.0) -> None:
     comm.Recv(buffer, source=source, tag=77)
 
 
+# -- relayed KV transactions (PipeInfer's reference) ----------------------------------------------------------
+
+KV_CONTEXT = 64  # cached positions while the burst runs (every sequence holds them, as the reference's mirroring)
+
+
+def kv_transaction_burst(n_partitions: int, context: int = KV_CONTEXT) -> list:
+    """The burst the probe relays: what the reference issues around one verification of a speculative run in
+    partition 1 that commits positions ``[1, context - 1)`` (``reference_kv_transaction_ops``: ``verify``, then
+    ``nonspec_before`` and ``nonspec_after`` of the next token), ``4 * n_partitions + 8`` transactions."""
+    from ..scheduling.strategies.pipeinfer import reference_kv_transaction_ops
+
+    q = context - 1
+    return [*reference_kv_transaction_ops("verify", (1, 1, q), n_partitions),
+            *reference_kv_transaction_ops("nonspec_before", (q,), n_partitions),
+            *reference_kv_transaction_ops("nonspec_after", (q,), n_partitions)]
+
+
+def _kv_apply(plan, rank: int, max_seqs: int, capacity: int) -> Callable:
+    """How this rank applies a transaction: real compute, to a KV cache of this rank's stage shaped as the
+    executor's (``max_seqs`` sequences; ``KV_CONTEXT`` cells held by every sequence); emulated, not at all."""
+    if not plan.real:
+        return lambda ops: None
+    import torch
+
+    from ..executor.torch_backend import apply_kv_op, set_threads, synchronize
+
+    set_threads(plan.executor.threads_per_rank)
+    start, end = plan.layer_ranges[rank]
+    stage = _store(plan, rank).stage(plan.target, start, end, rank == 0, rank == plan.n_ranks - 1)
+    kv = stage.make_kv_cache(capacity, max_seqs)
+    n = min(KV_CONTEXT, capacity)
+    kv.assign(torch.arange(n), torch.arange(n), torch.ones((n, max_seqs), dtype=torch.bool))
+
+    def apply(ops) -> None:
+        for op in ops:
+            apply_kv_op(kv, op)
+        synchronize(kv.k.device)
+
+    return apply
+
+
+def _kv_transaction_samples(comm, plan, rank: int, clock_now, poll: float, repeats: int) -> dict[str, Any]:
+    """Every rank's time per relayed KV transaction: ``repeats`` bursts (``kv_transaction_burst``) relayed rank 0
+    -> 1 -> ... -> last through the executor's own messaging and relay code (``kv_relay.time_relay_burst``);
+    the median over bursts of this rank's busy time / transactions. Collective over ``comm``."""
+    from ..executor.clock import Clock
+    from ..executor.kv_relay import time_relay_burst
+    from ..executor.messaging import Messenger
+
+    scenario = plan.scenario
+    n_partitions = scenario.strategy.n_partitions
+    ops = kv_transaction_burst(n_partitions)
+    capacity = (scenario.workload.prompt_tokens + scenario.workload.generate_tokens
+                + plan.executor.kv_headroom)
+    apply = _kv_apply(plan, rank, n_partitions * scenario.strategy.n_parallel + 2, max(capacity, KV_CONTEXT))
+    data = comm.Dup()
+    messenger = Messenger(data, Clock(clock_now), plan.node_names, [], None, poll)
+    deadline = time.monotonic() + plan.executor.timeout_s
+    size = comm.Get_size()
+    bursts = []
+    for _ in range(repeats + 1):  # the first burst is a warm-up
+        _sleeping_barrier(comm, poll)
+        bursts.append(time_relay_burst(messenger, ops, apply, rank - 1 if rank else None,
+                                       rank + 1 if rank + 1 < size else None, deadline))
+    messenger.drain(deadline)
+    data.Free()
+    per = [b["busy_s"] / b["n"] for b in bursts[1:]]
+    return {"n": len(ops), "n_partitions": n_partitions, "bursts": bursts[1:],
+            "seconds_per_transaction": statistics.median(per)}
+
+
 def _median_run(runs: list[dict]) -> dict | None:
     """The generation of median throughput, or None when there was none."""
     return median_by_throughput(runs, lambda run: run["metrics"]) if runs else None
@@ -434,7 +505,12 @@ def run_probe(argv: Sequence[str] | None = None) -> int:
                 if rank == a:
                     links[f"{plan.node_names[a]}->{plan.node_names[b]}"] = samples
             _sleeping_barrier(comm, poll)
+        if rank == 0:
+            print("calibrate: timing relayed KV transactions (PipeInfer's reference bookkeeping)",
+                  file=sys.stderr, flush=True)
+        kv_transactions = _kv_transaction_samples(comm, plan, rank, clock_now, poll, min(args.repeats, 3))
         report = {"rank": rank, "node": plan.node_names[rank], "host": MPI.Get_processor_name(),
+                  "kv_transactions": kv_transactions,
                   "stage": stage, "host_mates": mates, "concurrent": concurrent, "links": links,
                   "sleep_overshoot": _sleep_overshoot(MIN_SLEEP, poll), **head}
         reports = comm.gather(report, root=0)

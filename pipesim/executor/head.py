@@ -24,6 +24,7 @@ from .clock import Clock
 from .drafts import Drafter, DraftTask
 from .emulation import charge_kv_transactions, sleep_until
 from .errors import ExecutorTimeout, InjectedFault
+from .kv_relay import relay, run_transactions
 from .messaging import Messenger
 from .protocol import (
     TAG_CANCEL,
@@ -67,9 +68,11 @@ class Head:
                  backend: StageBackend, drafter: Drafter | RemoteDrafter | None, messenger: Messenger, clock: Clock,
                  records: list[Record], node_name: str, deadline: float, verify_sleep: float = 0.0,
                  fault: bool = False, early_oracle: Callable[[int, int | None], int] | None = None,
-                 predict: Callable[[Run], list[int]] | None = None, kv_transaction_time: float = 0.0) -> None:
+                 predict: Callable[[Run], list[int]] | None = None, kv_transaction_time: float = 0.0,
+                 kv_messages: bool = True) -> None:
         self.pipeline = list(pipeline)
         self.kv_transaction_time = kv_transaction_time
+        self.kv_messages = kv_messages  # relayed KV transactions as real messages (else a modelled charge)
         self.records = records
         self.level_heads = list(level_heads)
         self.level = level
@@ -143,8 +146,8 @@ class Head:
 
     def drop(self, run: Run, send_header: bool) -> None:
         msg = RunMessage.of_run(run)
+        self._kv_transactions(run, msg)
         self.backend.apply_kv_ops(msg.kv_ops)
-        charge_kv_transactions(msg, self.kv_transaction_time, self.clock.now, self.records, self.name)
         if self.fault:
             raise InjectedFault(f"injected fault at run {run.run_id} (executor.fault_rank={self.pipeline[0]})")
         if send_header:
@@ -205,10 +208,24 @@ class Head:
         self.driver.predictions_arrived(message.run_id, greedy, message.n_outputs)
 
     # -- work ------------------------------------------------------------------------------------------
+    def _kv_transactions(self, run: Run, msg: RunMessage) -> None:
+        """PipeInfer's reference KV transactions ahead of ``run``: each sent down the pipeline as its own message
+        and applied here (``kv_relay``), or, with ``kv_messages`` off, a modelled charge of their count."""
+        if not msg.kv_transactions:
+            return
+        if not self.kv_messages:
+            charge_kv_transactions(msg, self.kv_transaction_time, self.clock.now, self.records, self.name)
+            return
+        strategy = self.driver.strategy
+        ops = run_transactions(run, strategy.n_partitions, getattr(strategy, "n_parallel", 1))
+        relay(run.run_id, ops, self.backend.apply_kv_ops, self.messenger,
+              self.pipeline[1] if len(self.pipeline) > 1 else None, self.deadline, self.records, self.name,
+              self.clock.now)
+
     def _launch(self, run: Run) -> None:
         msg = RunMessage.of_run(run)
+        self._kv_transactions(run, msg)
         self.backend.apply_kv_ops(msg.kv_ops)
-        charge_kv_transactions(msg, self.kv_transaction_time, self.clock.now, self.records, self.name)
         if self.fault:
             raise InjectedFault(f"injected fault at run {run.run_id} (executor.fault_rank={self.pipeline[0]})")
         start = self.clock.now()

@@ -22,7 +22,7 @@ from ..trace import Record
 from .clock import Clock
 from .emulation import LinkEmulator
 from .errors import ExecutorTimeout
-from .protocol import DATA_TAGS, PAYLOAD_OFFSET, ProtocolError, describe, frame, unframe
+from .protocol import DATA_TAGS, PAYLOAD_OFFSET, TAG_KVTX, ProtocolError, describe, frame, unframe
 
 MIN_SLEEP = 50e-6
 
@@ -69,6 +69,9 @@ class Messenger:
         self._last_empty_probe = clock.now()  # when this rank last found nothing more to receive
         self._started = time.monotonic()
         self._last_heard: dict[int, float] = {}  # source rank -> time.monotonic() of its last message
+        self._synchronous: dict[int, deque[MPI.Request]] = {}  # dst -> its windowed sends, oldest first
+        self.window_wait_s = 0.0  # time spent waiting for a full window to drain (``send_windowed``)
+        self.receive_s = 0.0  # time spent receiving messages (not looking for them): calibration reads it
 
     # -- sending ---------------------------------------------------------------------------------------
     def send(self, dst: int, tag: int, body: np.ndarray, payload: np.ndarray | None = None) -> None:
@@ -80,6 +83,33 @@ class Messenger:
         if payload is not None:
             requests.append(self.comm.Isend(payload, dest=dst, tag=tag + PAYLOAD_OFFSET))
         self._sending.append((requests, (data, payload)))
+        self.sent[dst] += 1
+
+    def send_windowed(self, dst: int, tag: int, body: np.ndarray, window: int, deadline: float, what: str) -> None:
+        """Send a small frame synchronously (``Issend``: complete once ``dst`` has received it) with at most
+        ``window`` of them unreceived per destination, so a burst never piles up in MPI's eager buffers. While the
+        window is full this rank keeps receiving (its neighbours may be waiting on it) and sleeps between polls;
+        ExecutorTimeout past ``deadline``."""
+        pending = self._synchronous.setdefault(dst, deque())
+        sleep = MIN_SLEEP
+        waited_from = None
+        while True:
+            while pending and pending[0].Test():
+                pending.popleft()
+            if len(pending) < window:
+                break
+            waited_from = time.perf_counter() if waited_from is None else waited_from
+            if time.monotonic() > deadline:
+                raise ExecutorTimeout(f"timed out waiting for rank {dst} to take {what} ({self.silence()})")
+            self._receive_arrived()
+            time.sleep(sleep)
+            sleep = min(2 * sleep, self.poll_interval)
+        if waited_from is not None:
+            self.window_wait_s += time.perf_counter() - waited_from
+        data = frame(body, self.clock.head_now(), None)
+        request = self.comm.Issend(data, dest=dst, tag=tag)
+        pending.append(request)
+        self._sending.append(([request], (data, None)))
         self.sent[dst] += 1
 
     def progress(self) -> None:
@@ -154,6 +184,7 @@ class Messenger:
         comm, status = self.comm, self._status
         seen_empty = self._last_empty_probe
         while self._probe(comm, status):
+            received_from = time.perf_counter()
             source, tag = status.Get_source(), status.Get_tag()
             if tag not in DATA_TAGS:
                 raise ProtocolError(f"rank {self.rank}: unexpected message with tag {tag} from rank {source}")
@@ -176,9 +207,32 @@ class Messenger:
                 t0 = min(self.clock.to_local(sent_at), now)
                 t1, due = min(max(t0, seen_empty), now), now
             link_name = f"{self.node_names[source]}->{self.node_names[self.rank]}"
-            self.records.append(Record("transfer", t0, t1, link_name, run_id, 0, float(nbytes), what=note))
+            if tag != TAG_KVTX or not self._merge_transaction(t0, t1, link_name, run_id, nbytes):
+                self.records.append(Record("transfer", t0, t1, link_name, run_id, int(tag == TAG_KVTX),
+                                           float(nbytes), what=note))
             self._incoming.setdefault(source, deque()).append(Envelope(tag, source, body, payload, due, request))
+            self.receive_s += time.perf_counter() - received_from
         self._last_empty_probe = self.clock.now()
+
+    def _merge_transaction(self, t0: float, t1: float, link: str, run_id: int, nbytes: int) -> bool:
+        """Fold a relayed KV transaction into the transfer record just before it when that is one of the same run
+        on the same link (thousands arrive per verification): its ``n_tokens`` counts the messages, ``nbytes``
+        sums them, its span grows to cover an overlapping one (a zero-length lower bound stays one, so the link's
+        busy time is unchanged). False when it cannot be folded."""
+        if not self.records:
+            return False
+        last = self.records[-1]
+        if not (isinstance(last, Record) and last.kind == "transfer" and last.what == "kv-transaction"
+                and last.where == link and last.run_id == run_id):
+            return False
+        if t0 <= last.t1:
+            span = {"t1": max(last.t1, t1)}
+        elif last.t0 == last.t1 and t0 == t1:
+            span = {}
+        else:
+            return False
+        self.records[-1] = last._replace(n_tokens=last.n_tokens + 1, nbytes=last.nbytes + nbytes, **span)
+        return True
 
     @staticmethod
     def _probe(comm: MPI.Comm, status: MPI.Status) -> bool:

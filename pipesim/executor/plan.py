@@ -144,10 +144,27 @@ def make_plan(scenario: Scenario, n_ranks: int) -> Plan:
     for rank, span in zip(stage_ranks, ranges, strict=True):
         layer_ranges[rank] = span
     pooled = scenario.strategy.name in ("pipeinfer", "speed")
-    max_seqs = scenario.strategy.n_partitions + 1 if pooled else 1
+    max_seqs = scenario.strategy.n_partitions * scenario.strategy.n_parallel + 1 if pooled else 1  # trees: n_parallel ids each
+    if scenario.strategy.name == "pipeinfer" and relays_kv_transactions(scenario):
+        # reference_kv_transaction_ops touches sequence max_seq = n_partitions * n_parallel + 1, as the code does
+        max_seqs = scenario.strategy.n_partitions * scenario.strategy.n_parallel + 2
     early_exit = _early_exit_mode(scenario, target, n_layers) if scenario.strategy.name == "speed" else None
     return Plan(scenario, n_ranks, [f"n{i}" for i in range(n_ranks)], layer_ranges, target, draft, max_seqs,
                 early_exit, draft_rank=draft_rank)
+
+
+def relays_kv_transactions(scenario: Scenario) -> bool:
+    """PipeInfer with the reference's KV transactions (``strategy.kv_transactions``, else its variant's) sent as
+    messages (``executor.kv_transactions=messages``)."""
+    from ..scheduling.strategies.pipeinfer import resolve_switches
+
+    if scenario.strategy.name != "pipeinfer" or scenario.executor.kv_transactions != "messages":
+        return False
+    try:
+        switches = resolve_switches(scenario.strategy.variant, kv_transactions=scenario.strategy.kv_transactions)
+    except ValueError:
+        return False
+    return switches["kv_transactions"] == "reference"
 
 
 def _draft_rank(scenario: Scenario) -> int | None:

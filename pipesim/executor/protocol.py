@@ -14,6 +14,10 @@ same sender. A frame starts with ``[send_time_ns, payload_code, payload_count]``
   ``[n_outputs, vocab]``), topk (ids ``[n_outputs, k]`` in the body, their values as payload) or ids
   (``[n_outputs]`` greedy ids in the body, no payload). In a chain: the level's last rank -> its level head.
 - ``TAG_CANCEL`` (head -> last -> ... -> 1): ``[run_ids...]``.
+- ``TAG_KVTX`` (head -> 1 -> ... -> last; PipeInfer's reference KV bookkeeping): ``[run_id, index, kind, seq, dst,
+  p0, p1]``, one ``llama_kv_cache_seq_rm``/``seq_cp`` of the head, relayed hop by hop ahead of the run ``run_id``
+  (whose header announces their number, flag ``KVTX``); ``index`` counts them from 0 within the run. Their
+  ``transfer`` records fold consecutive ones of a run on a link into one (``n_tokens``: how many messages).
 - ``TAG_EARLY`` (the rank holding the exit layer -> head; SPEED): ``[run_id, position, token]``, the early
   prediction of the token at ``position`` (after the run's last token); ``token = -1``: the rank reached the
   exit layer and the head's oracle decides the token.
@@ -49,7 +53,8 @@ TAG_GO = 25  # chain: rank 0 tells the other level heads that every rank is read
 DRAFT_REQUEST, DRAFT_REPLY = 0, 1  # the first value of a TAG_DRAFT body
 TAG_DRAFT = 27  # the head and a draft on a rank of its own (executor/remote_draft.py)
 TAG_DISCARD = 29  # full logits of a run the last stage did not compute (PipeInfer's reference): the head drops them
-DATA_TAGS = (TAG_RUN, TAG_PRED, TAG_CANCEL, TAG_EARLY, TAG_CHAIN, TAG_DRAFT, TAG_DISCARD)
+TAG_KVTX = 31  # one relayed KV transaction (PipeInfer's reference): executor/kv_relay.py
+DATA_TAGS = (TAG_RUN, TAG_PRED, TAG_CANCEL, TAG_EARLY, TAG_CHAIN, TAG_DRAFT, TAG_DISCARD, TAG_KVTX)
 PAYLOAD_OFFSET = 1  # a payload travels on tag + 1
 
 FRAME_PREFIX = 3
@@ -164,6 +169,22 @@ def decode_run(body: np.ndarray) -> RunMessage:
     return RunMessage(run_id, tokens, positions, seq_ids, output_from, tuple(ops),
                       computed=bool(flags & COMPUTED), stop=bool(flags & STOP), exit_layer=exit_layer,
                       kv_transactions=kv_transactions)
+
+
+# -- relayed KV transactions (PipeInfer's reference) ------------------------------------------------
+
+def encode_kv_transaction(run_id: int, index: int, op: KVOp) -> np.ndarray:
+    return np.asarray([run_id, index, _OP_KINDS.index(op.kind), op.seq, op.dst, op.p0,
+                       -1 if op.p1 is None else op.p1], dtype=np.int64)
+
+
+def decode_kv_transaction(body: np.ndarray) -> tuple[int, int, KVOp]:
+    """(run id, index within the run, operation) of a TAG_KVTX body."""
+    values = body.tolist()
+    if len(values) != 7 or not 0 <= values[2] < len(_OP_KINDS):
+        raise ProtocolError(f"KV transaction body {values} is not [run_id, index, kind, seq, dst, p0, p1]")
+    run_id, index, kind, seq, dst, p0, p1 = values
+    return run_id, index, KVOp(_OP_KINDS[kind], seq, dst, p0, None if p1 < 0 else p1)
 
 
 # -- predictions ------------------------------------------------------------------------------------
@@ -330,6 +351,8 @@ def describe(tag: int, body: np.ndarray, has_payload: bool) -> tuple[str, int]:
         names = ("SendTokens", "SendRollback", "SendProgress", "StartRound", "finish")
         kind = int(body[0])
         return (names[kind] if 0 <= kind < len(names) else "control"), -1
+    if tag == TAG_KVTX:
+        return "kv-transaction", int(body[0])
     if tag == TAG_DRAFT:
         return ("draft-reply" if int(body[0]) == DRAFT_REPLY else "draft-request"), -1
     return "control", -1

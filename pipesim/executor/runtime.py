@@ -138,18 +138,20 @@ class RankRuntime:
         fault = ex.fault_rank == rank
         outcome = None
         kv_time = kv_transaction_time(world.profile, plan.node_names[rank], scenario.cluster.kv_transaction_time)
+        kv_messages = scenario.executor.kv_transactions == "messages"
         if is_head:
             strategy = make_strategies(scenario.strategy.name, parts.prompt, scenario.workload.generate_tokens,
                                        scenario.strategy.params(), parts.stop_tokens, len(plan.pipelines),
                                        level.index if len(plan.pipelines) > 1 else None, capacity)[0]
             head = Head(strategy, level.ranks, level_heads, level.index, backend, parts.drafter, messenger,
                         self.clock, records, plan.node_names[rank], deadline, parts.verify_sleep, fault,
-                        parts.early_oracle, parts.predict, kv_time)
+                        parts.early_oracle, parts.predict, kv_time, kv_messages)
             outcome = head.run(self.progress if level.is_target else None)
         else:
             Worker(rank, self.size, backend, messenger, self.clock, records, plan.node_names[rank], deadline,
                    fault=fault, pipeline=level.ranks, level=level.index,
-                   kv_transaction_time=kv_time, full_traffic=self._full_traffic(scenario, world, level)).run()
+                   kv_transaction_time=kv_time, full_traffic=self._full_traffic(scenario, world, level),
+                   kv_messages=kv_messages).run()
         dropped = messenger.drain(deadline)
         if rank != 0:
             report = {"records": [tuple(r) for r in records], "kv_max_cells": getattr(backend, "max_cells", 0),

@@ -26,11 +26,13 @@ from .backend import StageBackend
 from .clock import Clock
 from .emulation import charge_kv_transactions
 from .errors import InjectedFault
+from .kv_relay import TransactionInbox, relay
 from .messaging import Messenger
 from .protocol import (
     TAG_CANCEL,
     TAG_DISCARD,
     TAG_EARLY,
+    TAG_KVTX,
     TAG_PRED,
     TAG_RUN,
     EarlyExitMessage,
@@ -65,9 +67,12 @@ class Worker:
     def __init__(self, rank: int, n_ranks: int, backend: StageBackend, messenger: Messenger, clock: Clock,
                  records: list[Record], node_name: str, deadline: float, fault: bool = False,
                  pipeline: Sequence[int] | None = None, level: int = 0, kv_transaction_time: float = 0.0,
-                 full_traffic: FullTraffic | None = None) -> None:
+                 full_traffic: FullTraffic | None = None, kv_messages: bool = True) -> None:
         self.rank = rank
         self.kv_transaction_time = kv_transaction_time
+        self.kv_messages = kv_messages  # relayed KV transactions arrive as messages (else a modelled charge)
+        self.kv_inbox = TransactionInbox()
+        self._kv_relayed: dict[int, int] = {}  # run id -> its transactions relayed before the run arrived
         self.full_traffic = full_traffic
         pipeline = list(range(n_ranks)) if pipeline is None else list(pipeline)
         index = pipeline.index(rank)  # its stage in the pipeline (the rank itself by default)
@@ -88,6 +93,9 @@ class Worker:
         while True:
             self._pump()
             if not machine.queue:
+                if len(self.kv_inbox):
+                    self._relay_ahead()
+                    continue
                 self.messenger.wait(self.deadline, "a run or a cancellation")
                 continue
             msg, computed, activations = machine.take()
@@ -104,12 +112,26 @@ class Worker:
             if envelope.tag == TAG_RUN:
                 msg = decode_run(envelope.body)
                 self.machine.arrive(msg, msg.computed, envelope.payload)
+            elif envelope.tag == TAG_KVTX:
+                self.kv_inbox.arrived(envelope.body)
             elif envelope.tag == TAG_CANCEL:
                 run_ids = decode_cancel(envelope.body)
                 if self.machine.see_cancels(run_ids, self.clock.now()):
                     self.messenger.send(self.previous, TAG_CANCEL, encode_cancel(run_ids))
             else:
                 raise ProtocolError(f"rank {self.rank}: unexpected tag {envelope.tag} from rank {envelope.source}")
+
+    def _relay_ahead(self) -> None:
+        """Transactions with no run queued ahead of them: forward and apply them now, as the reference's worker
+        does with each one it meets (``llama_process_mpi_worker``), so a burst flows down the pipeline while the
+        head is still sending it; the run they precede takes the rest when it comes."""
+        run_id, index, count = self.kv_inbox.front()
+        done = self._kv_relayed.get(run_id, 0)
+        if index != done:
+            raise ProtocolError(f"rank {self.rank}: KV transaction {index} of run {run_id} where {done} was due")
+        relay(run_id, self.kv_inbox.take(run_id, count, done), self.backend.apply_kv_ops, self.messenger, self.next,
+              self.deadline, self.records, self.name, self.clock.now, done)
+        self._kv_relayed[run_id] = done + count
 
     def _should_cancel(self) -> bool:
         self._pump()
@@ -118,8 +140,14 @@ class Worker:
     # -- runs ------------------------------------------------------------------------------------------
     def _process(self, msg: RunMessage, computed: bool, activations: np.ndarray | None) -> None:
         machine = self.machine
+        if self.kv_messages:  # forwarded and applied ahead of the run, whether it is then computed or skipped
+            done = self._kv_relayed.pop(msg.run_id, 0)
+            relay(msg.run_id, self.kv_inbox.take(msg.run_id, msg.kv_transactions - done, done),
+                  self.backend.apply_kv_ops, self.messenger, self.next, self.deadline, self.records, self.name,
+                  self.clock.now, done)
+        else:
+            charge_kv_transactions(msg, self.kv_transaction_time, self.clock.now, self.records, self.name)
         self.backend.apply_kv_ops(msg.kv_ops)
-        charge_kv_transactions(msg, self.kv_transaction_time, self.clock.now, self.records, self.name)
         if self.fault:
             raise InjectedFault(f"injected fault at run {msg.run_id} (executor.fault_rank={self.rank})")
         self._pump()  # a cancellation that came in while this run was received counts before the forward

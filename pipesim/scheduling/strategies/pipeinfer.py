@@ -90,6 +90,48 @@ def reference_kv_transactions(n_partitions: int, n_parallel: int = 1) -> dict[st
             "nonspec_before": max_seq + 1, "nonspec_after": max_seq, "split": 2}
 
 
+def reference_kv_transaction_ops(occasion: str, where: tuple[int, ...], n_partitions: int,
+                                 n_parallel: int = 1) -> list[KVOp]:
+    """The transactions ``reference_kv_transactions`` counts, as operations: ``len`` equals its count for
+    ``occasion``. ``where`` (pipesim positions) is what the occasion's loops in ``speculative.cpp`` read:
+
+    - ``spec_launch`` ``(offset, source, from, first)``: ``start_async_spec_run`` removes each sequence
+      ``offset + i`` from ``from`` on and copies ``source`` over ``[from, first)`` into it; ``begin_async_run``
+      removes it at the run's first position ``first``;
+    - ``verify`` ``(offset, first, end[, keep])`` (``end``: the position of the token the next run feeds, the code's
+      ``n_past_tgt``; ``first``: the run's first drafted position, the code's ``current_run.n_past_tgt + 1``;
+      ``keep``: the kept branch's sequence, the code's ``s_keep + seq_offset``, ``offset`` when not given):
+      ``main`` removes each ``offset + i`` from ``end`` on, replaces sequence 0 over ``[first, end)`` by the kept
+      sequence and mirrors that range into every sequence ``1..max_seq``;
+    - ``nonspec_before`` / ``nonspec_after`` ``(q,)``: ``begin_async_run`` removes every sequence ``0..max_seq`` at
+      ``q``, then copies sequence 0 there to every ``1..max_seq``.
+
+    ``offset`` is the run's partition's first sequence id (the code's ``seq_offset``; the strategy's ``_seqs``);
+    ``max_seq = n_partitions * n_parallel + 1``, one id past the last partition's (the code's loops touch it, so a
+    KV cache needs ``max_seq + 1`` ids).
+    """
+    max_seq = n_partitions * n_parallel + 1
+    if occasion == "spec_launch":
+        offset, source, start, first = where
+        ops: list[KVOp] = []
+        for i in range(n_parallel):
+            ops += [KVOp("rm", offset + i, p0=start, p1=None), KVOp("cp", source, offset + i, start, first)]
+        return ops + [KVOp("rm", offset + i, p0=first, p1=first + 1) for i in range(n_parallel)]
+    if occasion == "verify":
+        offset, first, end, keep = (*where, where[0]) if len(where) == 3 else where
+        ops = [KVOp("rm", offset + i, p0=end, p1=None) for i in range(n_parallel)]
+        ops += [KVOp("rm", CANONICAL_SEQ, p0=first, p1=end), KVOp("cp", keep, CANONICAL_SEQ, first, end)]
+        for seq in range(1, max_seq + 1):
+            ops += [KVOp("rm", seq, p0=first, p1=end), KVOp("cp", CANONICAL_SEQ, seq, first, end)]
+        return ops
+    (q,) = where
+    if occasion == "nonspec_before":
+        return [KVOp("rm", seq, p0=q, p1=q + 1) for seq in range(max_seq + 1)]
+    if occasion == "nonspec_after":
+        return [KVOp("cp", CANONICAL_SEQ, seq, q, q + 1) for seq in range(1, max_seq + 1)]
+    raise ValueError(f"unknown KV transaction occasion {occasion!r}")
+
+
 @dataclass
 class _ChainLink:
     run: Run
@@ -151,6 +193,8 @@ class PipeInferStrategy(Strategy):
         self._tx = (reference_kv_transactions(n_partitions, n_parallel) if self.kv_transactions == "reference"
                     else None)
         self._pending_tx = 0
+        self._pending_tx_where: list[tuple[str, tuple[int, ...]]] = []  # the occasions behind _pending_tx
+        self.n_partitions = n_partitions
         self.max_runs_in_flight = max_runs_in_flight
         self.early_cancellation = early_cancellation
         self.pool = KVPartitionPool(n_partitions)
@@ -226,18 +270,22 @@ class PipeInferStrategy(Strategy):
         launch = super()._launch(*args, **kwargs)
         if self._pending_tx:
             launch.run.kv_transactions = self._pending_tx
+            launch.run.meta["kv_tx"] = tuple(self._pending_tx_where)  # reference_kv_transaction_ops expands them
             self._pending_tx = 0
+            self._pending_tx_where = []
         return launch
 
-    def _count_tx(self, occasion: str) -> None:
+    def _count_tx(self, occasion: str, where: tuple[int, ...]) -> None:
         if self._tx is not None:
             self._pending_tx += self._tx[occasion]
+            self._pending_tx_where.append((occasion, where))
 
     def _launch_nonspec(self) -> LaunchRun:
         """A single-token non-speculative run of the last committed token (``begin_non_spec_run``)."""
-        self._count_tx("nonspec_before")
-        launch = self._push(self._launch([self.sequence[-1]], len(self.sequence) - 1))
-        self._count_tx("nonspec_after")
+        q = len(self.sequence) - 1
+        self._count_tx("nonspec_before", (q,))
+        launch = self._push(self._launch([self.sequence[-1]], q))
+        self._count_tx("nonspec_after", (q,))
         return launch
 
     def _launch_speculative(self, tokens: Sequence[int]) -> list[Action]:
@@ -249,8 +297,9 @@ class PipeInferStrategy(Strategy):
         source = self._seqs(previous.partition)[0] if previous.speculative else CANONICAL_SEQ
         for seq in self._seqs(partition):  # start_async_spec_run copies into each of the partition's sequences
             self._queue_kv(KVOp("cp", source, dst=seq))
-        self._count_tx("spec_launch")
         first = len(self.sequence) + len(self._drafted)
+        self._count_tx("spec_launch", (self._seqs(partition)[0], source,
+                                       len(self.sequence) if source == CANONICAL_SEQ else first - 1, first))
         if isinstance(tokens, TokenTree) and tokens.n_branches == 1:
             tokens = list(tokens)
         if isinstance(tokens, TokenTree):
@@ -382,7 +431,8 @@ class PipeInferStrategy(Strategy):
             if p > q:
                 self._queue_kv(KVOp("cp", keep_seq, dst=CANONICAL_SEQ, p0=q + 1, p1=p + 1))
             self._free_partition(run)
-            self._count_tx("verify")
+            self._count_tx("verify", (self._seqs(run.partition)[0], run.first_position,
+                                      len(self.sequence) + len(new_tokens) - 1, keep_seq))
         actions = self._commit(new_tokens, checked, accepted)
         self._n_reject = 0
         if self.done:
@@ -463,7 +513,8 @@ class PipeInferStrategy(Strategy):
         actions: list[Action] = []
         if run.speculative:  # its drafted tokens before len(sequence) + accepted are committed
             self._retire_partition(run, len(self.sequence) + accepted)
-            self._count_tx("verify")
+            self._count_tx("verify", (self._seqs(run.partition)[0], run.first_position,
+                                      len(self.sequence) + len(new_tokens) - 1))
         if chain_broken:
             actions.extend(self._invalidate_chain())
         actions.extend(self._commit(new_tokens, checked, accepted))
@@ -481,7 +532,7 @@ class PipeInferStrategy(Strategy):
         tree = self._walk_tree(run, predictions, len(self.sequence) - 1)
         if tree is None:  # decides nothing
             self._retire_partition(run, len(self.sequence))
-            self._count_tx("verify")
+            self._count_tx("verify", (self._seqs(run.partition)[0], run.first_position, run.first_position))
             self._n_reject = 0
             return self._commit([], 0, 0)
         new_tokens, checked, accepted, keep_seq, result, main = tree
@@ -497,7 +548,8 @@ class PipeInferStrategy(Strategy):
                     accepted += 1
                     chain_broken = False
         self._retire_partition(run, committed_end, keep_seq)
-        self._count_tx("verify")
+        self._count_tx("verify", (self._seqs(run.partition)[0], run.first_position,
+                                  len(self.sequence) + len(new_tokens) - 1, keep_seq))
         actions: list[Action] = []
         if chain_broken:
             actions.extend(self._invalidate_chain())
