@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipesim.scheduling import LaunchRun, RequestDraft, TokenTree, make_strategy, verify_tree
-from pipesim.scheduling.strategies.pipeinfer import reference_kv_transactions
+from pipesim.scheduling import KVOp, LaunchRun, RequestDraft, TokenTree, make_strategy, verify_tree
+from pipesim.scheduling.strategies.pipeinfer import reference_kv_transaction_ops, reference_kv_transactions
 from pipesim.world.acceptance import AcceptanceModel, ConfidenceModel, OracleDraft, SyntheticTokens
 
 from .kv_model import drive
@@ -175,10 +175,23 @@ def test_tree_kv_transactions_as_counted_in_speculative_cpp():
     # n_partitions 2, n_parallel 3: max_seq = 2 * 3 + 1 = 7. start_async_spec_run: seq_rm + seq_cp for each of the
     # 3 sequences (6), begin_async_run: one seq_rm each (3) -> 9. Verification: 3 tail removals, seq 0's rm + cp
     # (2), rm + cp for sequences 1..7 (14) -> 19. A non-speculative run: rm of sequences 0..7 (8) before, cp of 0 to
-    # 1..7 (7) after. A split: seq_rm + seq_cp on the draft's own context (2).
+    # 1..7 (7) after. (A split's seq_rm + seq_cp are on the draft's own context, not relayed.)
     assert reference_kv_transactions(2, 3) == {"spec_launch": 9, "verify": 19, "nonspec_before": 8,
-                                               "nonspec_after": 7, "split": 2}
+                                               "nonspec_after": 7}
 
+
+
+def test_tree_kv_transaction_messages_address_the_partitions_sequences_and_the_kept_branch():
+    # partition 2 of n_parallel 3 owns sequence ids 4, 5, 6 (seq_offset = (2 - 1) * 3 + 1); max_seq = 7
+    launch = reference_kv_transaction_ops("spec_launch", (4, 1, 9, 10), 2, 3)
+    assert launch == [KVOp("rm", 4, p0=9, p1=None), KVOp("cp", 1, 4, 9, 10), KVOp("rm", 5, p0=9, p1=None),
+                      KVOp("cp", 1, 5, 9, 10), KVOp("rm", 6, p0=9, p1=None), KVOp("cp", 1, 6, 9, 10),
+                      KVOp("rm", 4, p0=10, p1=11), KVOp("rm", 5, p0=10, p1=11), KVOp("rm", 6, p0=10, p1=11)]
+    verify = reference_kv_transaction_ops("verify", (4, 10, 12, 5), 2, 3)  # branch 1 (sequence 5) was kept
+    assert verify[:5] == [KVOp("rm", 4, p0=12, p1=None), KVOp("rm", 5, p0=12, p1=None),
+                          KVOp("rm", 6, p0=12, p1=None), KVOp("rm", 0, p0=10, p1=12), KVOp("cp", 5, 0, 10, 12)]
+    assert verify[5:] == [op for s in range(1, 8) for op in (KVOp("rm", s, p0=10, p1=12), KVOp("cp", 0, s, 10, 12))]
+    assert len(launch) == 9 and len(verify) == 19  # the counts of the test above
 
 def _launches(actions):
     return [a.run for a in actions if isinstance(a, LaunchRun)]
@@ -219,6 +232,14 @@ def test_a_hand_worked_tree_run_through_the_reference(case):
     # s_keep's accepted cell (position 5) joins sequence 0; the partition's three sequences are removed
     ops = [(op.kind, op.seq, op.dst, op.p0, op.p1) for op in n_last.kv_ops]
     assert ops[:4] == [("cp", kept, 0, 5, 6), ("rm", 1, -1, 0, None), ("rm", 2, -1, 0, None), ("rm", 3, -1, 0, None)]
+    # the relayed messages (the executor's, reference_kv_transaction_ops): n9's copies of sequence 0 to 1..7, then
+    # the verification, which removes the partition's sequences 1..3 from position 6 (the next run's token) on and
+    # takes sequence 0 over [4, 6) from the kept sequence, then n_last's removals of 0..7
+    relayed = [op for occasion, where in n_last.meta["kv_tx"]
+               for op in reference_kv_transaction_ops(occasion, where, 2, 3)]
+    assert len(relayed) == n_last.kv_transactions
+    assert relayed[7:12] == [KVOp("rm", 1, p0=6, p1=None), KVOp("rm", 2, p0=6, p1=None),
+                             KVOp("rm", 3, p0=6, p1=None), KVOp("rm", 0, p0=4, p1=6), KVOp("cp", kept, 0, 4, 6)]
 
 
 def test_the_reference_judges_a_tree_run_by_branch_0():

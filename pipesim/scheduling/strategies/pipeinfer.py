@@ -53,6 +53,9 @@ DEFAULT_MIN_CONFIDENCE = 0.1
 DEFAULT_PARTITIONS = 1000
 DEFAULT_N_PARALLEL = 1
 DEFAULT_P_SPLIT = 0.1
+# each split of a token tree removes and copies the new branch's sequence on the draft's own context
+# (start_async_spec_run: llama_kv_cache_seq_rm + llama_kv_cache_seq_cp on ctx_dft), not relayed to the stages
+DRAFT_SPLIT_TRANSACTIONS = 2
 
 # Each variant's setting of every switch (an explicit switch overrides its variant's).
 PIPEINFER_VARIANT_SWITCHES: dict[str, dict[str, object]] = {
@@ -81,13 +84,12 @@ def reference_kv_transactions(n_partitions: int, n_parallel: int = 1) -> dict[st
     ``n_parallel`` sequences, removes and copies the kept range of sequence 0 (2), and removes and copies that
     range for every sequence 1..max_seq (2 each). ``nonspec_before``: ``begin_async_run`` for a non-speculative
     run removes every sequence 0..max_seq at its position; ``nonspec_after``: then copies sequence 0 to every
-    sequence 1..max_seq (these travel ahead of the next run). ``split``, on the draft's own context (not relayed
-    through the target's stages): each split of a token tree removes and copies the new branch's draft sequence
-    (``llama_kv_cache_seq_rm`` + ``seq_cp`` on ``ctx_dft``).
+    sequence 1..max_seq (these travel ahead of the next run). A tree's splits are on the draft's own context and
+    not relayed (``DRAFT_SPLIT_TRANSACTIONS``).
     """
     max_seq = n_partitions * n_parallel + 1
     return {"spec_launch": 3 * n_parallel, "verify": n_parallel + 2 + 2 * max_seq,
-            "nonspec_before": max_seq + 1, "nonspec_after": max_seq, "split": 2}
+            "nonspec_before": max_seq + 1, "nonspec_after": max_seq}
 
 
 def reference_kv_transaction_ops(occasion: str, where: tuple[int, ...], n_partitions: int,
@@ -243,7 +245,7 @@ class PipeInferStrategy(Strategy):
             self._draft_stalled = True  # the same threshold again: wait for the next verification
             return []
         if isinstance(tokens, TokenTree):
-            self.draft_kv_transactions += 2 * (tokens.n_branches - 1)  # each split: seq_rm + seq_cp on ctx_dft
+            self.draft_kv_transactions += DRAFT_SPLIT_TRANSACTIONS * (tokens.n_branches - 1)
         return [*self._launch_speculative(tokens), *self._speculate()]
 
     def wants_draft(self, request_id: int) -> bool:
