@@ -512,20 +512,11 @@ class PipeInferStrategy(Strategy):
                 chain_broken = True
                 break
             accepted += 1
-        actions: list[Action] = []
         if run.speculative:  # its drafted tokens before len(sequence) + accepted are committed
             self._retire_partition(run, len(self.sequence) + accepted)
             self._count_tx("verify", (self._seqs(run.partition)[0], run.first_position,
                                       len(self.sequence) + len(new_tokens) - 1))
-        if chain_broken:
-            actions.extend(self._invalidate_chain())
-        actions.extend(self._commit(new_tokens, checked, accepted))
-        self._n_reject = 0
-        if self.done:
-            actions.extend(self._invalidate_chain())
-        elif chain_broken:
-            actions.append(self._launch_nonspec())
-        return actions
+        return self._go_on(new_tokens, checked, accepted, chain_broken)
 
     def _resolve_front_tree(self, run: Run, predictions: Sequence[int]) -> list[Action]:
         """``_resolve_front`` for a tree run: walk the tree from its root on branch 0 (the token the run before it
@@ -552,6 +543,11 @@ class PipeInferStrategy(Strategy):
         self._retire_partition(run, committed_end, keep_seq)
         self._count_tx("verify", (self._seqs(run.partition)[0], run.first_position,
                                   len(self.sequence) + len(new_tokens) - 1, keep_seq))
+        return self._go_on(new_tokens, checked, accepted, chain_broken)
+
+    def _go_on(self, new_tokens: list[int], checked: int, accepted: int, chain_broken: bool) -> list[Action]:
+        """After the front run's verification (continuous variant): drop the broken chain, commit, and restart
+        with a single-token run unless generation is done."""
         actions: list[Action] = []
         if chain_broken:
             actions.extend(self._invalidate_chain())
