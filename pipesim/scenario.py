@@ -184,6 +184,11 @@ class ClusterConfig(_Strict):
         10e-6, description="pipeinfer, kv_transactions=reference: time every stage spends on one relayed KV "
                            "transaction (seq_rm/seq_cp: four small eager MPI messages per hop in ggml-mpi.c; an "
                            "assumed 10us, not measured: set it from your cluster)")
+    kv_relay: Literal["pipelined", "serial"] = Field(
+        "pipelined", description="pipeinfer, kv_transactions=reference: pipelined (as ggml-mpi.c relays them: a "
+                                 "stage passes each transaction on before applying it, so the stages work on a "
+                                 "burst together) or serial (each stage spends the whole burst's time when the "
+                                 "run reaches it, the earlier model)")
     overrides: list[NodeOverride] = Field(default_factory=list)
     profile: str | None = Field(
         None, description="hardware profile from `pipesim calibrate` (fitted costs replace the roofline; "

@@ -88,6 +88,9 @@ class _Message:
 
 
 _COST_MEMO_SIZE = 1024  # a stage's memoised costs are forgotten beyond this many (memory stays bounded)
+# one relayed KV transaction on the wire (ggml-mpi.c: a transaction tag, then its few int32 arguments, e.g.
+# seq_cp's seq_src, seq_dst, p0, p1): what it adds to a hop's latency in a pipelined relay
+KV_TRANSACTION_BYTES = 24
 _TALLY_BATCH = 8192  # without records: records counted (and dropped) whenever this many are waiting
 
 
@@ -192,6 +195,7 @@ class _Line:
         self.draft_committed = 0
         self.draft_tail: tuple[int, ...] = ()
         self.frame_bytes: dict[tuple, tuple[float, float]] = {}  # a frame's counts -> (header, with activations)
+        self.kv_bursts: dict[int, tuple[float, float]] = {}  # run id -> (begin, end) of its KV burst at the last stage
         self.draft_costs: dict[tuple[int, int], float] = {}  # memo: (tokens, context) -> the draft's step time
         self.remote_draft = engine.remote_draft(pipeline)  # the draft on a node of its own, else None
         # a draft task's steps as one event (``_head_draft_rest``)
@@ -303,6 +307,7 @@ class SimulationEngine:
         self.hosts = SharedHosts(self.env, world.host_of, world.concurrent_slowdown)
         self.kv_time = [kv_transaction_time(world.profile, name, scenario.cluster.kv_transaction_time)
                         for name in self.node_names]  # per relayed KV transaction, by node
+        self.kv_pipelined = scenario.cluster.kv_relay == "pipelined"
         self.records: list[tuple] = []  # plain tuples in Record's field order (fast); Records at the end
         self.tally = None if self.keep_records else MetricsTally(0.0, in_order=False)
         self._head_iterations = 0
@@ -362,16 +367,21 @@ class SimulationEngine:
 
     def _count_records(self) -> None:
         """Without records: count the waiting ones and drop them. No record still to come starts before the
-        oldest work in progress (a head's current work, a stage's forward or KV transactions, a remote draft's
-        next step) or, for transfers, before now."""
+        oldest work in progress (a head's current work, a stage's forward or KV transactions, a pipelined KV burst
+        still on its way down the pipeline, a remote draft's next step) or, for transfers, before now."""
         now = self.env._now
         watermark = now
         for line in self.lines:
             if not line.wakeup and line.work_start < watermark:
                 watermark = line.work_start
             for stage in line.stages[1:]:
-                if stage.phase in ("compute", "finishing", "kv", "kvc") and stage.start < watermark:
+                if stage.phase in ("compute", "finishing", "kv") and stage.start < watermark:
                     watermark = stage.start
+                elif stage.phase == "kvc" and stage.kv_start < watermark:
+                    watermark = stage.kv_start
+            for begin, _end in line.kv_bursts.values():  # a pipelined burst on its way: the next stage's begins later
+                if begin < watermark:
+                    watermark = begin
             remote = line.remote_draft  # its steps are recorded from when the draft node is free
             if remote is not None and (line.in_draft or remote.run_ahead) and remote.free_at < watermark:
                 watermark = remote.free_at
@@ -621,25 +631,57 @@ class SimulationEngine:
             stage.idle_since = self.env._now
             stage.phase = "idle"
             return False
+        now = self.env._now
+        free = stage.idle_since if stage.phase == "idle" else now  # when it finished the work before this run
         stage.phase = "dispatch"
         run, computed_upstream, _ = machine.queue.popleft()
         if run.kv_transactions:  # the relayed KV transactions first (then as below, in ``_stage_kv_done``)
+            begin, end = self._kv_burst(line, stage, run, free)
+            kv = end - now
+            if kv <= 0:  # the burst, relayed ahead of the run, was applied before the run arrived
+                self.records.append((COMPUTE, begin, end, self.node_names[stage.node], run.run_id,
+                                     run.kv_transactions, 0.0, 0, 0, "kv", -1, 0, False, False))
+                return self._stage_decide(line, stage, run, computed_upstream)
             if stage.solo and not run.meta and machine.computes(run, computed_upstream):
                 cost = stage.costs.get((len(run.tokens), run.positions[0], run.n_outputs if machine.is_last else 0))
                 if cost is None:
                     cost = self._cost(line, stage, self.world.nodes[stage.node], run, machine.is_last)
-                kv = run.kv_transactions * self.kv_time[stage.node]
-                if cost.dispatch <= 0 < kv:
-                    self._stage_kv_compute(stage, run, cost, kv)
+                if cost.dispatch <= 0:
+                    self._stage_kv_compute(stage, run, cost, kv, begin)
                     return False
             stage.phase = "kv"
-            stage.start = self.env._now
+            stage.start = begin
             stage.task = (run, computed_upstream, None)
-            self._kv_transactions(stage.node, run, stage.kv_done)
+            self._kv_transactions(stage.node, run, stage.kv_done, kv, begin)
             return False
         return self._stage_decide(line, stage, run, computed_upstream)
 
-    def _stage_kv_compute(self, stage: _Stage, run: Run, cost, kv: float) -> None:
+    def _kv_burst(self, line: _Line, stage: _Stage, run: Run, free: float) -> tuple[float, float]:
+        """When ``stage`` begins and ends the relayed KV transactions ahead of ``run`` (its previous work ended at
+        ``free``).
+
+        Pipelined (``cluster.kv_relay``, the default; ``ggml-mpi.c``: a rank receives a transaction, sends it on,
+        then applies it): the burst's first transaction reaches this stage one hop after the previous stage began
+        it, and each one ends here no sooner than one hop and one transaction after it ended there, so the stage
+        ends the burst at ``max(begin + n t, previous end + hop + t)`` with ``hop`` the link's latency and a
+        transaction's bytes (``KV_TRANSACTION_BYTES``). The transactions' bytes are not queued on the link. Serial,
+        or on a shared host: the whole burst from now, when the run is taken.
+        """
+        now = self.env._now
+        n, each = run.kv_transactions, self.kv_time[stage.node]
+        previous = line.kv_bursts.pop(run.run_id, None) if self.kv_pipelined else None
+        if previous is None or not stage.solo:
+            begin, end = now, now + n * each
+        else:
+            link = self.network.link(line.stages[stage.index - 1].node, stage.node)
+            hop = link.latency + KV_TRANSACTION_BYTES / link.bandwidth
+            begin = max(previous[0] + hop, free)
+            end = max(begin + n * each, previous[1] + hop + each)
+        if self.kv_pipelined and not stage.machine.is_last:
+            line.kv_bursts[run.run_id] = (begin, end)
+        return begin, end
+
+    def _stage_kv_compute(self, stage: _Stage, run: Run, cost, kv: float, begin: float) -> None:
         """A run the stage will compute after its KV transactions, with no dispatch: the transactions and the
         forward as one event (phase ``kvc``). Nothing the stage does at the transactions' end depends on what
         happens during them (a cancellation arriving then is only noticed after the forward, new runs queue), so
@@ -647,7 +689,7 @@ class SimulationEngine:
         transactions' end, plus the forward), and the transactions' end is replayed where it can be seen (a
         cancellation arriving after it interrupts the forward: ``_kv_ended``)."""
         now = self.env._now
-        stage.kv_start = stage.start = now
+        stage.kv_start, stage.start = begin, now  # (a pipelined burst may have begun before the run arrived)
         stage.kv_end = kv_end = now + kv  # the transactions' end event's time
         stage.kv_eid = next(self._eid)  # ... and its id
         stage.current = stage.machine.current = run.run_id
@@ -772,16 +814,18 @@ class SimulationEngine:
             stage.phase = "compute"
             stage.job = self.hosts.start(stage.node, stage.work - stage.done, stage.computed)
 
-    def _kv_transactions(self, node: int, run: Run, then: Callable[[], None]) -> None:
-        """The relayed KV transactions ahead of ``run`` (PipeInfer's reference): one event for all of them."""
-        start = self.env._now
+    def _kv_transactions(self, node: int, run: Run, then: Callable[[], None], seconds: float | None = None,
+                         begin: float | None = None) -> None:
+        """The relayed KV transactions ahead of ``run`` (PipeInfer's reference): one event for all of them, of
+        ``seconds`` (the whole burst's time by default), recorded from ``begin`` (now by default)."""
+        start = self.env._now if begin is None else begin
 
         def applied(_job) -> None:
             self.records.append((COMPUTE, start, self.env._now, self.node_names[node], run.run_id,
                                  run.kv_transactions, 0.0, 0, 0, "kv", -1, 0, False, False))  # busy, not target compute
             then()
 
-        self.hosts.start(node, run.kv_transactions * self.kv_time[node], applied)
+        self.hosts.start(node, run.kv_transactions * self.kv_time[node] if seconds is None else seconds, applied)
 
     def _dispatch(self, node: int, cost, run: Run, then: Callable[[], None]) -> None:
         """A calibrated profile's per-run messaging and scheduling before the forward: busy, not computing."""
@@ -822,6 +866,8 @@ class SimulationEngine:
                 cost = self._cost(line, line.stages[0], head, run, len(line.stages) == 1)
                 line.stages[0].current = run.run_id
                 if run.kv_transactions:
+                    if self.kv_pipelined and len(line.stages) > 1:  # the head issues the burst: it begins now
+                        line.kv_bursts[run.run_id] = (start, start + run.kv_transactions * self.kv_time[line.head_node])
                     self._kv_transactions(line.head_node, run, partial(self._head_dispatch, line, run, cost))
                 else:
                     self._head_dispatch(line, run, cost)
