@@ -195,7 +195,7 @@ class _Line:
         self.draft_committed = 0
         self.draft_tail: tuple[int, ...] = ()
         self.frame_bytes: dict[tuple, tuple[float, float]] = {}  # a frame's counts -> (header, with activations)
-        self.kv_bursts: dict[int, tuple[float, float]] = {}  # run id -> (begin, end) of its KV burst at the last stage
+        self.kv_bursts: dict[int, tuple[float, float]] = {}  # run id -> (begin, end) of its KV burst where it last was
         self.draft_costs: dict[tuple[int, int], float] = {}  # memo: (tokens, context) -> the draft's step time
         self.remote_draft = engine.remote_draft(pipeline)  # the draft on a node of its own, else None
         # a draft task's steps as one event (``_head_draft_rest``)
@@ -665,7 +665,8 @@ class SimulationEngine:
         it, and each one ends here no sooner than one hop and one transaction after it ended there, so the stage
         ends the burst at ``max(begin + n t, previous end + hop + t)`` with ``hop`` the link's latency and a
         transaction's bytes (``KV_TRANSACTION_BYTES``). The transactions' bytes are not queued on the link. Serial,
-        or on a shared host: the whole burst from now, when the run is taken.
+        or on a shared host: the whole burst from now, when the run is taken (on this machine's two ranks sharing a
+        host the pipelined form over-predicted PipeInfer by 23-26%, the serial one missed by -15% and +7%).
         """
         now = self.env._now
         n, each = run.kv_transactions, self.kv_time[stage.node]
