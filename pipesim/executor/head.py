@@ -216,8 +216,7 @@ class Head:
         if not self.kv_messages:
             charge_kv_transactions(msg, self.kv_transaction_time, self.clock.now, self.records, self.name)
             return
-        strategy = self.driver.strategy
-        ops = run_transactions(run, strategy.n_partitions, getattr(strategy, "n_parallel", 1))
+        ops = run_transactions(run, self.driver.strategy)
         relay(run.run_id, ops, self.backend.apply_kv_ops, self.messenger,
               self.pipeline[1] if len(self.pipeline) > 1 else None, self.deadline, self.records, self.name,
               self.clock.now)

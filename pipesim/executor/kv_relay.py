@@ -12,7 +12,7 @@ precedes, whose header announces how many to expect; each stage forwards it to t
 its own KV as soon as no queued run precedes it (so a burst flows down the pipeline while the head still sends it;
 one that arrives behind a queued run waits for that run, in order, as the reference's single-threaded worker does) (real compute: the actual ``seq_rm``/``seq_cp`` on the torch KV cache, which is organised by sequence
 ids as llama.cpp's is; emulated compute: received and forwarded only, since the message cost is now real). The
-operations come from ``reference_kv_transaction_ops`` (the same loops ``reference_kv_transactions`` counts), so
+operations come from the strategy (``Strategy.relayed_kv_ops``; PipeInfer: ``reference_kv_transaction_ops``, the same loops ``reference_kv_transactions`` counts), so
 the number of messages on every link equals the count the simulator charges.
 
 Sends are synchronous (``Issend``) with a bounded window per link (``KV_WINDOW``), so a burst of thousands never
@@ -25,8 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from ..scheduling import KVOp, Run
-from ..scheduling.strategies.pipeinfer import reference_kv_transaction_ops
+from ..scheduling import KVOp, Run, Strategy
 from ..trace import Record
 from .messaging import Messenger
 from .protocol import TAG_KVTX, ProtocolError, decode_kv_transaction, encode_kv_transaction
@@ -34,16 +33,14 @@ from .protocol import TAG_KVTX, ProtocolError, decode_kv_transaction, encode_kv_
 KV_WINDOW = 64  # relayed transactions a stage may have sent that the next one has not received yet
 
 
-def run_transactions(run: Run, n_partitions: int, n_parallel: int = 1) -> tuple[KVOp, ...]:
-    """The relayed transactions that precede ``run`` (the occasions its strategy recorded in
-    ``run.meta["kv_tx"]``), in the order the reference issues them."""
-    ops: list[KVOp] = []
-    for occasion, where in run.meta.get("kv_tx", ()):
-        ops.extend(reference_kv_transaction_ops(occasion, where, n_partitions, n_parallel))
+def run_transactions(run: Run, strategy: Strategy) -> tuple[KVOp, ...]:
+    """The relayed transactions that precede ``run``, as its strategy issues them (``relayed_kv_ops``), checked
+    against the count its header announces."""
+    ops = strategy.relayed_kv_ops(run)
     if len(ops) != run.kv_transactions:
         raise ProtocolError(f"run {run.run_id}: {len(ops)} KV transactions expanded, its header counts "
                             f"{run.kv_transactions}")
-    return tuple(ops)
+    return ops
 
 
 def relay(run_id: int, ops: Sequence[KVOp], apply: Callable[[Sequence[KVOp]], None], messenger: Messenger,

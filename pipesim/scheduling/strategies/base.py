@@ -68,6 +68,11 @@ class Strategy(ABC):
         """Whether a draft still being computed is still wanted (engines may abandon it early if not)."""
         return not self.done
 
+    def relayed_kv_ops(self, run: Run) -> tuple[KVOp, ...]:
+        """The relayed KV transactions that precede ``run``, as operations (``run.kv_transactions`` of them): none,
+        unless the strategy issues them one by one as PipeInfer's reference does."""
+        return ()
+
     @property
     def generated(self) -> list[int]:
         return self.sequence[self.prompt_len:]

@@ -248,6 +248,12 @@ class PipeInferStrategy(Strategy):
             self.draft_kv_transactions += DRAFT_SPLIT_TRANSACTIONS * (tokens.n_branches - 1)
         return [*self._launch_speculative(tokens), *self._speculate()]
 
+    def relayed_kv_ops(self, run: Run) -> tuple[KVOp, ...]:
+        """The transactions counted ahead of ``run`` (the occasions recorded in ``run.meta["kv_tx"]``), in the order
+        the reference issues them (``reference_kv_transaction_ops``)."""
+        return tuple(op for occasion, where in run.meta.get("kv_tx", ())
+                     for op in reference_kv_transaction_ops(occasion, where, self.n_partitions, self.n_parallel))
+
     def wants_draft(self, request_id: int) -> bool:
         request = self._draft_request
         return (not self.done and request is not None and request.request_id == request_id
